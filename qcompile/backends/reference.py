@@ -1,0 +1,144 @@
+"""Reference executor: the integer contract run literally, in int64 numpy.
+
+Slow and simple on purpose: it is the executable spec that the fast executor and onnxruntime are
+compared with. Convolutions are explicit sliding windows and int64 sums; requantization is
+``contract.requantize``. It refuses to run an accumulator that leaves int32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+from numpy.lib.stride_tricks import sliding_window_view
+
+from qcompile.ir import contract
+from qcompile.ir import intops as ops
+from qcompile.ir.contract import IntArray
+
+Kernel = Callable[..., Any]
+_KERNELS: dict[type, Kernel] = {}
+
+
+def kernel(op_type: type) -> Callable[[Kernel], Kernel]:
+    def register(fn: Kernel) -> Kernel:
+        _KERNELS[op_type] = fn
+        return fn
+
+    return register
+
+
+def _np(t: torch.Tensor) -> IntArray:
+    return t.detach().cpu().numpy().astype(np.int64)
+
+
+def windows(
+    x: IntArray, kernel_hw: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+    dilation: tuple[int, int] = (1, 1), pad_value: int = 0, extra: tuple[int, int] = (0, 0),
+) -> IntArray:
+    """Sliding windows of an NCHW array: returns [N, C, H_out, W_out, kh, kw]."""
+    (ph, pw), (eh, ew) = padding, extra
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph + eh), (pw, pw + ew)), constant_values=pad_value)
+    span = tuple((k - 1) * d + 1 for k, d in zip(kernel_hw, dilation, strict=True))
+    win = sliding_window_view(xp, span, axis=(2, 3))
+    win = win[:, :, :: stride[0], :: stride[1], :: dilation[0], :: dilation[1]]
+    return np.asarray(win)
+
+
+@kernel(ops.Quantize)
+def _quantize(op: ops.Quantize, x: torch.Tensor) -> IntArray:
+    return contract.quantize_input(x.detach().cpu().numpy(), op.scale, op.out.lo, op.out.hi)
+
+
+@kernel(ops.Dequantize)
+def _dequantize(op: ops.Dequantize, q: IntArray) -> torch.Tensor:
+    return torch.from_numpy(contract.dequantize(q, op.scale))
+
+
+@kernel(ops.IntConv2d)
+def _conv(op: ops.IntConv2d, x: IntArray) -> IntArray:
+    w = _np(op.weight)
+    win = windows(x, (w.shape[2], w.shape[3]), op.stride, op.padding, op.dilation)
+    groups, cin_g, cout_g = op.groups, w.shape[1], w.shape[0] // op.groups
+    parts = []
+    for g in range(groups):
+        xg = win[:, g * cin_g : (g + 1) * cin_g]
+        wg = w[g * cout_g : (g + 1) * cout_g]
+        parts.append(np.einsum("nchwij,ocij->nohw", xg, wg))
+    acc = np.concatenate(parts, axis=1) + _np(op.bias)[None, :, None, None]
+    shape = (1, -1, 1, 1)
+    return contract.requantize(acc, _np(op.mult).reshape(shape), _np(op.shift).reshape(shape), op.lo, op.hi)
+
+
+@kernel(ops.IntLinear)
+def _linear(op: ops.IntLinear, x: IntArray) -> IntArray:
+    acc = np.matmul(x, _np(op.weight).T) + _np(op.bias)
+    return contract.requantize(acc, _np(op.mult), _np(op.shift), op.lo, op.hi)
+
+
+@kernel(ops.IntAdd)
+def _add(op: ops.IntAdd, a: IntArray, b: IntArray) -> IntArray:
+    return contract.requantize(a + b, _np(op.mult), _np(op.shift), op.lo, op.hi)
+
+
+@kernel(ops.IntAvgPool2d)
+def _avgpool(op: ops.IntAvgPool2d, x: IntArray) -> IntArray:
+    acc = windows(x, op.kernel, op.stride, op.padding).sum(axis=(-2, -1))
+    return contract.requantize(acc, _np(op.mult), _np(op.shift), op.lo, op.hi)
+
+
+def pool_extra(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:
+    """Right padding that PyTorch's ceil_mode adds beyond ``p`` (0 without ceil_mode)."""
+    span = d * (k - 1) + 1
+    num = size + 2 * p - span
+    out = (-(-num // s) if ceil_mode else num // s) + 1
+    if ceil_mode and (out - 1) * s >= size + p:
+        out -= 1
+    return max(0, (out - 1) * s + span - (size + 2 * p))
+
+
+@kernel(ops.IntMaxPool2d)
+def _maxpool(op: ops.IntMaxPool2d, x: IntArray) -> IntArray:
+    extra = tuple(
+        pool_extra(x.shape[2 + i], op.kernel[i], op.stride[i], op.padding[i], op.dilation[i], op.ceil_mode)
+        for i in range(2)
+    )
+    low = np.iinfo(np.int64).min
+    win = windows(x, op.kernel, op.stride, op.padding, op.dilation, pad_value=low, extra=extra)  # type: ignore[arg-type]
+    return win.max(axis=(-2, -1))
+
+
+@kernel(ops.IntClamp)
+def _clamp(op: ops.IntClamp, x: IntArray) -> IntArray:
+    return np.clip(x, op.lo, op.hi)
+
+
+class ReferenceExecutor(fx.Interpreter):
+    """Runs an integer-stage GraphModule with the reference kernels (numpy int64 between ops)."""
+
+    def call_module(self, target: Any, args: Any, kwargs: Any) -> Any:
+        op = self.fetch_attr(target)
+        fn = _KERNELS.get(type(op))
+        if fn is None:
+            raise TypeError(f"no reference kernel for {type(op).__name__} at {target!r}")
+        return fn(op, *args, **kwargs)
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        if target is torch.flatten:
+            x, *rest = args
+            start = rest[0] if rest else kwargs.get("start_dim", 0)
+            return x.reshape(*x.shape[:start], -1)
+        if target is torch.reshape:
+            return args[0].reshape(args[1])
+        if target is torch.cat:
+            return np.concatenate(args[0], axis=kwargs.get("dim", args[1] if len(args) > 1 else 0))
+        raise TypeError(f"function {target} is not part of the integer dialect")
+
+
+def run_reference(gm: fx.GraphModule, *inputs: torch.Tensor) -> Any:
+    """Execute ``gm`` exactly; float tensors in, float tensors (dequantized outputs) out."""
+    with torch.no_grad():
+        return ReferenceExecutor(gm).run(*inputs)

@@ -1,0 +1,190 @@
+"""Raise a torch.export (aten) graph to the torch-level vocabulary of a symbolically traced one.
+
+``aten.conv2d``/``aten.linear``/``aten.batch_norm`` whose parameters are graph attributes become
+``nn.Conv2d``/``nn.Linear``/``nn.BatchNorm*`` submodules named after the original module path; pooling
+becomes pooling modules; elementwise and shape ops map to their torch functions. Guard modules and
+dropout disappear. Ops not listed are kept as they are, so canonicalize reports them as unsupported.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qcompile.ir import rewrite
+
+aten = torch.ops.aten
+Raise = Callable[[fx.GraphModule, fx.Node], None]
+
+
+def _tensor(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
+    """The parameter or buffer a get_attr node reads, else None."""
+    if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+        return None
+    obj: Any = gm
+    for part in str(arg.target).split("."):
+        obj = getattr(obj, part)
+    return obj if isinstance(obj, torch.Tensor) else None
+
+
+def _module_name(node: fx.Node, fallback: str) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [path for path, _cls in stack.values() if path]
+    return paths[-1] if paths else fallback
+
+
+def _pair(v: Any, default: int) -> tuple[int, int]:
+    if v is None or v == []:
+        return (default, default)
+    if isinstance(v, int):
+        return (v, v)
+    return (int(v[0]), int(v[-1]))
+
+
+def _swap_to_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, x: fx.Node) -> None:
+    name = rewrite.add_module(gm, _module_name(node, node.name), module)
+    rewrite.replace_node(gm, node, "call_module", name, (x,))
+
+
+def _conv(gm: fx.GraphModule, node: fx.Node) -> None:
+    x, w_node, b_node, *rest = list(node.args) + [None] * (7 - len(node.args))
+    w, b = _tensor(gm, w_node), _tensor(gm, b_node)
+    if w is None or w.dim() != 4:
+        return
+    stride, padding, dilation, groups = rest[0], rest[1], rest[2], rest[3] or 1
+    if isinstance(padding, str):
+        return
+    conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), _pair(stride, 1), _pair(padding, 0),
+                     _pair(dilation, 1), groups, bias=b is not None)
+    with torch.no_grad():
+        conv.weight.copy_(w)
+        if b is not None:
+            conv.bias.copy_(b)
+    _swap_to_module(gm, node, conv, x)
+
+
+def _linear(gm: fx.GraphModule, node: fx.Node) -> None:
+    x, w_node, b_node = (list(node.args) + [None])[:3]
+    w, b = _tensor(gm, w_node), _tensor(gm, b_node)
+    if w is None:
+        return
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    with torch.no_grad():
+        linear.weight.copy_(w)
+        if b is not None:
+            linear.bias.copy_(b)
+    _swap_to_module(gm, node, linear, x)
+
+
+def _batchnorm_module(gm: fx.GraphModule, node: fx.Node, args: list[Any], eps: float) -> nn.Module | None:
+    weight, bias, mean, var = (_tensor(gm, a) for a in args[1:5])
+    if mean is None or var is None:
+        return None
+    val = node.meta.get("val")
+    cls = nn.BatchNorm1d if val is not None and val.dim() == 2 else nn.BatchNorm2d
+    bn = cls(mean.shape[0], eps=eps, affine=weight is not None)
+    with torch.no_grad():
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        if weight is not None and bias is not None:
+            bn.weight.copy_(weight)
+            bn.bias.copy_(bias)
+    return bn.eval()
+
+
+def _batch_norm(gm: fx.GraphModule, node: fx.Node) -> None:
+    args = list(node.args)
+    bn = _batchnorm_module(gm, node, args, float(args[7]))
+    if bn is not None and not args[5]:
+        _swap_to_module(gm, node, bn, args[0])
+
+
+def _batch_norm_legit(gm: fx.GraphModule, node: fx.Node) -> None:
+    args = list(node.args)
+    getitems = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
+    bn = _batchnorm_module(gm, node, args, float(args[6]))
+    if bn is None or len(getitems) != len(node.users):
+        return
+    name = rewrite.add_module(gm, _module_name(node, node.name), bn)
+    for item in getitems:
+        rewrite.replace_node(gm, item, "call_module", name, (args[0],))
+    gm.graph.erase_node(node)
+
+
+def _pool_module(make: Callable[[list[Any]], nn.Module]) -> Raise:
+    def raise_pool(gm: fx.GraphModule, node: fx.Node) -> None:
+        _swap_to_module(gm, node, make(list(node.args)), node.args[0])  # type: ignore[arg-type]
+
+    return raise_pool
+
+
+def _max_pool(a: list[Any]) -> nn.Module:
+    a += [None] * (6 - len(a))
+    kernel = _pair(a[1], 1)
+    return nn.MaxPool2d(kernel, _pair(a[2], 0) if a[2] else kernel, _pair(a[3], 0), _pair(a[4], 1), ceil_mode=bool(a[5]))
+
+
+def _avg_pool(a: list[Any]) -> nn.Module:
+    a += [None] * (7 - len(a))
+    kernel = _pair(a[1], 1)
+    count = True if a[5] is None else bool(a[5])
+    return nn.AvgPool2d(kernel, _pair(a[2], 0) if a[2] else kernel, _pair(a[3], 0), bool(a[4]), count, a[6])
+
+
+def _function(target: Callable[..., Any], arity: int | None = None) -> Raise:
+    def raise_function(gm: fx.GraphModule, node: fx.Node) -> None:
+        args = node.args if arity is None else node.args[:arity]
+        rewrite.replace_node(gm, node, "call_function", target, tuple(args), dict(node.kwargs))
+
+    return raise_function
+
+
+def _drop(gm: fx.GraphModule, node: fx.Node) -> None:
+    rewrite.bypass(gm, node)
+
+
+def _add(gm: fx.GraphModule, node: fx.Node) -> None:
+    if node.kwargs.get("alpha", 1) == 1:
+        rewrite.replace_node(gm, node, "call_function", operator.add, tuple(node.args[:2]))
+
+
+RAISES: dict[Any, Raise] = {
+    aten.conv2d.default: _conv,
+    aten.linear.default: _linear,
+    aten.batch_norm.default: _batch_norm,
+    aten._native_batch_norm_legit_no_training.default: _batch_norm_legit,
+    aten.relu.default: _function(torch.relu),
+    aten.relu_.default: _function(torch.relu),
+    aten.hardtanh.default: _function(torch.clamp),
+    aten.clamp.default: _function(torch.clamp),
+    aten.add.Tensor: _add,
+    aten.cat.default: _function(torch.cat),
+    aten.mean.dim: _function(torch.mean),
+    aten.view.default: _function(torch.reshape),
+    aten.reshape.default: _function(torch.reshape),
+    aten.flatten.using_ints: _function(torch.flatten),
+    aten.max_pool2d.default: _pool_module(_max_pool),
+    aten.avg_pool2d.default: _pool_module(_avg_pool),
+    aten.adaptive_avg_pool2d.default: _pool_module(lambda a: nn.AdaptiveAvgPool2d(tuple(a[1]))),
+    aten.dropout.default: _drop,
+    aten.clone.default: _drop,
+    aten.alias.default: _drop,
+}
+
+
+def raise_aten(gm: fx.GraphModule) -> fx.GraphModule:
+    """Rewrite aten ops of an exported program's module to the torch-level vocabulary, in place."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and str(node.target).startswith("_guards"):
+            gm.graph.erase_node(node)
+        elif node.op == "call_function" and node.target in RAISES:
+            RAISES[node.target](gm, node)
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+    return rewrite.finish(gm)

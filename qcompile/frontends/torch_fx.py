@@ -1,0 +1,82 @@
+"""PyTorch frontend: torch.fx symbolic tracing, torch.export as a fallback, and saved ``.pt2`` programs.
+
+A torch.export graph is raised back to module/torch-level ops (``frontends/aten_raise.py``) so that
+every later pass sees one vocabulary whichever tracer succeeded.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qcompile.frontends.aten_raise import raise_aten
+from qcompile.frontends.source import exception_source, node_source
+from qcompile.ir.meta import Stage, set_info, set_stage
+from qcompile.passes.base import QCompileError
+
+
+class TraceError(QCompileError):
+    """Neither torch.fx nor torch.export could capture the model."""
+
+
+class ModelFileError(QCompileError):
+    """A saved program or weights file that cannot be read."""
+
+
+def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+    tracer = fx.Tracer()
+    tracer.record_stack_traces = True
+    graph = tracer.trace(model)
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def _export(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    program = torch.export.export(model, example_inputs, strict=False)
+    return raise_aten(program.module())
+
+
+def _finish(gm: fx.GraphModule) -> fx.GraphModule:
+    for node in gm.graph.nodes:
+        source = node_source(node)
+        if source is not None:
+            set_info(node, source=source)
+    set_stage(gm, Stage.TRACED)
+    return gm
+
+
+def trace_module(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    """Capture ``model`` (put in eval mode) as a GraphModule; raise TraceError naming where both tracers broke."""
+    model = model.eval()
+    try:
+        return _finish(_symbolic_trace(model))
+    except Exception as fx_exc:  # noqa: BLE001 - any tracing failure moves on to torch.export
+        fx_error = fx_exc
+    try:
+        return _finish(_export(model, example_inputs))
+    except Exception as export_exc:  # noqa: BLE001
+        where = exception_source(export_exc.__traceback__) or exception_source(fx_error.__traceback__)
+        at = f" at {where[0]} in {where[1]}" if where else ""
+        first = str(fx_error).strip().splitlines()[0] if str(fx_error).strip() else type(fx_error).__name__
+        raise TraceError(
+            f"cannot trace {type(model).__name__}{at}: {first}; make control flow independent of tensor "
+            "values (use torch.where, or move the branch out of forward)"
+        ) from export_exc
+
+
+def load_pt2(path: str | Path) -> fx.GraphModule:
+    """Load a program saved with ``torch.export.save``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"no such file: {path}")
+    try:
+        program = torch.export.load(str(path))
+    except (zipfile.BadZipFile, RuntimeError, EOFError, KeyError, ValueError, OSError) as exc:
+        raise ModelFileError(
+            f"{path} is not a readable torch.export program ({type(exc).__name__}); re-save it with "
+            "torch.export.save"
+        ) from exc
+    return _finish(raise_aten(program.module()))

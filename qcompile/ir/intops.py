@@ -1,0 +1,180 @@
+"""The integer dialect: the only compute ops an integer-stage graph may hold.
+
+Each op is an ``nn.Module`` that only carries integer data (weights, int32 biases, dyadic multipliers,
+clamp bounds) and its types; the kernels live in the backends (``backends/reference.py`` is the
+executable spec, ``backends/fast.py`` runs ``forward``). Shapes and layouts follow PyTorch (NCHW).
+
+Math, per op (``rq`` is the contract's requantization, see ``ir/contract.py``):
+
+* ``Quantize``: q = clamp(rint(x / s), lo, hi) (float in, the only float op going in).
+* ``Dequantize``: x = q * s (the only float op going out).
+* ``IntConv2d`` / ``IntLinear``: q_y = clamp(rq(sum q_x * q_w + q_b, m[c], n[c]), lo, hi).
+* ``IntAdd``: both inputs share one scale; q_y = clamp(rq(q_a + q_b, m, n), lo, hi).
+* ``IntAvgPool2d``: q_y = clamp(rq(window sum of q_x, m, n), lo, hi), m/2^n ~ s_x / (k * s_y);
+  zero padding counts toward k (PyTorch's count_include_pad=True).
+* ``IntMaxPool2d``, ``IntClamp``: act on integers directly, scale unchanged.
+
+Not handled here: average pooling with count_include_pad=False or ceil_mode (their divisor varies per
+window), and non-zero real-domain zero points.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from qcompile.ir.meta import IntType
+
+
+def _int_buffer(values: Any, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    return torch.as_tensor(values, dtype=dtype).clone()
+
+
+class IntOp(nn.Module):
+    """Base of every integer op; ``forward`` runs the fast backend's kernel for the op."""
+
+    out: IntType
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        from qcompile.backends.fast import run_op
+
+        return run_op(self, *args)
+
+
+class Quantize(IntOp):
+    def __init__(self, scale: float, out: IntType) -> None:
+        super().__init__()
+        self.scale, self.out = float(scale), out
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}, out={self.out}"
+
+
+class Dequantize(IntOp):
+    def __init__(self, scale: float, inp: IntType) -> None:
+        super().__init__()
+        self.scale, self.inp = float(scale), inp
+        self.out = inp
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:.6g}, in={self.inp}"
+
+
+class _Requantizing(IntOp):
+    """An op whose int32 accumulator is requantized with per-channel (or scalar) dyadic multipliers."""
+
+    mult: torch.Tensor
+    shift: torch.Tensor
+
+    def _set_requant(self, mult: Any, shift: Any, out: IntType, lo: int, hi: int) -> None:
+        self.register_buffer("mult", _int_buffer(mult))
+        self.register_buffer("shift", _int_buffer(shift))
+        if not out.lo <= lo <= hi <= out.hi:
+            raise ValueError(f"clamp [{lo}, {hi}] outside the output type {out} [{out.lo}, {out.hi}]")
+        self.out, self.lo, self.hi = out, int(lo), int(hi)
+
+
+class IntConv2d(_Requantizing):
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def __init__(  # noqa: PLR0913 - the op's attributes, all required
+        self,
+        weight: Any,
+        bias: Any,
+        mult: Any,
+        shift: Any,
+        *,
+        inp: IntType,
+        w_type: IntType,
+        out: IntType,
+        lo: int,
+        hi: int,
+        stride: tuple[int, int] = (1, 1),
+        padding: tuple[int, int] = (0, 0),
+        dilation: tuple[int, int] = (1, 1),
+        groups: int = 1,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", _int_buffer(weight, torch.int32))
+        self.register_buffer("bias", _int_buffer(bias, torch.int64))
+        self._set_requant(mult, shift, out, lo, hi)
+        self.inp, self.w_type = inp, w_type
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.inp}x{self.w_type}->{self.out} [{self.lo},{self.hi}], weight={tuple(self.weight.shape)}, "
+            f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}"
+        )
+
+
+class IntLinear(_Requantizing):
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+    def __init__(
+        self, weight: Any, bias: Any, mult: Any, shift: Any, *, inp: IntType, w_type: IntType, out: IntType,
+        lo: int, hi: int,
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", _int_buffer(weight, torch.int32))
+        self.register_buffer("bias", _int_buffer(bias, torch.int64))
+        self._set_requant(mult, shift, out, lo, hi)
+        self.inp, self.w_type = inp, w_type
+
+    def extra_repr(self) -> str:
+        return f"{self.inp}x{self.w_type}->{self.out} [{self.lo},{self.hi}], weight={tuple(self.weight.shape)}"
+
+
+class IntAdd(_Requantizing):
+    def __init__(self, mult: int, shift: int, *, inp: tuple[IntType, IntType], out: IntType, lo: int, hi: int):
+        super().__init__()
+        self._set_requant(mult, shift, out, lo, hi)
+        self.inp = inp
+
+    def extra_repr(self) -> str:
+        return f"{self.inp[0]}+{self.inp[1]}->{self.out} [{self.lo},{self.hi}]"
+
+
+class IntAvgPool2d(_Requantizing):
+    def __init__(
+        self, mult: int, shift: int, *, kernel: tuple[int, int], stride: tuple[int, int],
+        padding: tuple[int, int], inp: IntType, out: IntType, lo: int, hi: int,
+    ) -> None:
+        super().__init__()
+        self._set_requant(mult, shift, out, lo, hi)
+        self.kernel, self.stride, self.padding, self.inp = kernel, stride, padding, inp
+
+    def extra_repr(self) -> str:
+        return f"{self.inp}->{self.out} [{self.lo},{self.hi}], kernel={self.kernel}, stride={self.stride}"
+
+
+class IntMaxPool2d(IntOp):
+    def __init__(
+        self, *, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int],
+        dilation: tuple[int, int], ceil_mode: bool, inp: IntType,
+    ) -> None:
+        super().__init__()
+        self.kernel, self.stride, self.padding, self.dilation = kernel, stride, padding, dilation
+        self.ceil_mode, self.inp, self.out = ceil_mode, inp, inp
+
+    def extra_repr(self) -> str:
+        return f"{self.inp}, kernel={self.kernel}, stride={self.stride}, padding={self.padding}"
+
+
+class IntClamp(IntOp):
+    def __init__(self, lo: int, hi: int, *, inp: IntType) -> None:
+        super().__init__()
+        self.lo, self.hi, self.inp, self.out = int(lo), int(hi), inp, inp
+
+    def extra_repr(self) -> str:
+        return f"{self.inp} [{self.lo},{self.hi}]"
+
+
+REQUANTIZING_OPS = (IntConv2d, IntLinear, IntAdd, IntAvgPool2d)
+INTEGER_MODULES = (Quantize, Dequantize, *REQUANTIZING_OPS, IntMaxPool2d, IntClamp)
+# call_function targets allowed on integer tensors: they move integers around without arithmetic
+INTEGER_FUNCTIONS = (torch.flatten, torch.reshape, torch.cat)

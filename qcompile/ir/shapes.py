@@ -1,0 +1,24 @@
+"""Shape annotation: run the graph once on example inputs and record every node's output shape."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from qcompile.ir.meta import set_info
+
+
+class _ShapeRecorder(fx.Interpreter):
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            set_info(n, shape=tuple(out.shape))
+        return out
+
+
+def annotate_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:
+    """Set ``NodeInfo.shape`` on every node that produces a tensor."""
+    with torch.no_grad():
+        _ShapeRecorder(gm).run(*example_inputs)

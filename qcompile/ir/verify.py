@@ -1,0 +1,107 @@
+"""Per-stage verifiers: which ops each stage allows and which facts must be present.
+
+The integer verifier also proves the absence of int32 overflow: for every convolution and linear op,
+|acc| <= max_c (sum_k |w_ck| * max|q_x| + |b_c|), a bound from the input bit-width, the fan-in (through
+the weights actually stored) and the bias, must not exceed 2^31 - 1. It refuses the graph otherwise.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qcompile.ir import intops
+from qcompile.ir.contract import INT32_MAX
+from qcompile.ir.meta import Stage, get_info, get_stage
+from qcompile.quant.modules import ActQuant, QConv2d, QLinear
+
+FLOAT_FUNCTIONS = (torch.relu, torch.clamp, torch.flatten, torch.reshape, operator.add, torch.cat)
+POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+FLOAT_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, *POOL_MODULES)
+QUANT_MODULES = (QConv2d, QLinear, ActQuant, *POOL_MODULES)
+
+
+class VerificationError(Exception):
+    """The IR breaks its stage's rules; ``problems`` lists each one."""
+
+    def __init__(self, stage: Stage, problems: list[str]) -> None:
+        self.stage, self.problems = stage, problems
+        shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        super().__init__(f"{stage.value} IR invalid: {shown}")
+
+
+def _check_ops(gm: fx.GraphModule, modules: tuple[type, ...], functions: tuple[object, ...]) -> list[str]:
+    problems = []
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if type(mod) not in modules:
+                problems.append(f"{node.name}: module {type(mod).__name__} not allowed")
+        elif node.op == "call_function" and node.target not in functions:
+            problems.append(f"{node.name}: function {getattr(node.target, '__name__', node.target)} not allowed")
+        elif node.op in ("call_method", "get_attr"):
+            problems.append(f"{node.name}: {node.op} {node.target} not allowed")
+    return problems
+
+
+def _verify_traced(gm: fx.GraphModule) -> list[str]:
+    return []
+
+
+def _verify_float(gm: fx.GraphModule) -> list[str]:
+    return _check_ops(gm, FLOAT_MODULES, FLOAT_FUNCTIONS)
+
+
+def _verify_quant(gm: fx.GraphModule) -> list[str]:
+    problems = _check_ops(gm, QUANT_MODULES, FLOAT_FUNCTIONS)
+    for node in gm.graph.find_nodes(op="placeholder"):
+        if not any(isinstance(gm.get_submodule(u.target), ActQuant) for u in node.users if u.op == "call_module"):
+            problems.append(f"{node.name}: graph input without an input quantizer")
+    return problems
+
+
+def _verify_integer(gm: fx.GraphModule) -> list[str]:
+    problems = _check_ops(gm, intops.INTEGER_MODULES, intops.INTEGER_FUNCTIONS)
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        info = get_info(node)
+        if info.itype is None or info.scale is None:
+            problems.append(f"{node.name}: integer value without itype/scale")
+        mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(mod, (intops.IntConv2d, intops.IntLinear)):
+            problems.extend(_overflow_problems(node.name, mod))
+    return problems
+
+
+def _overflow_problems(name: str, op: intops.IntConv2d | intops.IntLinear) -> list[str]:
+    from qcompile.backends.fast import accumulator_bound
+
+    bound = accumulator_bound(op)
+    if bound <= INT32_MAX:
+        return []
+    return [
+        f"{name}: int32 accumulator may overflow (|acc| <= {bound} > 2^31-1 with {op.inp} inputs and "
+        f"{op.w_type} weights); lower the bit-widths of this layer or its input"
+    ]
+
+
+VERIFIERS: dict[Stage, Callable[[fx.GraphModule], list[str]]] = {
+    Stage.TRACED: _verify_traced,
+    Stage.FLOAT: _verify_float,
+    Stage.QUANT: _verify_quant,
+    Stage.INTEGER: _verify_integer,
+}
+
+
+def verify(gm: fx.GraphModule) -> None:
+    """Lint the graph and run its stage's verifier; raise VerificationError listing every problem."""
+    gm.graph.lint()
+    stage = get_stage(gm)
+    problems = VERIFIERS[stage](gm)
+    if problems:
+        raise VerificationError(stage, problems)

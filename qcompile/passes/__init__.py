@@ -1,0 +1,23 @@
+"""Built-in passes, one per module; importing this package registers them all."""
+
+from qcompile.passes import (  # noqa: F401 - imported for registration
+    assign_bitwidths,
+    calibrate,
+    canonicalize,
+    fold_batchnorm,
+    insert_quantizers,
+    lower_integer,
+    share_scales,
+)
+from qcompile.passes.base import PASSES, Pass, PassContext, PassError, PassResult, register_pass
+from qcompile.passes.manager import PassManager
+from qcompile.passes.pipeline import Pipeline, parse_pipeline
+
+DEFAULT_PIPELINE = (
+    "canonicalize,fold-batchnorm,insert-quantizers,calibrate,assign-bitwidths,share-scales,lower-integer"
+)
+
+__all__ = [
+    "DEFAULT_PIPELINE", "PASSES", "Pass", "PassContext", "PassError", "PassManager", "PassResult", "Pipeline",
+    "parse_pipeline", "register_pass",
+]

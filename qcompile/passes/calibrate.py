@@ -1,0 +1,63 @@
+"""calibrate: set every activation range from data.
+
+With all quantizers observing (activations stay float, as in AQT's first phase), each ActQuant keeps
+amax <- (1 - momentum) * amax + momentum * stat over ``steps`` batches, where stat is the batch max|x|
+or, with ``percentile``, that percentile of |x|. It refuses a range that is zero or not finite (an
+activation that is always zero cannot be given a scale) and names the quantizer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from tqdm import tqdm
+
+from qcompile.ir.meta import Stage
+from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, option, register_pass
+from qcompile.quant import graph
+
+
+class CalibrationError(QCompileError):
+    pass
+
+
+@register_pass
+@dataclass(frozen=True)
+class Calibrate(Pass):
+    name = "calibrate"
+    summary = "calibrate activation ranges (EMA of batch max|x|, or of a percentile)"
+    requires = (Stage.QUANT,)
+
+    steps: int = option(32, "number of calibration batches")
+    momentum: float = option(0.1, "EMA coefficient c in amax <- (1-c)*amax + c*stat")
+    percentile: float | None = option(None, "use this percentile of |x| instead of the max (e.g. 99.99)")
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        quants = list(graph.act_quants(gm))
+        for _node, q in quants:
+            q.momentum, q.percentile, q.observing = self.momentum, self.percentile, True
+            q.amax.zero_()
+            q.batches.zero_()
+        gm.eval()
+        try:
+            with torch.no_grad():
+                batches = ctx.calibration_batches()
+                for step, batch in enumerate(tqdm(batches, "calibrate", total=self.steps, disable=not ctx.progress)):
+                    if step >= self.steps:
+                        break
+                    gm(batch)
+        finally:
+            for _node, q in quants:
+                q.observing = False
+        for node, q in quants:
+            amax = float(q.amax)
+            if not q.calibrated or not math.isfinite(amax) or amax <= 0.0:
+                what = "never reached" if not q.calibrated else f"always zero (range {amax})"
+                raise CalibrationError(
+                    f"activation '{node.args[0]}' is {what} on the calibration data; check the data and "  # type: ignore[union-attr]
+                    "weights, or remove the dead layer"
+                )
+        return PassResult(gm, True)

@@ -1,0 +1,290 @@
+"""canonicalize: one form for every op the compiler understands, and a list of those it does not.
+
+Rewrites (each keeps the computed function identical):
+  Dropout / Identity / contiguous / clone                  -> removed
+  ReLU module, F.relu, torch.relu, x.relu()               -> torch.relu(x)
+  ReLU6, Hardtanh, F.relu6, F.hardtanh, clamp/clip         -> torch.clamp(x, min=lo, max=hi)
+  Flatten module, flatten/view/reshape (any spelling)      -> torch.flatten(x, 1) when the result is
+                                                              [N, -1], else torch.reshape(x, (-1, ...))
+  +, torch.add, x.add(y), +=                               -> operator.add(a, b)
+  torch.cat / concat / concatenate on the channel axis     -> torch.cat([...], dim=1)
+  F.max_pool2d / F.avg_pool2d / F.adaptive_avg_pool2d      -> the pooling modules
+  mean over (H, W)                                         -> AdaptiveAvgPool2d(1) (+ flatten)
+Shapes come from one run on the example inputs. Anything else (or a supported op with an unsupported
+setting: non-unit alpha, a scalar operand, a concat across another axis, ceil_mode average pooling,
+an adaptive pool to more than 1x1) is reported in one UnsupportedOpsError listing every such node
+with its op and source line. Control flow is the frontend's business, not this pass's.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from qcompile.ir import rewrite
+from qcompile.ir.meta import Stage, get_info
+from qcompile.ir.shapes import annotate_shapes
+from qcompile.ir.verify import FLOAT_FUNCTIONS, FLOAT_MODULES
+from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, register_pass
+
+
+class UnsupportedOpsError(QCompileError):
+    def __init__(self, items: list[str]) -> None:
+        self.items = items
+        super().__init__(
+            f"{len(items)} unsupported op(s): " + "; ".join(items)
+            + " — rewrite them with supported ops (see `qcompile passes`) or run with --float-fallback"
+        )
+
+
+def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any]:
+    """Positional and keyword arguments of a call, by parameter name."""
+    bound = dict(defaults)
+    bound.update(zip(names, node.args, strict=False))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+Rule = Callable[[fx.GraphModule, fx.Node], bool]
+
+
+def _to_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    rewrite.replace_node(gm, node, "call_function", torch.relu, (node.args[0],))
+    return True
+
+
+def _to_clamp(gm: fx.GraphModule, node: fx.Node, lo: float | None, hi: float | None) -> bool:
+    if lo is None and hi is None:
+        rewrite.bypass(gm, node)
+        return True
+    kwargs = {"min": None if lo is None else float(lo), "max": None if hi is None else float(hi)}
+    rewrite.replace_node(gm, node, "call_function", torch.clamp, (node.args[0],), kwargs)
+    return True
+
+
+def _clamp_call(gm: fx.GraphModule, node: fx.Node) -> bool:
+    b = _bind(node, ("input", "min", "max"), {"min": None, "max": None})
+    if isinstance(b["min"], fx.Node) or isinstance(b["max"], fx.Node):
+        return False
+    return _to_clamp(gm, node, b["min"], b["max"])
+
+
+def _hardtanh_call(gm: fx.GraphModule, node: fx.Node) -> bool:
+    b = _bind(node, ("input", "min_val", "max_val"), {"min_val": -1.0, "max_val": 1.0})
+    return _to_clamp(gm, node, b["min_val"], b["max_val"])
+
+
+def _reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
+    src = node.args[0]
+    assert isinstance(src, fx.Node)
+    in_shape, out_shape = get_info(src).shape, get_info(node).shape
+    if in_shape is None or out_shape is None or in_shape[0] != out_shape[0]:
+        return False
+    if len(out_shape) == 2:
+        rewrite.replace_node(gm, node, "call_function", torch.flatten, (src, 1))
+    else:
+        rewrite.replace_node(gm, node, "call_function", torch.reshape, (src, (-1, *out_shape[1:])))
+    return True
+
+
+def _add(gm: fx.GraphModule, node: fx.Node) -> bool:
+    b = _bind(node, ("input", "other", "alpha"), {"alpha": 1})
+    if b["alpha"] != 1 or not all(isinstance(b[k], fx.Node) for k in ("input", "other")):
+        return False
+    shapes = {get_info(b[k]).shape for k in ("input", "other")}
+    if len(shapes) != 1:
+        return False
+    rewrite.replace_node(gm, node, "call_function", operator.add, (b["input"], b["other"]))
+    return True
+
+
+def _cat(gm: fx.GraphModule, node: fx.Node) -> bool:
+    b = _bind(node, ("tensors", "dim"), {"dim": 0})
+    shape = get_info(node).shape
+    if shape is None or b["dim"] % len(shape) != 1:
+        return False
+    rewrite.replace_node(gm, node, "call_function", torch.cat, (list(b["tensors"]),), {"dim": 1})
+    return True
+
+
+def _swap_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> bool:
+    name = rewrite.add_module(gm, node.name, module)
+    rewrite.replace_node(gm, node, "call_module", name, (node.args[0],))
+    return True
+
+
+def _max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    b = _bind(node, ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"),
+              {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False})
+    if b["return_indices"]:
+        return False
+    pool = nn.MaxPool2d(b["kernel_size"], b["stride"] or b["kernel_size"], b["padding"], b["dilation"],
+                        ceil_mode=b["ceil_mode"])
+    return _swap_module(gm, node, pool)
+
+
+def _avg_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    b = _bind(node, ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad",
+                     "divisor_override"), {"stride": None, "padding": 0, "ceil_mode": False,
+                                           "count_include_pad": True, "divisor_override": None})
+    pool = nn.AvgPool2d(b["kernel_size"], b["stride"] or b["kernel_size"], b["padding"], b["ceil_mode"],
+                        b["count_include_pad"], b["divisor_override"])
+    return _swap_module(gm, node, pool)
+
+
+def _adaptive_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return _swap_module(gm, node, nn.AdaptiveAvgPool2d(_bind(node, ("input", "output_size"), {})["output_size"]))
+
+
+def _mean(gm: fx.GraphModule, node: fx.Node) -> bool:
+    b = _bind(node, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
+    src_shape = get_info(b["input"]).shape
+    dims = b["dim"] if isinstance(b["dim"], (list, tuple)) else [b["dim"]]
+    if src_shape is None or len(src_shape) != 4 or sorted(d % 4 for d in dims) != [2, 3]:
+        return False
+    name = rewrite.add_module(gm, node.name, nn.AdaptiveAvgPool2d(1))
+    with gm.graph.inserting_before(node):
+        pooled = gm.graph.call_module(name, (b["input"],))
+    pooled.meta.update(node.meta)
+    if b["keepdim"]:
+        node.replace_all_uses_with(pooled)
+    else:
+        with gm.graph.inserting_before(node):
+            flat = gm.graph.call_function(torch.flatten, (pooled, 1))
+        flat.meta.update(node.meta)
+        node.replace_all_uses_with(flat)
+    gm.graph.erase_node(node)
+    return True
+
+
+def _drop(gm: fx.GraphModule, node: fx.Node) -> bool:
+    rewrite.bypass(gm, node)
+    return True
+
+
+FUNCTION_RULES: dict[Any, Rule] = {
+    F.relu: _to_relu, torch.relu: _to_relu, torch.relu_: _to_relu, F.relu_: _to_relu,
+    F.relu6: lambda gm, n: _to_clamp(gm, n, 0.0, 6.0),
+    F.hardtanh: _hardtanh_call, torch.clamp: _clamp_call, torch.clip: _clamp_call,
+    torch.flatten: _reshape, torch.reshape: _reshape,
+    operator.add: _add, operator.iadd: _add, torch.add: _add,
+    torch.cat: _cat, torch.concat: _cat, torch.concatenate: _cat,
+    F.max_pool2d: _max_pool, F.avg_pool2d: _avg_pool, torch._C._nn.avg_pool2d: _avg_pool,
+    F.adaptive_avg_pool2d: _adaptive_pool, torch.mean: _mean,
+    F.dropout: _drop, F.dropout1d: _drop, F.dropout2d: _drop, F.alpha_dropout: _drop,
+}
+METHOD_RULES: dict[str, Rule] = {
+    "relu": _to_relu, "relu_": _to_relu, "clamp": _clamp_call, "clip": _clamp_call, "clamp_": _clamp_call,
+    "flatten": _reshape, "view": _reshape, "reshape": _reshape, "add": _add, "add_": _add,
+    "mean": _mean, "contiguous": _drop, "clone": _drop,
+}
+
+
+def _module_rule(module: nn.Module) -> Rule | None:  # noqa: C901 - a flat table of module kinds
+    if isinstance(module, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)):
+        return _drop
+    if isinstance(module, nn.ReLU):
+        return _to_relu
+    if isinstance(module, nn.ReLU6):
+        return lambda gm, n: _to_clamp(gm, n, 0.0, 6.0)
+    if isinstance(module, nn.Hardtanh):
+        return lambda gm, n: _to_clamp(gm, n, module.min_val, module.max_val)
+    if isinstance(module, nn.Flatten):
+        return _reshape
+    return None
+
+
+def _is_canonical(node: fx.Node) -> bool:
+    if node.target is torch.flatten:
+        return node.args[1:] == (1,) and not node.kwargs
+    if node.target is torch.clamp:
+        return len(node.args) == 1 and set(node.kwargs) == {"min", "max"}
+    if node.target is torch.reshape:
+        return isinstance(node.args[1], tuple) and node.args[1][:1] == (-1,)
+    if node.target is torch.cat:
+        return node.kwargs == {"dim": 1} and len(node.args) == 1
+    return node.target in FLOAT_FUNCTIONS
+
+
+def _rule_for(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
+    if node.op == "call_module":
+        return _module_rule(gm.get_submodule(str(node.target)))
+    if node.op == "call_function":
+        return None if _is_canonical(node) else FUNCTION_RULES.get(node.target)
+    if node.op == "call_method":
+        return METHOD_RULES.get(str(node.target))
+    return None
+
+
+def _unsupported_setting(gm: fx.GraphModule, node: fx.Node) -> str | None:
+    mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+    if isinstance(mod, nn.AvgPool2d) and (mod.ceil_mode or not mod.count_include_pad or mod.divisor_override):
+        return "AvgPool2d with ceil_mode/count_include_pad=False/divisor_override"
+    if isinstance(mod, nn.AdaptiveAvgPool2d) and _pair(mod.output_size) != (1, 1):
+        return f"AdaptiveAvgPool2d to {mod.output_size} (only 1x1 is supported)"
+    if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
+        return f"Conv2d with padding_mode={mod.padding_mode}"
+    return None
+
+
+def describe(gm: fx.GraphModule, node: fx.Node, why: str | None = None) -> str:
+    if node.op == "call_module":
+        what = type(gm.get_submodule(str(node.target))).__name__
+    else:
+        what = getattr(node.target, "__name__", str(node.target))
+    where = get_info(node).source
+    return f"{node.name} ({node.op} {why or what}{' at ' + where if where else ''})"
+
+
+def _unsupported(gm: fx.GraphModule, rejected: set[str]) -> list[str]:
+    items = []
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output") or not node.users and node.op == "get_attr":
+            continue
+        why = _unsupported_setting(gm, node)
+        allowed = (
+            (node.op == "call_module" and type(gm.get_submodule(str(node.target))) in FLOAT_MODULES)
+            or (node.op == "call_function" and node.target in FLOAT_FUNCTIONS)
+        )
+        if node.name in rejected:
+            why = why or f"{getattr(node.target, '__name__', node.target)} with unsupported arguments"
+        if why or not allowed:
+            items.append(describe(gm, node, why))
+    return items
+
+
+@register_pass
+@dataclass(frozen=True)
+class Canonicalize(Pass):
+    name = "canonicalize"
+    summary = "one canonical form per op; drop dropout/identity; list unsupported ops"
+    requires = (Stage.TRACED, Stage.FLOAT)
+    produces = Stage.FLOAT
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        annotate_shapes(gm, ctx.example_inputs)
+        modified, rejected = False, set()
+        for node in list(gm.graph.nodes):
+            rule = _rule_for(gm, node)
+            if rule is None:
+                continue
+            if rule(gm, node):
+                modified = True
+            else:
+                rejected.add(node.name)
+        rewrite.finish(gm)
+        problems = _unsupported(gm, rejected)
+        if problems:
+            raise UnsupportedOpsError(problems)
+        return PassResult(gm, modified)

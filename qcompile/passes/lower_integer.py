@@ -1,0 +1,224 @@
+"""lower-integer: replace the quant graph by integer ops that follow the integer contract.
+
+For a layer with input scale s_x, per-channel weight scales s_w[c] and output quantizer scale s_y:
+  q_w = clamp(round(W / s_w[c]), -(2^(b-1)-1), 2^(b-1)-1),  q_b = round(b / (s_x * s_w[c])),
+  M[c] = s_x * s_w[c] / s_y ~ m[c] * 2^-n[c]  (contract.quantize_multiplier),
+and the ReLU/clamps folded into the quantizer become the clamp bounds
+  lo = max(type.lo, round(min / s_y)),  hi = min(type.hi, round(max / s_y)).
+Residual adds use M = s_in / s_y on q_a + q_b (share-scales made the inputs' scales equal);
+average pools use M = s_x / (k * s_y) on the window sum. Max pooling, reshapes and concatenation act on
+integers. A ReLU/clamp that could not fold becomes an IntClamp. Inputs get a Quantize, outputs a
+Dequantize: the only float ops. Not handled: adds/cats whose inputs have different scales (run
+share-scales first), and clamps whose bounds are not on the grid of an unfused tensor (rounded to it).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qcompile.ir import contract
+from qcompile.ir import intops as ops
+from qcompile.ir.meta import IntType, NodeInfo, Stage, get_info, set_info
+from qcompile.ir.shapes import annotate_shapes
+from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, register_pass
+from qcompile.quant import graph
+from qcompile.quant.modules import ActQuant, QConv2d, QLinear
+
+
+@dataclass(frozen=True)
+class Value:
+    """An integer tensor in the new graph: its node, type and scale."""
+
+    node: fx.Node
+    itype: IntType
+    scale: float
+
+
+def _clamp_bounds(clamps: list[fx.Node], itype: IntType, scale: float) -> tuple[int, int]:
+    lo, hi = itype.lo, itype.hi
+    for c in clamps:
+        low, high = (0.0, None) if c.target is torch.relu else (c.kwargs.get("min"), c.kwargs.get("max"))
+        if low is not None:
+            lo = max(lo, round(low / scale))
+        if high is not None:
+            hi = min(hi, round(high / scale))
+    if lo > hi:
+        raise PreconditionError(f"clamp {clamps[-1].name} leaves no representable value")
+    return lo, hi
+
+
+class _Lowering:
+    """State of one lowering: the new graph, its root module and the map old node -> Value."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.old, self.graph, self.root = gm, fx.Graph(), nn.Module()
+        self.values: dict[fx.Node, Value | fx.Node] = {}
+
+    def emit(self, name: str, op: nn.Module, args: tuple[Any, ...], out: IntType, scale: float,
+             origin: fx.Node | None = None) -> Value:
+        target = name.replace(".", "_")
+        while hasattr(self.root, target):
+            target += "_"
+        self.root.add_module(target, op)
+        node = self.graph.call_module(target, args)
+        layer = str(origin.target) if origin is not None and origin.op == "call_module" else None
+        node.meta["qc"] = NodeInfo(itype=out, scale=scale, layer=layer,
+                                   source=get_info(origin).source if origin is not None else None)
+        return Value(node, out, scale)
+
+    def value(self, node: Any) -> Value:
+        v = self.values[node]
+        if not isinstance(v, Value):
+            raise PreconditionError(f"'{node}' is used as an integer tensor but was never quantized")
+        return v
+
+
+def _weights(layer: QConv2d | QLinear, s_x: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    w = layer.weight.detach().double()
+    s_w = layer.weight_quant.scale(layer.weight.detach()).double()
+    t = layer.weight_quant.itype
+    q_w = torch.round(w / s_w.view(-1, *[1] * (w.dim() - 1))).clamp(t.lo, t.hi).to(torch.int64)
+    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(s_w)
+    q_b = torch.round(bias / (s_x * s_w)).to(torch.int64)
+    return q_w, q_b, s_w
+
+
+def _lower_layer(lw: _Lowering, point: fx.Node, layer: QConv2d | QLinear, out: IntType, s_y: float,
+                 bounds: tuple[int, int]) -> Value:
+    x = lw.value(point.args[0])
+    q_w, q_b, s_w = _weights(layer, x.scale)
+    mult, shift = contract.quantize_multipliers((x.scale * s_w / s_y).numpy())
+    common: dict[str, Any] = {"inp": x.itype, "w_type": layer.weight_quant.itype, "out": out,
+                              "lo": bounds[0], "hi": bounds[1]}
+    if isinstance(layer, QConv2d):
+        op: nn.Module = ops.IntConv2d(q_w, q_b, mult, shift, stride=layer.stride, padding=layer.padding,  # type: ignore[arg-type]
+                                      dilation=layer.dilation, groups=layer.groups, **common)
+    else:
+        op = ops.IntLinear(q_w, q_b, mult, shift, **common)
+    return lw.emit(str(point.target), op, (x.node,), out, s_y, point)
+
+
+def _lower_add(lw: _Lowering, point: fx.Node, out: IntType, s_y: float, bounds: tuple[int, int]) -> Value:
+    a, b = lw.value(point.args[0]), lw.value(point.args[1])
+    if not math.isclose(a.scale, b.scale, rel_tol=1e-9):
+        raise PreconditionError(f"inputs of add '{point.name}' have different scales; run share-scales first")
+    m, n = contract.quantize_multiplier(a.scale / s_y)
+    op = ops.IntAdd(m, n, inp=(a.itype, b.itype), out=out, lo=bounds[0], hi=bounds[1])
+    return lw.emit(point.name, op, (a.node, b.node), out, s_y, point)
+
+
+def _lower_avgpool(lw: _Lowering, point: fx.Node, pool: nn.Module, out: IntType, s_y: float,
+                   bounds: tuple[int, int]) -> Value:
+    x = lw.value(point.args[0])
+    if isinstance(pool, nn.AdaptiveAvgPool2d):
+        shape = get_info(point.args[0]).shape  # type: ignore[arg-type]
+        assert shape is not None
+        kernel, stride, padding = (shape[2], shape[3]), (1, 1), (0, 0)
+    else:
+        kernel = tuple(pool.kernel_size) if isinstance(pool.kernel_size, tuple) else (pool.kernel_size,) * 2
+        stride = tuple(pool.stride) if isinstance(pool.stride, tuple) else (pool.stride,) * 2
+        padding = tuple(pool.padding) if isinstance(pool.padding, tuple) else (pool.padding,) * 2
+    m, n = contract.quantize_multiplier(x.scale / (kernel[0] * kernel[1] * s_y))
+    op = ops.IntAvgPool2d(m, n, kernel=kernel, stride=stride, padding=padding, inp=x.itype, out=out,  # type: ignore[arg-type]
+                          lo=bounds[0], hi=bounds[1])
+    return lw.emit(point.name, op, (x.node,), out, s_y, point)
+
+
+def _lower_quant(lw: _Lowering, qnode: fx.Node, q: ActQuant) -> Value:
+    point, clamps = graph.chain_start(lw.old, qnode)
+    s_y, out = float(q.scale), q.itype
+    bounds = _clamp_bounds(clamps, out, s_y)
+    mod = graph.module(lw.old, point)
+    if point.op == "placeholder":
+        v = lw.emit(f"{point.name}_quantize", ops.Quantize(s_y, out), (lw.values[point],), out, s_y)
+        if bounds != (out.lo, out.hi):
+            v = lw.emit(f"{point.name}_clamp", ops.IntClamp(*bounds, inp=out), (v.node,), out, s_y)
+        return v
+    if isinstance(mod, (QConv2d, QLinear)):
+        return _lower_layer(lw, point, mod, out, s_y, bounds)
+    if point.op == "call_function" and point.target is operator.add:
+        return _lower_add(lw, point, out, s_y, bounds)
+    assert mod is not None
+    return _lower_avgpool(lw, point, mod, out, s_y, bounds)
+
+
+def _lower_pass_through(lw: _Lowering, node: fx.Node) -> Value:
+    mod = graph.module(lw.old, node)
+    if isinstance(mod, nn.MaxPool2d):
+        x = lw.value(node.args[0])
+        pair = lambda v: tuple(v) if isinstance(v, tuple) else (v, v)  # noqa: E731
+        op = ops.IntMaxPool2d(kernel=pair(mod.kernel_size), stride=pair(mod.stride), padding=pair(mod.padding),
+                              dilation=pair(mod.dilation), ceil_mode=mod.ceil_mode, inp=x.itype)
+        return lw.emit(node.name, op, (x.node,), x.itype, x.scale, node)
+    if node.target in graph.CLAMPS:
+        x = lw.value(node.args[0])
+        lo, hi = _clamp_bounds([node], x.itype, x.scale)
+        return lw.emit(node.name, ops.IntClamp(lo, hi, inp=x.itype), (x.node,), x.itype, x.scale, node)
+    if node.target is torch.cat:
+        parts = [lw.value(a) for a in node.args[0]]  # type: ignore[union-attr]
+        if len({(p.scale, p.itype) for p in parts}) != 1:
+            raise PreconditionError(f"inputs of cat '{node.name}' have different scales; run share-scales first")
+        new = lw.graph.call_function(torch.cat, ([p.node for p in parts],), {"dim": 1})
+        return _typed(new, parts[0])
+    x = lw.value(node.args[0])
+    new = lw.graph.call_function(node.target, (x.node, *node.args[1:]))  # type: ignore[arg-type]
+    return _typed(new, x)
+
+
+def _typed(node: fx.Node, like: Value) -> Value:
+    set_info(node, itype=like.itype, scale=like.scale)
+    return Value(node, like.itype, like.scale)
+
+
+def _lower_output(lw: _Lowering, node: fx.Node) -> None:
+    def dequantize(arg: Any) -> Any:
+        v = lw.value(arg)
+        return lw.emit(f"{arg.name}_dequantize", ops.Dequantize(v.scale, v.itype), (v.node,), v.itype,
+                       v.scale).node
+
+    lw.graph.output(fx.node.map_arg(node.args[0], dequantize))
+
+
+def lower(gm: fx.GraphModule) -> fx.GraphModule:
+    lw = _Lowering(gm)
+    consumed = set()
+    for qnode, _ in graph.act_quants(gm):
+        point, clamps = graph.chain_start(gm, qnode)
+        consumed.update([point, *clamps] if point.op != "placeholder" else clamps)
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            lw.values[node] = lw.graph.placeholder(node.name)
+        elif node.op == "output":
+            _lower_output(lw, node)
+        elif node in consumed:
+            continue
+        elif graph.is_act_quant(gm, node):
+            lw.values[node] = _lower_quant(lw, node, gm.get_submodule(str(node.target)))  # type: ignore[arg-type]
+        else:
+            lw.values[node] = _lower_pass_through(lw, node)
+    return fx.GraphModule(lw.root, lw.graph, "IntegerGraph")
+
+
+@register_pass
+@dataclass(frozen=True)
+class LowerInteger(Pass):
+    name = "lower-integer"
+    summary = "lower the quant graph to integer ops (dyadic requantization, int32 bias, folded ReLU)"
+    requires = (Stage.QUANT,)
+    produces = Stage.INTEGER
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        uncalibrated = [n.name for n, q in graph.act_quants(gm) if not q.calibrated]
+        if uncalibrated:
+            raise PreconditionError(f"activation quantizers {uncalibrated} are not calibrated; run calibrate first")
+        annotate_shapes(gm, ctx.example_inputs)
+        new = lower(gm)
+        annotate_shapes(new, ctx.example_inputs)
+        return PassResult(new, True)

@@ -1,0 +1,108 @@
+"""Read-only analyses of quant-stage graphs: layers, quantization points, scale roots and groups.
+
+A *scale root* is the activation quantizer that defines a tensor's scale; max pooling, reshapes, unfused
+clamps and concatenation pass scales through unchanged. Residual adds and concatenations need their
+inputs on one scale: ``scale_groups`` returns the groups of roots that must share one (connected
+components of a networkx graph with an edge between the roots of every add/cat's inputs).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Iterator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qcompile.quant.modules import ActQuant, QConv2d, QLinear
+
+CLAMPS = (torch.relu, torch.clamp)
+PASS_THROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.relu, torch.clamp)
+
+
+def module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    return gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+
+
+def is_act_quant(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return isinstance(module(gm, node), ActQuant)
+
+
+def layers(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, QConv2d | QLinear]]:
+    """Every quantized conv/linear layer, in graph order."""
+    for node in gm.graph.nodes:
+        mod = module(gm, node)
+        if isinstance(mod, (QConv2d, QLinear)):
+            yield node, mod
+
+
+def act_quants(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, ActQuant]]:
+    for node in gm.graph.nodes:
+        mod = module(gm, node)
+        if isinstance(mod, ActQuant):
+            yield node, mod
+
+
+def is_quant_point(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Nodes whose output gets a new scale: inputs, layers, adds, average pools."""
+    if node.op == "placeholder":
+        return True
+    if node.op == "call_function":
+        return node.target is operator.add
+    return isinstance(module(gm, node), (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d))
+
+
+def chain_end(node: fx.Node) -> fx.Node:
+    """Follow single-user ReLU/clamp nodes after ``node``: they fold into its requantization."""
+    while len(node.users) == 1:
+        user = next(iter(node.users))
+        if not (user.op == "call_function" and user.target in CLAMPS):
+            break
+        node = user
+    return node
+
+
+def chain_start(gm: fx.GraphModule, quant_node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
+    """From an activation quantizer back over folded clamps to its quantization point: (point, clamps)."""
+    node = quant_node.args[0]
+    assert isinstance(node, fx.Node)
+    clamps: list[fx.Node] = []
+    while not is_quant_point(gm, node) and node.op == "call_function" and node.target in CLAMPS:
+        clamps.append(node)
+        node = node.args[0]  # type: ignore[assignment]
+    return node, clamps[::-1]
+
+
+def roots(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The activation quantizers that define the scale of ``node``'s output."""
+    if is_act_quant(gm, node):
+        return [node]
+    if node.op == "call_function" and node.target is torch.cat:
+        return [r for src in node.args[0] for r in roots(gm, src)]  # type: ignore[union-attr]
+    passes = isinstance(module(gm, node), nn.MaxPool2d) or (
+        node.op == "call_function" and node.target in PASS_THROUGH_FUNCTIONS
+    )
+    if passes and isinstance(node.args[0], fx.Node):
+        return roots(gm, node.args[0])
+    return []
+
+
+def scale_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
+    """Groups (size >= 2) of activation quantizers that must share one scale, in graph order."""
+    g: nx.Graph = nx.Graph()
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in (operator.add, torch.cat):
+            inputs = node.args[0] if node.target is torch.cat else node.args[:2]
+            found = [r for src in inputs for r in roots(gm, src)]  # type: ignore[union-attr]
+            nx.add_path(g, found)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    groups = [sorted(c, key=order.__getitem__) for c in nx.connected_components(g) if len(c) > 1]
+    return sorted(groups, key=lambda c: order[c[0]])
+
+
+def output_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    out = next(iter(gm.graph.find_nodes(op="output")))
+    flat, _ = torch.utils._pytree.tree_flatten(out.args[0])
+    return [n for n in flat if isinstance(n, fx.Node)]

@@ -1,0 +1,151 @@
+"""Uniform fake quantizers for the quant stage.
+
+* Activations, per tensor: ``x_q = s * clamp(round(x / s), lo, hi)`` with ``s = amax / hi`` where
+  ``hi = 2^b - 1`` (unsigned, the observed minimum is >= 0, e.g. after ReLU) or ``2^(b-1) - 1``
+  (signed, narrow symmetric). ``amax`` is calibrated as an exponential moving average of the batch
+  statistic (``amax <- (1 - c) * amax + c * stat``, the first batch initialises it), where the statistic is
+  max|x| (the AQT rule) or a percentile of |x|. Rounding uses a straight-through estimator.
+* Weights, per output channel: ``s_c = max|W_c| / (2^(b-1) - 1)``, recomputed every forward.
+
+Not handled: asymmetric (zero-point) activation ranges and per-channel activation scales; the integer
+contract has neither.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qcompile.ir.meta import IntType
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """``scale * clamp(round(x / scale), lo, hi)`` with a straight-through estimator for round."""
+    q = (x / scale).clamp(lo, hi)
+    q = q + (torch.round(q) - q).detach()
+    return q * scale
+
+
+class ActQuant(nn.Module):
+    """Per-tensor activation quantizer with EMA calibration (``observing``) and fake quantization."""
+
+    amax: torch.Tensor
+    amin: torch.Tensor
+    batches: torch.Tensor
+
+    def __init__(self, bits: int = 8, momentum: float = 0.1, percentile: float | None = None) -> None:
+        super().__init__()
+        self.bits, self.momentum, self.percentile = bits, momentum, percentile
+        self.register_buffer("amax", torch.zeros(()))
+        self.register_buffer("amin", torch.zeros(()))
+        self.register_buffer("batches", torch.zeros((), dtype=torch.int64))
+        self.observing = False
+        self.signed_override: bool | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.batches > 0)
+
+    @property
+    def signed(self) -> bool:
+        if self.signed_override is not None:
+            return self.signed_override
+        return bool(self.amin < 0)
+
+    @property
+    def itype(self) -> IntType:
+        return IntType(self.bits, self.signed)
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.amax / self.itype.hi
+
+    def _statistic(self, x: torch.Tensor) -> torch.Tensor:
+        a = x.detach().abs().flatten().float()
+        if self.percentile is None or a.numel() == 0:
+            return a.max()
+        k = max(1, min(a.numel(), int(round(a.numel() * self.percentile / 100.0))))
+        return a.kthvalue(k).values
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        stat = self._statistic(x)
+        if self.batches == 0:
+            self.amax.copy_(stat)
+            self.amin.copy_(x.min())
+        else:
+            self.amax.mul_(1.0 - self.momentum).add_(self.momentum * stat)
+            self.amin.copy_(torch.minimum(self.amin, x.min()))
+        self.batches += 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe(x)
+            return x
+        if not self.calibrated:
+            return x
+        t = self.itype
+        return fake_quant(x, self.scale.clamp_min(1e-12), t.lo, t.hi)
+
+    def extra_repr(self) -> str:
+        state = f"amax={float(self.amax):.4g}" if self.calibrated else "uncalibrated"
+        return f"bits={self.bits}, signed={self.signed}, {state}"
+
+
+class WeightQuant(nn.Module):
+    """Per-output-channel symmetric weight quantizer, scale from max|W| at every call."""
+
+    def __init__(self, bits: int = 8) -> None:
+        super().__init__()
+        self.bits = bits
+
+    @property
+    def itype(self) -> IntType:
+        return IntType(self.bits, True)
+
+    def scale(self, w: torch.Tensor) -> torch.Tensor:
+        amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
+        scale = amax / self.itype.hi
+        return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        t = self.itype
+        return fake_quant(w, self.scale(w).view(shape), t.lo, t.hi)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, per-channel"
+
+
+class QConv2d(nn.Conv2d):
+    """Conv2d whose weight passes through a WeightQuant; bias stays float in simulation."""
+
+    weight_quant: WeightQuant
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, bits: int = 8) -> QConv2d:
+        q = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
+            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+        )
+        q.load_state_dict(conv.state_dict())
+        q.weight_quant = WeightQuant(bits)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+
+
+class QLinear(nn.Linear):
+    weight_quant: WeightQuant
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int = 8) -> QLinear:
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        q.load_state_dict(linear.state_dict())
+        q.weight_quant = WeightQuant(bits)
+        return q
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight_quant(self.weight), self.bias)
