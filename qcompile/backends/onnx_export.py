@@ -1,0 +1,283 @@
+"""Integer ONNX export: standard operators only, bit-exact in onnxruntime on x86.
+
+Every integer tensor travels as uint8 holding q + zp (zp = 0 unsigned, 128 signed), which keeps
+``ConvInteger`` on its exact u8 x u8 fast path (see ONNX_NOTES.md). Per op:
+
+* Quantize: ``QuantizeLinear`` (x / s, round half even, + zp) then a ``Clip`` to the type's bounds.
+* Conv / Linear: ``ConvInteger`` (a Linear is a 1x1 conv on [N, K, 1, 1]) with weights stored as
+  w + zw (zw = 8 for <= 4-bit weights, packed UINT4, or zw = 1 with packed UINT2 for ternary; zw = 128
+  in uint8 otherwise) and a ``Cast`` to uint8, then the requantization chain below.
+* Add: ``Cast`` both inputs to int32 and add; the zero points go into the chain's constant.
+* Average pool: a depthwise ``ConvInteger`` with a ones kernel (padding carries the zero point, so it
+  contributes 0, as in PyTorch's count_include_pad), then the chain.
+* Max pool, Flatten, Reshape, Concat, Clip act on the uint8 values directly (zp preserves order).
+* Dequantize: ``DequantizeLinear`` ((q - zp) * s in float32).
+
+Requantization chain (exact, per channel c), from int32 acc with |acc + b| < 2^31 (proved by the integer
+verifier): Cast to uint64; Mul by m[c]; Add C[c] = 2^(n-1) + 2^62 + zp_out * 2^n + b[c] * m[c] (mod 2^64);
+BitShift right by n[c]; Max/Min to [2^(62-n) + zp_out + lo, 2^(62-n) + zp_out + hi]; Cast to uint8.
+|(acc + b) m| < 2^62 keeps the sum in [0, 2^64); 2^62 / 2^n = 2^(62-n) is a multiple of 256 for
+n <= 54 (contract.MAX_SHIFT), so the final wrapping Cast leaves exactly q + zp_out.
+
+Not handled: activations or weights wider than 8 bits (the executors run them, the export refuses),
+Linear on inputs of rank other than 2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch
+import torch.fx as fx
+
+from qcompile.ir import intops as ops
+from qcompile.ir.meta import IntType, get_info
+from qcompile.passes.base import QCompileError
+
+BASE_OPSET = 21
+UINT2_OPSET = 25
+IR_VERSION = {21: 10, 25: 11}
+OFFSET_BITS = 62
+
+
+class ExportError(QCompileError):
+    pass
+
+
+@dataclass(frozen=True)
+class WeightStorage:
+    """How a b-bit signed weight is stored: zero point, ONNX element type, numpy dtype."""
+
+    zero_point: int
+    onnx_type: int
+    np_dtype: Any
+
+
+def weight_storage(bits: int) -> WeightStorage:
+    if bits <= 2:
+        return WeightStorage(1, onnx.TensorProto.UINT2, ml_dtypes.uint2)
+    if bits <= 4:
+        return WeightStorage(8, onnx.TensorProto.UINT4, ml_dtypes.uint4)
+    if bits <= 8:
+        return WeightStorage(128, onnx.TensorProto.UINT8, np.uint8)
+    raise ExportError(f"{bits}-bit weights cannot be exported (at most 8); lower the layer's bit-width")
+
+
+class _Emitter:
+    """Builds the onnx-graphsurgeon graph; every constant gets a unique name."""
+
+    def __init__(self) -> None:
+        self.nodes: list[gs.Node] = []
+        self.names: set[str] = set()
+        self.opset = BASE_OPSET
+
+    def _unique(self, name: str) -> str:
+        base, i = name, 1
+        while name in self.names:
+            name, i = f"{base}_{i}", i + 1
+        self.names.add(name)
+        return name
+
+    def const(self, name: str, values: np.ndarray) -> gs.Constant:
+        return gs.Constant(self._unique(name), np.ascontiguousarray(values))
+
+    def packed(self, name: str, values: np.ndarray, storage: WeightStorage) -> gs.Constant:
+        proto = onnx.numpy_helper.from_array(values.astype(storage.np_dtype), self._unique(name))
+        return gs.Constant(proto.name, gs.ir.tensor.LazyValues(proto))
+
+    def op(self, op_type: str, name: str, inputs: list[Any], dtype: Any, **attrs: Any) -> gs.Variable:
+        out = gs.Variable(self._unique(f"{name}_{op_type.lower()}"), dtype=dtype)
+        self.nodes.append(gs.Node(op_type, self._unique(f"{name}/{op_type}"), attrs, inputs, [out]))
+        return out
+
+
+def _u8(v: int) -> np.ndarray:
+    return np.array(v, dtype=np.uint8)
+
+
+def requant_chain(e: _Emitter, name: str, acc: gs.Variable, mult: np.ndarray, shift: np.ndarray,
+                  bias: np.ndarray, out: IntType, lo: int, hi: int, channel_axis_rank: int) -> gs.Variable:
+    """int32 acc -> uint8 (q + zp) by the exact uint64 chain; mult/shift/bias are per channel or scalar."""
+    shape = (1, -1) + (1,) * (channel_axis_rank - 2) if mult.size > 1 else ()
+    m = mult.astype(object).reshape(-1)
+    n = shift.astype(object).reshape(-1)
+    b = np.broadcast_to(bias, m.shape).astype(object)
+    zp = out.zero_point
+    offset = [(1 << int(k)) // 2 + (1 << OFFSET_BITS) + zp * (1 << int(k)) + int(bb) * int(mm)
+              for k, bb, mm in zip(n, b, m, strict=True)]
+    k_base = [(1 << OFFSET_BITS) >> int(k) for k in n]
+
+    def u64(name_: str, vals: list[int]) -> gs.Constant:
+        arr = np.array([v % (1 << 64) for v in vals], dtype=np.uint64)
+        return e.const(name_, arr.reshape(shape) if shape else arr.reshape(()))
+
+    x = e.op("Cast", name, [acc], np.uint64, to=onnx.TensorProto.UINT64)
+    x = e.op("Mul", name, [x, u64(f"{name}_m", list(m))], np.uint64)
+    x = e.op("Add", name, [x, u64(f"{name}_c", offset)], np.uint64)
+    x = e.op("BitShift", name, [x, u64(f"{name}_n", list(n))], np.uint64, direction="RIGHT")
+    x = e.op("Max", name, [x, u64(f"{name}_lo", [kb + zp + lo for kb in k_base])], np.uint64)
+    x = e.op("Min", name, [x, u64(f"{name}_hi", [kb + zp + hi for kb in k_base])], np.uint64)
+    return e.op("Cast", name, [x], np.uint8, to=onnx.TensorProto.UINT8)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _conv_integer(e: _Emitter, name: str, x: gs.Variable, inp: IntType, w: np.ndarray, w_bits: int,
+                  **attrs: Any) -> gs.Variable:
+    storage = weight_storage(w_bits)
+    if storage.onnx_type == onnx.TensorProto.UINT2:
+        e.opset = max(e.opset, UINT2_OPSET)
+    stored = (w + storage.zero_point).astype(np.uint8)
+    if storage.onnx_type == onnx.TensorProto.UINT8:
+        weight: gs.Tensor = e.const(f"{name}_w", stored)
+    else:
+        weight = e.op("Cast", f"{name}_w", [e.packed(f"{name}_w_packed", stored, storage)], np.uint8,
+                      to=onnx.TensorProto.UINT8)
+    inputs = [x, weight, e.const(f"{name}_xzp", _u8(inp.zero_point)), e.const(f"{name}_wzp", _u8(storage.zero_point))]
+    return e.op("ConvInteger", name, inputs, np.int32, kernel_shape=list(w.shape[2:]), **attrs)
+
+
+def _export_conv(e: _Emitter, name: str, op: ops.IntConv2d, x: gs.Variable) -> gs.Variable:
+    (ph, pw) = op.padding
+    acc = _conv_integer(e, name, x, op.inp, _np(op.weight), op.w_type.bits, strides=list(op.stride),
+                        pads=[ph, pw, ph, pw], dilations=list(op.dilation), group=op.groups)
+    return requant_chain(e, name, acc, _np(op.mult), _np(op.shift), _np(op.bias), op.out, op.lo, op.hi, 4)
+
+
+def _export_linear(e: _Emitter, name: str, op: ops.IntLinear, x: gs.Variable) -> gs.Variable:
+    x4 = e.op("Unsqueeze", name, [x, e.const(f"{name}_axes", np.array([2, 3], dtype=np.int64))], np.uint8)
+    w = _np(op.weight)[:, :, None, None]
+    acc = _conv_integer(e, name, x4, op.inp, w, op.w_type.bits)
+    q = requant_chain(e, name, acc, _np(op.mult), _np(op.shift), _np(op.bias), op.out, op.lo, op.hi, 4)
+    return e.op("Squeeze", name, [q, e.const(f"{name}_sq", np.array([2, 3], dtype=np.int64))], np.uint8)
+
+
+def _export_add(e: _Emitter, name: str, op: ops.IntAdd, a: gs.Variable, b: gs.Variable) -> gs.Variable:
+    a32 = e.op("Cast", name, [a], np.int32, to=onnx.TensorProto.INT32)
+    b32 = e.op("Cast", name, [b], np.int32, to=onnx.TensorProto.INT32)
+    acc = e.op("Add", name, [a32, b32], np.int32)
+    zp_sum = -(op.inp[0].zero_point + op.inp[1].zero_point)
+    return requant_chain(e, name, acc, _np(op.mult), _np(op.shift), np.array(zp_sum), op.out, op.lo, op.hi, 4)
+
+
+def _export_avgpool(e: _Emitter, name: str, op: ops.IntAvgPool2d, x: gs.Variable, channels: int) -> gs.Variable:
+    ones = np.ones((channels, 1, *op.kernel), dtype=np.uint8)
+    (ph, pw) = op.padding
+    inputs = [x, e.const(f"{name}_ones", ones), e.const(f"{name}_xzp", _u8(op.inp.zero_point)),
+              e.const(f"{name}_wzp", _u8(0))]
+    acc = e.op("ConvInteger", name, inputs, np.int32, kernel_shape=list(op.kernel), strides=list(op.stride),
+               pads=[ph, pw, ph, pw], group=channels)
+    return requant_chain(e, name, acc, _np(op.mult), _np(op.shift), np.array(0), op.out, op.lo, op.hi, 4)
+
+
+def _export_quantize(e: _Emitter, name: str, op: ops.Quantize, x: gs.Variable) -> gs.Variable:
+    scale = e.const(f"{name}_scale", np.array(op.scale, dtype=np.float32))
+    q = e.op("QuantizeLinear", name, [x, scale, e.const(f"{name}_zp", _u8(op.out.zero_point))], np.uint8)
+    return _clip(e, name, q, op.out, op.out.lo, op.out.hi)
+
+
+def _clip(e: _Emitter, name: str, q: gs.Variable, t: IntType, lo: int, hi: int) -> gs.Variable:
+    if (t.zero_point + lo, t.zero_point + hi) == (0, 255):
+        return q
+    bounds = [e.const(f"{name}_{k}", _u8(t.zero_point + v)) for k, v in (("min", lo), ("max", hi))]
+    return e.op("Clip", name, [q, *bounds], np.uint8)
+
+
+def _export_maxpool(e: _Emitter, name: str, op: ops.IntMaxPool2d, x: gs.Variable) -> gs.Variable:
+    (ph, pw) = op.padding
+    return e.op("MaxPool", name, [x], np.uint8, kernel_shape=list(op.kernel), strides=list(op.stride),
+                pads=[ph, pw, ph, pw], dilations=list(op.dilation), ceil_mode=int(op.ceil_mode))
+
+
+def _export_dequantize(e: _Emitter, name: str, op: ops.Dequantize, q: gs.Variable) -> gs.Variable:
+    scale = e.const(f"{name}_scale", np.array(op.scale, dtype=np.float32))
+    return e.op("DequantizeLinear", name, [q, scale, e.const(f"{name}_zp", _u8(op.inp.zero_point))], np.float32)
+
+
+def _check_bits(op: ops.IntOp) -> None:
+    types = [getattr(op, "out", None), getattr(op, "inp", None)]
+    types += list(op.inp) if isinstance(getattr(op, "inp", None), tuple) else []
+    for t in types:
+        if isinstance(t, IntType) and t.bits > 8:
+            raise ExportError(f"{type(op).__name__} uses {t.bits}-bit values; the ONNX export supports at most 8")
+
+
+def _export_module(e: _Emitter, node: fx.Node, op: ops.IntOp, args: list[Any]) -> gs.Variable:
+    _check_bits(op)
+    name = node.name
+    simple: dict[type, Callable[..., gs.Variable]] = {
+        ops.Quantize: _export_quantize, ops.Dequantize: _export_dequantize, ops.IntConv2d: _export_conv,
+        ops.IntLinear: _export_linear, ops.IntAdd: _export_add, ops.IntMaxPool2d: _export_maxpool,
+    }
+    if type(op) in simple:
+        return simple[type(op)](e, name, op, *args)
+    if isinstance(op, ops.IntAvgPool2d):
+        shape = get_info(node.args[0]).shape  # type: ignore[arg-type]
+        assert shape is not None
+        return _export_avgpool(e, name, op, args[0], shape[1])
+    if isinstance(op, ops.IntClamp):
+        return _clip(e, name, args[0], op.inp, op.lo, op.hi)
+    raise ExportError(f"no ONNX lowering for {type(op).__name__}")
+
+
+def _export_function(e: _Emitter, node: fx.Node, args: list[Any]) -> gs.Variable:
+    if node.target is torch.flatten:
+        return e.op("Flatten", node.name, [args[0]], np.uint8, axis=int(node.args[1]))  # type: ignore[arg-type]
+    if node.target is torch.reshape:
+        shape = e.const(f"{node.name}_shape", np.array(node.args[1], dtype=np.int64))
+        return e.op("Reshape", node.name, [args[0], shape], np.uint8)
+    if node.target is torch.cat:
+        return e.op("Concat", node.name, list(args[0]), np.uint8, axis=int(node.kwargs.get("dim", 1)))  # type: ignore[arg-type]
+    raise ExportError(f"no ONNX lowering for {node.target}")
+
+
+def _batch_shape(node: fx.Node) -> list[Any]:
+    shape = get_info(node).shape
+    if shape is None:
+        raise ExportError(f"node {node.name} has no recorded shape; compile with example inputs")
+    return ["batch", *shape[1:]]
+
+
+def build_graph(gm: fx.GraphModule) -> gs.Graph:
+    e = _Emitter()
+    values: dict[fx.Node, Any] = {}
+    inputs, outputs = [], []
+    for node in gm.graph.nodes:
+        args = fx.node.map_arg(list(node.args), values.__getitem__)
+        if node.op == "placeholder":
+            var = gs.Variable(e._unique(node.name), dtype=np.float32, shape=_batch_shape(node))
+            values[node] = var
+            inputs.append(var)
+        elif node.op == "call_module":
+            values[node] = _export_module(e, node, gm.get_submodule(str(node.target)), args)  # type: ignore[arg-type]
+        elif node.op == "call_function":
+            values[node] = _export_function(e, node, args)
+        elif node.op == "output":
+            for src in torch.utils._pytree.tree_leaves(node.args[0]):
+                var = values[src]
+                var.shape = _batch_shape(src)
+                outputs.append(var)
+    return gs.Graph(nodes=e.nodes, inputs=inputs, outputs=outputs, name="qcompile", opset=e.opset,
+                    producer_name="qcompile", ir_version=IR_VERSION[e.opset])
+
+
+def export_onnx(gm: fx.GraphModule) -> onnx.ModelProto:
+    """The integer graph as an ONNX model that passes onnx.checker's full check."""
+    graph = build_graph(gm)
+    for i, out in enumerate(graph.outputs):
+        out.name = "output" if len(graph.outputs) == 1 else f"output_{i}"
+    for i, inp in enumerate(graph.inputs):
+        inp.name = "input" if len(graph.inputs) == 1 else f"input_{i}"
+    model = gs.export_onnx(graph, do_type_check=True)
+    model.ir_version = IR_VERSION[graph.opset]
+    model.opset_import[0].version = graph.opset
+    onnx.checker.check_model(model, full_check=True)
+    return model
