@@ -1,0 +1,63 @@
+"""The JSON report (the same from the CLI and the API) and its human-readable tables."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from qcompile import cost
+
+if TYPE_CHECKING:
+    from qcompile.api import CompiledModel
+    from qcompile.data import Dataset
+
+
+def build_report(cm: CompiledModel, data: Dataset | None, verify_inputs: torch.Tensor | None,
+                 progress: bool = False) -> dict[str, Any]:
+    costs = cm.layer_costs()
+    report: dict[str, Any] = {
+        "pipeline": cm.pipeline,
+        "layers": [c.as_dict() for c in costs],
+        "totals": {**cost.totals(costs), "activation_bytes": cost.activation_bytes(cm.integer_graph)},
+        "passes": [{"name": t.name, "seconds": round(t.seconds, 6), "modified": t.modified} for t in cm.timings],
+    }
+    if data is not None and data.labelled:
+        report["accuracy"] = cm.accuracies(data, progress)
+    if verify_inputs is not None:
+        v = cm.verify(verify_inputs)
+        report["verify"] = {"mismatches": v.mismatches, "compared": v.compared}
+    return report
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[_fmt(v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths, strict=True)))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) >= 0.01 or v == 0 else f"{v:.3g}"
+    return str(v)
+
+
+def layer_table(report: dict[str, Any]) -> str:
+    rows = [[l["name"], l["op"], l["w_bits"], l["a_bits"], l["macs"], l["bops"], l["weight_bytes"]]
+            for l in report["layers"]]
+    t = report["totals"]
+    rows.append(["total", "", "", "", t["macs"], t["bops"], t["weight_bytes"]])
+    return format_table(["layer", "op", "w_bits", "a_bits", "MACs", "BOPs", "weight bytes"], rows)
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    t = report["totals"]
+    lines = [f"relative BOPs {t['rel_bops_percent']:.2f} %, weights {t['weight_bytes']} bytes "
+             f"({t['float_weight_bytes'] / max(t['weight_bytes'], 1):.1f}x smaller than float32)"]
+    if "accuracy" in report:
+        lines.append("accuracy: " + ", ".join(f"{k} {v:.2f} %" for k, v in report["accuracy"].items()))
+    if "verify" in report:
+        v = report["verify"]
+        lines.append(f"onnxruntime vs reference: {v['mismatches']} mismatching of {v['compared']} output elements")
+    return lines
