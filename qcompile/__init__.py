@@ -7,12 +7,17 @@
     print(cm.verify(x))                  # mismatching output elements vs the reference executor
 """
 
+import warnings
+
 from qcompile.api import CompiledModel, compile
 from qcompile.backends.ort import VerifyResult
 from qcompile.data import Dataset, load_data
 from qcompile.ir.meta import IntType, NodeInfo, Stage
 from qcompile.passes import PASSES, Pass, PassContext, PassResult, parse_pipeline, register_pass
 from qcompile.passes.base import QCompileError
+
+# torch's own pytree deprecation, raised while copying exported programs; not actionable for users
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
 
 __version__ = "0.1.0"
 __all__ = [

@@ -32,7 +32,8 @@ class ModelError(QCompileError):
 
 def default_pipeline(policy: str = "w8a8", steps: int = 32) -> str:
     text = DEFAULT_PIPELINE.replace("calibrate", f"calibrate{{steps={steps}}}" if steps != 32 else "calibrate")
-    return text.replace("assign-bitwidths", f"assign-bitwidths{{policy={policy}}}" if policy != "w8a8" else "assign-bitwidths")
+    assign = f"assign-bitwidths{{policy={policy}}}" if policy != "w8a8" else "assign-bitwidths"
+    return text.replace("assign-bitwidths", assign)
 
 
 def check_weights(model: nn.Module) -> None:
@@ -100,6 +101,8 @@ class CompiledModel:
         path = Path(path)
         if path.exists() and not force:
             raise ModelError(f"{path} already exists; choose another output path or pass --force")
+        if not path.parent.is_dir():
+            raise ModelError(f"the folder {path.parent} does not exist; create it or choose another output path")
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(self.to_onnx().SerializeToString())
         tmp.replace(path)
@@ -159,15 +162,17 @@ def compile(  # noqa: A001 - the verb users expect
     """
     examples = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     gm = _trace(model, examples)
-    float_graph = copy.deepcopy(gm)
     text = pipeline if isinstance(pipeline, str) else default_pipeline(policy, calibration_steps)
     passes = list(pipeline) if pipeline is not None and not isinstance(pipeline, str) else parse_pipeline(text).build()
     calibration = data.calibration() if isinstance(data, Dataset) else data or (lambda: [examples[0]])
     ctx = PassContext(examples, calibration, progress=progress)
-    snapshots: dict[str, fx.GraphModule] = {}
+    snapshots: dict[str, fx.GraphModule] = {"float": gm}
 
     def after(index: int, p: Pass, graph: fx.GraphModule) -> None:
-        if get_stage(graph) is Stage.QUANT:
+        stage = get_stage(graph)
+        if stage is Stage.FLOAT:  # canonical float graph: batch-agnostic, the accuracy reference
+            snapshots["float"] = copy.deepcopy(graph)
+        elif stage is Stage.QUANT:
             snapshots["quant"] = graph
         if dump is not None:
             dump(index, p, graph)
@@ -177,5 +182,5 @@ def compile(  # noqa: A001 - the verb users expect
     if get_stage(result) is not Stage.INTEGER:
         raise ModelError(f"the pipeline '{text}' did not end in an integer graph; finish it with lower-integer")
     spec = ",".join(p.spec() for p in passes) if not isinstance(pipeline, str) else text
-    return CompiledModel(float_graph, snapshots.get("quant"), result, examples, spec, manager.timings)
+    return CompiledModel(snapshots["float"], snapshots.get("quant"), result, examples, spec, manager.timings)
 

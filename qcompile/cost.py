@@ -59,7 +59,8 @@ def layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
         if isinstance(mod, (ops.IntConv2d, ops.IntLinear)):
             kind = "Conv2d" if isinstance(mod, ops.IntConv2d) else "Linear"
             name = get_info(node).layer or node.name
-            costs.append(LayerCost(name, kind, mod.w_type.bits, mod.inp.bits, _macs(node, mod), int(mod.weight.numel())))
+            macs, params = _macs(node, mod), int(mod.weight.numel())
+            costs.append(LayerCost(name, kind, mod.w_type.bits, mod.inp.bits, macs, params))
     return costs
 
 

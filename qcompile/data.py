@@ -98,7 +98,8 @@ def fashion_mnist(folder: Path = FASHION_MNIST_DIR) -> Dataset:
     except (OSError, EOFError, ValueError) as exc:
         raise DataError(f"cannot read Fashion-MNIST in {folder}: {exc}") from exc
     scale = np.float32(1 / 255)
-    return _tensors("fashion-mnist", (xt[:, None] * scale, yt.astype(np.int64), xs[:, None] * scale, ys.astype(np.int64)))
+    parts = (xt[:, None] * scale, yt.astype(np.int64), xs[:, None] * scale, ys.astype(np.int64))
+    return _tensors("fashion-mnist", parts)
 
 
 def random_data(input_shape: tuple[int, ...], train: int = 256, test: int = 64) -> Dataset:

@@ -33,7 +33,10 @@ def build_report(cm: CompiledModel, data: Dataset | None, verify_inputs: torch.T
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:
     cells = [[_fmt(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda vals: "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths, strict=True)))  # noqa: E731
+
+    def line(vals: list[str]) -> str:
+        return "  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(vals, widths, strict=True)))
+
     return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
 
 
@@ -44,8 +47,8 @@ def _fmt(v: Any) -> str:
 
 
 def layer_table(report: dict[str, Any]) -> str:
-    rows = [[l["name"], l["op"], l["w_bits"], l["a_bits"], l["macs"], l["bops"], l["weight_bytes"]]
-            for l in report["layers"]]
+    keys = ["name", "op", "w_bits", "a_bits", "macs", "bops", "weight_bytes"]
+    rows = [[layer[k] for k in keys] for layer in report["layers"]]
     t = report["totals"]
     rows.append(["total", "", "", "", t["macs"], t["bops"], t["weight_bytes"]])
     return format_table(["layer", "op", "w_bits", "a_bits", "MACs", "BOPs", "weight bytes"], rows)

@@ -46,9 +46,23 @@ def _pair(v: Any, default: int) -> tuple[int, int]:
     return (int(v[0]), int(v[-1]))
 
 
+def _place_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> str:
+    """Put ``module`` at the original module path of ``node`` when there is one (keeps layer names)."""
+    path = _module_name(node, "")
+    try:
+        existing = gm.get_submodule(path) if path else None
+    except AttributeError:
+        existing = None
+    replaceable = type(existing) in (type(module), nn.Module)  # the exported container or the same kind
+    if existing is not None and replaceable and not hasattr(existing, "_qc_raised"):
+        module._qc_raised = True
+        rewrite.set_module(gm, path, module)
+        return path
+    return rewrite.add_module(gm, path or node.name, module)
+
+
 def _swap_to_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, x: fx.Node) -> None:
-    name = rewrite.add_module(gm, _module_name(node, node.name), module)
-    rewrite.replace_node(gm, node, "call_module", name, (x,))
+    rewrite.replace_node(gm, node, "call_module", _place_module(gm, node, module), (x,))
 
 
 def _conv(gm: fx.GraphModule, node: fx.Node) -> None:
@@ -110,7 +124,7 @@ def _batch_norm_legit(gm: fx.GraphModule, node: fx.Node) -> None:
     bn = _batchnorm_module(gm, node, args, float(args[6]))
     if bn is None or len(getitems) != len(node.users):
         return
-    name = rewrite.add_module(gm, _module_name(node, node.name), bn)
+    name = _place_module(gm, node, bn)
     for item in getitems:
         rewrite.replace_node(gm, item, "call_module", name, (args[0],))
     gm.graph.erase_node(node)
@@ -126,7 +140,8 @@ def _pool_module(make: Callable[[list[Any]], nn.Module]) -> Raise:
 def _max_pool(a: list[Any]) -> nn.Module:
     a += [None] * (6 - len(a))
     kernel = _pair(a[1], 1)
-    return nn.MaxPool2d(kernel, _pair(a[2], 0) if a[2] else kernel, _pair(a[3], 0), _pair(a[4], 1), ceil_mode=bool(a[5]))
+    stride = _pair(a[2], 0) if a[2] else kernel
+    return nn.MaxPool2d(kernel, stride, _pair(a[3], 0), _pair(a[4], 1), ceil_mode=bool(a[5]))
 
 
 def _avg_pool(a: list[Any]) -> nn.Module:
@@ -179,6 +194,8 @@ RAISES: dict[Any, Raise] = {
 
 def raise_aten(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite aten ops of an exported program's module to the torch-level vocabulary, in place."""
+    for method in ("train", "eval"):  # ExportedProgram.module() shadows them with methods that raise
+        gm.__dict__.pop(method, None)
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and str(node.target).startswith("_guards"):
             gm.graph.erase_node(node)
@@ -187,4 +204,6 @@ def raise_aten(gm: fx.GraphModule) -> fx.GraphModule:
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
             gm.graph.erase_node(node)
-    return rewrite.finish(gm)
+    rewrite.finish(gm)
+    # a fresh GraphModule drops the exported module's input-shape hooks (they pin the traced batch size)
+    return fx.GraphModule(gm, gm.graph, type(gm).__name__)

@@ -6,7 +6,13 @@ every later pass sees one vocabulary whichever tracer succeeded.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import sys
+import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -27,6 +33,31 @@ class ModelFileError(QCompileError):
     """A saved program or weights file that cannot be read."""
 
 
+@contextlib.contextmanager
+def quiet_torch() -> Iterator[None]:
+    """Silence torch's logging, warnings and direct prints while we try tracers; we report failures ourselves."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
+        os.dup2(devnull.fileno(), 2)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        logging.disable(previous)
+
+
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
     tracer = fx.Tracer()
     tracer.record_stack_traces = True
@@ -35,7 +66,10 @@ def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
 
 
 def _export(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
-    program = torch.export.export(model, example_inputs, strict=False)
+    batch = torch.export.Dim.AUTO
+    doubled = tuple(torch.cat([x, x]) for x in example_inputs)  # batch 2: keeps the batch dimension symbolic
+    with quiet_torch():
+        program = torch.export.export(model, doubled, dynamic_shapes=[{0: batch} for _ in doubled], strict=False)
     return raise_aten(program.module())
 
 
@@ -73,7 +107,8 @@ def load_pt2(path: str | Path) -> fx.GraphModule:
     if not path.is_file():
         raise ModelFileError(f"no such file: {path}")
     try:
-        program = torch.export.load(str(path))
+        with quiet_torch():
+            program = torch.export.load(str(path))
     except (zipfile.BadZipFile, RuntimeError, EOFError, KeyError, ValueError, OSError) as exc:
         raise ModelFileError(
             f"{path} is not a readable torch.export program ({type(exc).__name__}); re-save it with "

@@ -46,6 +46,8 @@ def quantize_multiplier(real: float) -> tuple[int, int]:
     m = round(real * 2.0**shift)
     if m == 2**31:  # rounding carried into the next power of two
         m, shift = 2**30, shift - 1
+        if shift < MIN_SHIFT:  # real rounds to 2^30 itself
+            raise MultiplierError(f"requantization multiplier {real:g} is too large (must be < 2^30)")
     return int(m), int(shift)
 
 

@@ -1,0 +1,200 @@
+"""The ``qcompile`` command line: demo, compile, eval, passes.
+
+Every user error ends in one line on stderr (``error: ...``) naming the problem and a fix, exit status 2;
+``--debug`` shows the traceback instead. Existing output files are never overwritten without --force.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+USER_ERROR, CHECK_FAILED = 2, 1
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape like 1,28,28") from None
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a shape of positive sizes like 1,28,28")
+    return dims
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return bool(args.progress) if args.progress is not None else sys.stderr.isatty()
+
+
+def _refuse_existing(path: Path | None, force: bool) -> None:
+    from qcompile.api import ModelError
+
+    if path is not None and path.exists() and not force:
+        raise ModelError(f"{path} already exists; choose another path or pass --force to replace it")
+
+
+def _write_json(path: Path, report: dict[str, Any], force: bool) -> None:
+    _refuse_existing(path, force)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import qcompile
+    from qcompile.frontends.model_spec import load_model, load_weights
+    from qcompile.report import layer_table, summary_lines
+
+    out, report_path = Path(args.output), Path(args.report) if args.report else None
+    _refuse_existing(out, args.force)
+    _refuse_existing(report_path, args.force)
+    data = qcompile.load_data(args.data, args.input_shape) if args.data else None
+    model = load_model(args.model)
+    if args.weights:
+        if isinstance(model, Path):
+            raise qcompile.QCompileError("--weights applies to a factory model, not a .pt2 (it carries its weights)")
+        load_weights(model, args.weights)
+    shape = args.input_shape or (data.input_shape if data else None)
+    if shape is None:
+        raise qcompile.QCompileError("the input shape is unknown; pass --input-shape C,H,W or --data")
+    example = data.x_train[:1] if data and data.input_shape == shape else torch.zeros(1, *shape)
+    cm = qcompile.compile(model, example, data=data, policy=args.policy, pipeline=args.pipeline,
+                          calibration_steps=args.calibration_steps, progress=_progress(args))
+    verify_inputs = data.x_test[: args.verify_samples] if args.verify and data else (example if args.verify else None)
+    report = cm.report(data, verify_inputs, progress=_progress(args))
+    cm.save_onnx(out, force=args.force)
+    if report_path:
+        _write_json(report_path, report, args.force)
+    print(layer_table(report))
+    print("\n".join(summary_lines(report)))
+    print(f"wrote {out}" + (f" and {report_path}" if report_path else ""))
+    if "verify" in report and report["verify"]["mismatches"]:
+        print("error: onnxruntime and the reference executor disagree", file=sys.stderr)
+        return CHECK_FAILED
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import onnx
+
+    import qcompile
+    from qcompile.api import accuracy
+    from qcompile.backends.ort import run_onnx, session
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise qcompile.QCompileError(f"no such file: {path}")
+    try:
+        model = onnx.load(str(path))
+        sess = session(model, threads=args.threads)
+    except Exception as exc:  # noqa: BLE001 - protobuf and onnxruntime raise many types
+        raise qcompile.QCompileError(f"{path} is not a loadable ONNX model ({type(exc).__name__})") from None
+    data = qcompile.load_data(args.data)
+    if data.y_test is None:
+        raise qcompile.QCompileError(f"data '{args.data}' has no labels; accuracy needs labelled data")
+    acc = accuracy(lambda b: run_onnx(sess, b.numpy()), data.x_test, data.y_test, progress=_progress(args),
+                   what="onnxruntime")
+    print(f"{path}: top-1 accuracy {acc:.2f} % on {len(data.x_test)} {data.name} test samples (onnxruntime)")
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from qcompile.passes import DEFAULT_PIPELINE, PASSES
+    from qcompile.passes.base import option_help
+
+    for name in sorted(PASSES):
+        cls = PASSES[name]
+        print(f"{name}: {cls.summary}")
+        for opt, default, help_text in option_help(cls):
+            print(f"    {opt}={default}  {help_text}")
+    print(f"\ndefault pipeline: {DEFAULT_PIPELINE}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from qcompile.demo import run_demo
+
+    return run_demo(args.epochs, args.policies.split(","), Path(args.out_dir) if args.out_dir else None,
+                    args.force, _progress(args))
+
+
+def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """--debug/--progress, accepted before or after the command (subcommands must not reset them)."""
+    p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="show Python tracebacks on errors")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None if top else argparse.SUPPRESS,
+                   help="progress bars (default: when stderr is a terminal)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qcompile", description=__doc__.split("\n")[0] + "\n\nCompile trained "
+                                     "networks to mixed-precision integer-only graphs and bit-exact ONNX.")
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="train a small CNN on digits, compile it at several policies, verify")
+    _common(demo)
+    demo.add_argument("--epochs", type=int, default=15, help="float training epochs (default 15)")
+    demo.add_argument("--policies", default="w8a8,w4a8,w4a4,aqt", help="comma-separated policies")
+    demo.add_argument("--out-dir", help="also write each ONNX model and JSON report here")
+    demo.add_argument("--force", action="store_true", help="replace files in --out-dir")
+
+    c = sub.add_parser("compile", help="compile MODEL to an integer-only ONNX file")
+    _common(c)
+    c.add_argument("model", help="file.py:factory, package.module:factory, or a torch.export .pt2")
+    c.add_argument("-o", "--output", required=True, help="the ONNX file to write (never overwritten without --force)")
+    c.add_argument("--input-shape", type=_shape, help="input shape without the batch, e.g. 1,28,28")
+    c.add_argument("--weights", help="a state dict saved with torch.save (loaded with weights_only=True)")
+    c.add_argument("--data", help="digits | fashion-mnist[:DIR] | random | FILE.npz (x, y): train split "
+                                  "calibrates, test split measures accuracy")
+    c.add_argument("--policy", default="w8a8", help="w{N}a{M} | aqt (4-bit, first/last 8-bit) (default w8a8)")
+    c.add_argument("--pipeline", help="a pass pipeline replacing the default (see `qcompile passes`)")
+    c.add_argument("--calibration-steps", type=int, default=32, help="calibration batches (default 32)")
+    c.add_argument("--report", help="write the JSON report here")
+    c.add_argument("--verify", action="store_true", help="run the export in onnxruntime and count mismatches")
+    c.add_argument("--verify-samples", type=int, default=1024, help="test samples to verify (default 1024)")
+    c.add_argument("--force", action="store_true", help="replace existing output files")
+
+    e = sub.add_parser("eval", help="accuracy of an exported ONNX model in onnxruntime")
+    _common(e)
+    e.add_argument("model", help="the .onnx file")
+    e.add_argument("--data", required=True, help="digits | fashion-mnist[:DIR] | FILE.npz with labels")
+    e.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
+
+    p = sub.add_parser("passes", help="list every pass and its options")
+    _common(p)
+    return parser
+
+
+COMMANDS = {"demo": cmd_demo, "compile": cmd_compile, "eval": cmd_eval, "passes": cmd_passes}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except Exception as exc:  # noqa: BLE001 - the one place errors become messages
+        if args.debug:
+            traceback.print_exc()
+        from qcompile.passes.base import QCompileError
+
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, QCompileError):
+            print(f"error: {message}", file=sys.stderr)
+            return USER_ERROR
+        hint = "" if args.debug else " (run with --debug for the traceback)"
+        print(f"error: internal error: {type(exc).__name__}: {message}{hint}", file=sys.stderr)
+        return CHECK_FAILED
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
