@@ -7,6 +7,7 @@ every later pass sees one vocabulary whichever tracer succeeded.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
 import sys
@@ -44,8 +45,9 @@ def quiet_torch() -> Iterator[None]:
     with open(os.devnull, "w") as devnull:
         os.dup2(devnull.fileno(), 1)
         os.dup2(devnull.fileno(), 2)
+    sink = io.StringIO()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
             warnings.simplefilter("ignore")
             yield
     finally:
