@@ -15,6 +15,7 @@ from torch import nn
 from tqdm import tqdm
 
 from qcompile import cost
+from qcompile.backends.fast import plan as fast_plan
 from qcompile.backends.onnx_export import export_onnx
 from qcompile.backends.ort import VerifyResult, run_onnx, session, verify
 from qcompile.backends.reference import run_reference
@@ -76,11 +77,14 @@ class CompiledModel:
     pipeline: str
     timings: list[PassTiming] = field(default_factory=list)
     _onnx: onnx.ModelProto | None = None
+    _fast: fx.GraphModule | None = None
 
     def __call__(self, x: torch.Tensor) -> Any:
         """Run the integer graph with the fast executor."""
+        if self._fast is None:
+            self._fast = fast_plan(self.integer_graph)
         with torch.no_grad():
-            return self.integer_graph(x)
+            return self._fast(x)
 
     def reference(self, x: torch.Tensor) -> Any:
         return run_reference(self.integer_graph, x)

@@ -46,6 +46,26 @@ def _write_json(path: Path, report: dict[str, Any], force: bool) -> None:
     tmp.replace(path)
 
 
+def _ir_dumper(args: argparse.Namespace) -> Any:
+    """The --print-ir-after-all / --dump-dir callback for the pass manager, or None."""
+    if not args.print_ir_after_all and not args.dump_dir:
+        return None
+    folder = Path(args.dump_dir) if args.dump_dir else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def dump(index: int, p: Any, gm: Any) -> None:
+        from qcompile.ir.printer import format_ir
+
+        text = format_ir(gm)
+        if args.print_ir_after_all:
+            print(f"// ----- IR after {p.spec()} -----\n{text}", file=sys.stderr)
+        if folder is not None:
+            (folder / f"{index + 1:02d}-{p.name}.txt").write_text(text + "\n")
+
+    return dump
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import qcompile
     from qcompile.frontends.model_spec import load_model, load_weights
@@ -65,7 +85,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         raise qcompile.QCompileError("the input shape is unknown; pass --input-shape C,H,W or --data")
     example = data.x_train[:1] if data and data.input_shape == shape else torch.zeros(1, *shape)
     cm = qcompile.compile(model, example, data=data, policy=args.policy, pipeline=args.pipeline,
-                          calibration_steps=args.calibration_steps, progress=_progress(args))
+                          calibration_steps=args.calibration_steps, progress=_progress(args),
+                          dump=_ir_dumper(args))
     verify_inputs = data.x_test[: args.verify_samples] if args.verify and data else (example if args.verify else None)
     report = cm.report(data, verify_inputs, progress=_progress(args))
     cm.save_onnx(out, force=args.force)
@@ -160,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify", action="store_true", help="run the export in onnxruntime and count mismatches")
     c.add_argument("--verify-samples", type=int, default=1024, help="test samples to verify (default 1024)")
     c.add_argument("--force", action="store_true", help="replace existing output files")
+    c.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass (stderr)")
+    c.add_argument("--dump-dir", help="write the IR after every pass to DIR/NN-pass.txt")
 
     e = sub.add_parser("eval", help="accuracy of an exported ONNX model in onnxruntime")
     _common(e)

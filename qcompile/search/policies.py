@@ -74,7 +74,7 @@ def table(layer_names: list[str], path: str) -> Assignment:
     return Assignment(layers, default.a if default else max(b.a for b in layers.values()))  # type: ignore[union-attr, misc]
 
 
-POLICY_HELP = "w{N}a{M} (uniform), aqt (4-bit, first conv/last linear 8-bit), table (with table=FILE.json)"
+POLICY_HELP = "w{N}a{M} (uniform), aqt (4-bit, first conv/last linear 8-bit), FILE.json or table (with table=FILE.json)"
 
 
 def policy_assignment(policy: str, layer_names: list[str], first: str, last: str, table_path: str = "") -> Assignment:
@@ -84,6 +84,8 @@ def policy_assignment(policy: str, layer_names: list[str], first: str, last: str
         return uniform(layer_names, int(m[1]), int(m[2]))
     if policy == "aqt":
         return aqt(layer_names, first, last)
+    if policy.endswith(".json"):
+        return table(layer_names, policy)
     if policy == "table":
         if not table_path:
             raise PolicyError("policy=table needs table=FILE.json")
