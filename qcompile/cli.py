@@ -61,7 +61,12 @@ def _ir_dumper(args: argparse.Namespace) -> Any:
         if args.print_ir_after_all:
             print(f"// ----- IR after {p.spec()} -----\n{text}", file=sys.stderr)
         if folder is not None:
-            (folder / f"{index + 1:02d}-{p.name}.txt").write_text(text + "\n")
+            from qcompile.ir.graph_view import write_dot, write_png
+
+            stem = folder / f"{index + 1:02d}-{p.name}"
+            stem.with_suffix(".txt").write_text(text + "\n")
+            write_dot(gm, stem.with_suffix(".dot"))
+            write_png(gm, stem.with_suffix(".png"))
 
     return dump
 
@@ -151,6 +156,8 @@ def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
                    help="show Python tracebacks on errors")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None if top else argparse.SUPPRESS,
                    help="progress bars (default: when stderr is a terminal)")
+    p.add_argument("--plugin", action="append", default=[] if top else argparse.SUPPRESS, metavar="MODULE",
+                   help="import MODULE (package.module or file.py) first: it may register passes and searches")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--verify-samples", type=int, default=1024, help="test samples to verify (default 1024)")
     c.add_argument("--force", action="store_true", help="replace existing output files")
     c.add_argument("--print-ir-after-all", action="store_true", help="print the IR after every pass (stderr)")
-    c.add_argument("--dump-dir", help="write the IR after every pass to DIR/NN-pass.txt")
+    c.add_argument("--dump-dir", help="write the IR after every pass to DIR/NN-pass.{txt,dot,png} (colored by bits)")
 
     e = sub.add_parser("eval", help="accuracy of an exported ONNX model in onnxruntime")
     _common(e)
@@ -201,6 +208,10 @@ COMMANDS = {"demo": cmd_demo, "compile": cmd_compile, "eval": cmd_eval, "passes"
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        from qcompile.frontends.model_spec import import_user_module
+
+        for plugin in args.plugin:
+            import_user_module(plugin)
         return COMMANDS[args.command](args)
     except Exception as exc:  # noqa: BLE001 - the one place errors become messages
         if args.debug:

@@ -211,3 +211,23 @@ def test_demo_runs_and_prints_zero_mismatches(capsys: pytest.CaptureFixture[str]
     assert code == 0
     assert "0 mismatching output elements" in out
     assert "aqt" in out and "w8a8" in out
+
+
+def test_plugin_registers_passes_and_bad_plugin_is_one_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plugin = Path(__file__).parent.parent / "examples" / "custom_pass.py"
+    code, out, _ = run(["passes", "--plugin", str(plugin)], capsys)
+    assert code == 0 and "keep-extreme-8bit:" in out and "ratio=8.0" in out
+    code, _, err = run(["passes", "--plugin", "no_such_plugin_module"], capsys)
+    assert_one_line_error(code, err, "cannot import module 'no_such_plugin_module'")
+
+
+def test_print_ir_and_dump_dir(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["compile", "models.py:small", "--data", "digits", "--policy", "w4a8", "-o", "m.onnx",
+                        "--print-ir-after-all", "--dump-dir", "dump"], capsys)
+    assert code == 0
+    assert "IR after lower-integer" in err and "IntConv2d[conv]" in err
+    names = sorted(p.name for p in (workdir / "dump").iterdir())
+    assert "07-lower-integer.png" in names and "01-canonicalize.dot" in names and "03-insert-quantizers.txt" in names
+    dot = (workdir / "dump" / "07-lower-integer.dot").read_text()
+    assert "digraph" in dot and "4 bits" in dot
+    assert (workdir / "dump" / "07-lower-integer.png").read_bytes()[:4] == b"\x89PNG"

@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -21,24 +22,31 @@ class ModelSpecError(QCompileError):
     pass
 
 
+def import_user_module(module_part: str) -> ModuleType:
+    """Import ``path/to/file.py`` or ``package.module``; a failure is a one-line ModelSpecError."""
+    if not module_part.endswith(".py"):
+        try:
+            return importlib.import_module(module_part)
+        except Exception as exc:  # noqa: BLE001 - whatever the user's import raises
+            raise ModelSpecError(f"cannot import module '{module_part}': {type(exc).__name__}: {exc}") from exc
+    path = Path(module_part)
+    if not path.is_file():
+        raise ModelSpecError(f"no such file: {path}")
+    spec = importlib.util.spec_from_file_location(f"qcompile_user_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:  # noqa: BLE001 - the user's file failed to import
+        raise ModelSpecError(f"cannot import {path}: {type(exc).__name__}: {exc}") from exc
+    return module
+
+
 def _load_factory(module_part: str, factory: str) -> object:
-    if module_part.endswith(".py"):
-        path = Path(module_part)
-        if not path.is_file():
-            raise ModelSpecError(f"no such model file: {path}")
-        spec = importlib.util.spec_from_file_location(f"qcompile_user_{path.stem}", path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        try:
-            spec.loader.exec_module(module)
-        except Exception as exc:  # noqa: BLE001 - the user's file failed to import
-            raise ModelSpecError(f"cannot import {path}: {type(exc).__name__}: {exc}") from exc
-    else:
-        try:
-            module = importlib.import_module(module_part)
-        except ImportError as exc:
-            raise ModelSpecError(f"cannot import module '{module_part}': {exc}") from exc
+    if module_part.endswith(".py") and not Path(module_part).is_file():
+        raise ModelSpecError(f"no such model file: {module_part}")
+    module = import_user_module(module_part)
     if not hasattr(module, factory):
         public = sorted(n for n in dir(module) if not n.startswith("_"))
         raise ModelSpecError(f"'{module_part}' has no '{factory}' (it defines: {', '.join(public[:12])})")
