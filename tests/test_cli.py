@@ -72,6 +72,20 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+@pytest.fixture
+def saved(workdir: Path) -> Path:
+    """The Small model's state dict (w.pt) and its torch.export program (m.pt2) in the work folder."""
+    sys.path.insert(0, str(workdir))
+    try:
+        import models  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(workdir))
+    model = models.small().eval()
+    torch.save(model.state_dict(), workdir / "w.pt")
+    torch.export.save(torch.export.export(model, (torch.zeros(2, 1, 8, 8),)), workdir / "m.pt2")
+    return workdir
+
+
 def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
     code = main([*args, "--no-progress"])
     out, err = capsys.readouterr()
@@ -106,16 +120,7 @@ def test_compile_writes_onnx_report_and_verifies(workdir: Path, capsys: pytest.C
     assert code == 0 and f"{report['accuracy']['onnx']:.2f} %" in out
 
 
-def test_weights_and_pt2(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    sys.path.insert(0, str(workdir))
-    try:
-        import models  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(str(workdir))
-    model = models.small().eval()
-    torch.save(model.state_dict(), workdir / "w.pt")
-    program = torch.export.export(model, (torch.zeros(2, 1, 8, 8),))
-    torch.export.save(program, workdir / "m.pt2")
+def test_weights_and_pt2(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, _ = run(["compile", "models.py:small", "--weights", "w.pt", "--data", "digits", "-o", "a.onnx"], capsys)
     assert code == 0
     code, _, _ = run(["compile", "m.pt2", "--data", "digits", "-o", "b.onnx", "--verify"], capsys)
@@ -159,15 +164,8 @@ def test_bad_input_is_one_line(workdir: Path, capsys: pytest.CaptureFixture[str]
     assert not (workdir / "out.onnx").exists()
 
 
-def test_corrupt_files(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    sys.path.insert(0, str(workdir))
-    try:
-        import models  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(str(workdir))
-    model = models.small().eval()
-    torch.save(model.state_dict(), workdir / "w.pt")
-    torch.export.save(torch.export.export(model, (torch.zeros(2, 1, 8, 8),)), workdir / "m.pt2")
+def test_corrupt_files(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    workdir = saved
     (workdir / "trunc.pt").write_bytes((workdir / "w.pt").read_bytes()[:200])
     (workdir / "trunc.pt2").write_bytes((workdir / "m.pt2").read_bytes()[:400])
     torch.save({"conv.weight": torch.zeros(3)}, workdir / "other.pt")

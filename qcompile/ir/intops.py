@@ -76,9 +76,19 @@ class _Requantizing(IntOp):
         self.out, self.lo, self.hi = out, int(lo), int(hi)
 
 
-class IntConv2d(_Requantizing):
+class _Affine(_Requantizing):
+    """Conv/linear: integer weights (int32 storage), int32-range bias, input and weight types."""
+
     weight: torch.Tensor
     bias: torch.Tensor
+
+    def _set_affine(self, weight: Any, bias: Any, inp: IntType, w_type: IntType) -> None:
+        self.register_buffer("weight", _int_buffer(weight, torch.int32))
+        self.register_buffer("bias", _int_buffer(bias, torch.int64))
+        self.inp, self.w_type = inp, w_type
+
+
+class IntConv2d(_Affine):
 
     def __init__(  # noqa: PLR0913 - the op's attributes, all required
         self,
@@ -98,10 +108,8 @@ class IntConv2d(_Requantizing):
         groups: int = 1,
     ) -> None:
         super().__init__()
-        self.register_buffer("weight", _int_buffer(weight, torch.int32))
-        self.register_buffer("bias", _int_buffer(bias, torch.int64))
+        self._set_affine(weight, bias, inp, w_type)
         self._set_requant(mult, shift, out, lo, hi)
-        self.inp, self.w_type = inp, w_type
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
 
     def extra_repr(self) -> str:
@@ -111,19 +119,14 @@ class IntConv2d(_Requantizing):
         )
 
 
-class IntLinear(_Requantizing):
-    weight: torch.Tensor
-    bias: torch.Tensor
-
+class IntLinear(_Affine):
     def __init__(
         self, weight: Any, bias: Any, mult: Any, shift: Any, *, inp: IntType, w_type: IntType, out: IntType,
         lo: int, hi: int,
     ) -> None:
         super().__init__()
-        self.register_buffer("weight", _int_buffer(weight, torch.int32))
-        self.register_buffer("bias", _int_buffer(bias, torch.int64))
+        self._set_affine(weight, bias, inp, w_type)
         self._set_requant(mult, shift, out, lo, hi)
-        self.inp, self.w_type = inp, w_type
 
     def extra_repr(self) -> str:
         return f"{self.inp}x{self.w_type}->{self.out} [{self.lo},{self.hi}], weight={tuple(self.weight.shape)}"
