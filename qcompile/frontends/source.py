@@ -10,11 +10,14 @@ from types import TracebackType
 import torch.fx as fx
 
 _FRAME = re.compile(r'File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>\S+)')
-_LIBRARY_PARTS = (f"{os.sep}torch{os.sep}", f"{os.sep}qcompile{os.sep}", "site-packages", "<frozen")
+# Library frames: this package (by location, so a user's own folder named "qcompile" is still user code),
+# torch, installed packages and generated code.
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_LIBRARY_PARTS = (f"{os.sep}torch{os.sep}", "site-packages", "<frozen", "<string>", "<eval_with_key>")
 
 
 def _is_user_file(path: str) -> bool:
-    return not any(part in path for part in _LIBRARY_PARTS)
+    return not os.path.abspath(path).startswith(_PACKAGE_DIR) and not any(part in path for part in _LIBRARY_PARTS)
 
 
 def short_path(path: str) -> str:

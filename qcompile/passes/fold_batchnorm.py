@@ -3,8 +3,9 @@
 For y = gamma * (conv(x) + b - mu) / sqrt(var + eps) + beta the folded layer has
 W' = W * gamma / sqrt(var + eps) (per output channel) and b' = (b - mu) * gamma / sqrt(var + eps) + beta;
 torch's own ``fuse_conv_bn_eval`` / ``fuse_linear_bn_eval`` compute it, so results equal torch's fusion.
-A BatchNorm2d with no foldable producer (its input has other users, or is not a conv) becomes an
-equivalent depthwise 1x1 convolution. Not handled: a standalone BatchNorm1d, training-mode statistics.
+A BatchNorm2d with no foldable producer (its input has other users, is not a conv, or comes from a conv
+module that the model also calls elsewhere) becomes an equivalent depthwise 1x1 convolution.
+Not handled: a standalone BatchNorm1d, training-mode statistics.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def _producer(gm: fx.GraphModule, bn_node: fx.Node) -> tuple[fx.Node, nn.Module]
     src = bn_node.args[0]
     if not isinstance(src, fx.Node) or len(src.users) != 1:
         return None
+    if len(gm.graph.find_nodes(op="call_module", target=src.target)) != 1:
+        return None  # a layer called at several places: folding would change its other calls too
     mod = rewrite.module_of(gm, src)
     return (src, mod) if isinstance(mod, (nn.Conv2d, nn.Linear)) else None
 

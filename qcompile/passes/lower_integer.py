@@ -203,6 +203,7 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             lw.values[node] = _lower_quant(lw, node, gm.get_submodule(str(node.target)))  # type: ignore[arg-type]
         else:
             lw.values[node] = _lower_pass_through(lw, node)
+    lw.graph.set_codegen(gm.graph._codegen)  # same inputs and outputs: keep the model's calling convention
     return fx.GraphModule(lw.root, lw.graph, "IntegerGraph")
 
 

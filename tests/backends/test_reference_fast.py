@@ -24,7 +24,8 @@ from qcompile.ir import intops as ops
 from qcompile.ir.meta import IntType, NodeInfo, Stage, set_stage
 from qcompile.ir.verify import verify
 
-U8, S8, U4, S4, S2, U16 = IntType(8, False), IntType(8, True), IntType(4, False), IntType(4, True), IntType(2, True), IntType(16, False)
+U8, S8, U16 = IntType(8, False), IntType(8, True), IntType(16, False)
+U4, S4, S2 = IntType(4, False), IntType(4, True), IntType(2, True)
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -75,7 +76,7 @@ def exact_requant(acc: np.ndarray, m: np.ndarray, n: np.ndarray, lo: int, hi: in
 
 def multipliers(gen: torch.Generator, channels: int, bound: int, out: IntType) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel dyadic multipliers that map a typical accumulator onto the output range (and beyond)."""
-    reals = (out.hi / max(bound, 1)) * (1.0 + 3.0 * torch.rand(channels, generator=gen, dtype=torch.float64))
+    reals = (out.hi / max(bound, 1)) * (0.5 + 2.0 * torch.rand(channels, generator=gen, dtype=torch.float64))
     return contract.quantize_multipliers(reals.numpy())
 
 
@@ -123,7 +124,7 @@ def make_conv(gen: torch.Generator, cin: int, cout: int, kernel: tuple[int, int]
     weight = torch.randint(w_type.lo, w_type.hi + 1, (cout, cin // groups, *kernel), generator=gen)
     fan_in = (cin // groups) * kernel[0] * kernel[1]
     typical = int(fan_in**0.5 * max(abs(inp.lo), inp.hi) * w_type.hi)
-    bias = torch.randint(-typical, typical + 1, (cout,), generator=gen)
+    bias = torch.randint(-typical // 8, typical // 8 + 1, (cout,), generator=gen)
     mult, shift = multipliers(gen, cout, typical, out)
     return ops.IntConv2d(weight, bias, mult, shift, inp=inp, w_type=w_type, out=out, lo=lo, hi=hi, stride=stride,
                          padding=padding, dilation=dilation, groups=groups)

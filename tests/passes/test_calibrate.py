@@ -1,0 +1,165 @@
+"""calibrate: amax <- (1 - c) * amax + c * stat over the batches, stat = max|x| or a percentile of |x|."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from conftest import context, make_model, run_pipeline
+from torch import nn
+
+from qcompile.passes import PassContext, PassError
+from qcompile.passes.base import PreconditionError
+from qcompile.passes.calibrate import Calibrate, CalibrationError
+from qcompile.quant.modules import ActQuant
+
+QUANT = "canonicalize,fold-batchnorm,insert-quantizers"
+
+
+def quant_graph(model: nn.Module | None = None) -> fx.GraphModule:
+    return run_pipeline(model or make_model("mlp"), QUANT)
+
+
+def input_quantizer(gm: fx.GraphModule) -> ActQuant:
+    ph = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    (user,) = ph.users
+    q = gm.get_submodule(user.target)
+    assert isinstance(q, ActQuant)
+    return q
+
+
+def batches_with_max(maxima: list[float], signed: bool = True) -> Callable[[], Iterable[torch.Tensor]]:
+    """Batches whose largest |x| is exactly the given value."""
+    data = []
+    for i, m in enumerate(maxima):
+        g = torch.Generator().manual_seed(i)
+        x = torch.rand(8, 1, 8, 8, generator=g) * (0.5 * m)  # below m ...
+        x[3, 0, 2, 5] = -m if signed else m  # ... except one element
+        if signed:
+            x[1] = -x[1]
+        data.append(x)
+    return lambda: iter(data)
+
+
+def calibrate(gm: fx.GraphModule, data: Callable[[], Iterable[torch.Tensor]], **options: object) -> fx.GraphModule:
+    ctx = PassContext(context().example_inputs, data)
+    return Calibrate(**options)(gm, ctx).gm  # type: ignore[arg-type]
+
+
+def test_ema_of_batch_maxima() -> None:
+    c = 0.25
+    gm = calibrate(quant_graph(), batches_with_max([2.0, 4.0, 1.0]), momentum=c)
+    # first batch initialises; then amax <- (1 - c) amax + c max|x|
+    expected = 2.0
+    for m in (4.0, 1.0):
+        expected = (1 - c) * expected + c * m
+    q = input_quantizer(gm)
+    assert float(q.amax) == pytest.approx(expected, rel=1e-6)  # 2.125
+    assert int(q.batches) == 3
+    assert not q.observing
+
+
+def test_steps_limits_the_batches() -> None:
+    gm = calibrate(quant_graph(), batches_with_max([2.0, 4.0, 100.0, 100.0]), momentum=0.5, steps=2)
+    assert float(input_quantizer(gm).amax) == pytest.approx(0.5 * 2.0 + 0.5 * 4.0)
+    assert int(input_quantizer(gm).batches) == 2
+
+
+def test_percentile_statistic() -> None:
+    values = torch.arange(1, 129, dtype=torch.float32)  # |x| = 1..128 over one batch of 2 samples
+    signs = torch.where(torch.arange(128) % 3 == 0, -1.0, 1.0)
+    batch = (values * signs)[torch.randperm(128)].reshape(2, 1, 8, 8)
+    gm = calibrate(quant_graph(), lambda: iter([batch]), percentile=75.0)
+    assert float(input_quantizer(gm).amax) == 96.0  # 75 % of the 128 magnitudes are <= 96
+    gm = calibrate(quant_graph(), lambda: iter([batch]), percentile=100.0)
+    assert float(input_quantizer(gm).amax) == 128.0
+    gm = calibrate(quant_graph(), lambda: iter([batch]))
+    assert float(input_quantizer(gm).amax) == 128.0  # default: the max
+
+
+def test_signedness_comes_from_the_data() -> None:
+    gm = calibrate(quant_graph(), batches_with_max([1.0], signed=True))
+    assert input_quantizer(gm).signed
+    gm = calibrate(quant_graph(), batches_with_max([1.0], signed=False))
+    assert not input_quantizer(gm).signed
+    relu_quants = [gm.get_submodule(n.target) for n in gm.graph.nodes
+                   if n.op == "call_module" and n.args[0].target is torch.relu]
+    assert relu_quants and all(not q.signed for q in relu_quants)
+
+
+def test_every_quantizer_is_calibrated_and_quantizes_on_its_grid(any_model: nn.Module) -> None:
+    gm = run_pipeline(any_model, QUANT + ",calibrate")
+    quants = [m for m in gm.modules() if isinstance(m, ActQuant)]
+    assert quants and all(q.calibrated and float(q.amax) > 0 for q in quants)
+    q = input_quantizer(gm)
+    x = torch.randn(4, 1, 8, 8) * 3
+    with torch.no_grad():
+        codes = q(x) / q.scale
+    t = q.itype
+    torch.testing.assert_close(codes, torch.round(codes), rtol=0, atol=1e-4)
+    assert float(codes.min()) >= t.lo - 1e-4 and float(codes.max()) <= t.hi + 1e-4
+
+
+def test_calibrated_simulation_is_close_to_float(any_model: nn.Module) -> None:
+    gm = run_pipeline(any_model, QUANT + ",calibrate")
+    x = torch.randn(64, 1, 8, 8)
+    with torch.no_grad():
+        sim, ref = gm(x), any_model(x)
+    # 8-bit weights and activations: typical errors of a few output steps, far below the output range
+    # (a few inputs beyond the calibrated range saturate, so the maximum error is not bounded as tightly)
+    err, scale = (sim - ref).abs(), float(ref.abs().max())
+    assert float(err.mean()) < 0.015 * scale and float(err.median()) < 0.01 * scale
+    assert not torch.equal(sim, ref)  # ...but quantization did happen
+
+
+def test_recalibration_starts_afresh() -> None:
+    gm = calibrate(quant_graph(), batches_with_max([50.0, 60.0]))
+    gm = calibrate(gm, batches_with_max([1.0]))
+    assert float(input_quantizer(gm).amax) == pytest.approx(1.0)
+    assert int(input_quantizer(gm).batches) == 1
+
+
+class DeadRelu(nn.Module):
+    """The ReLU after ``dead`` never sees a positive value: its range is zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.dead = nn.Conv2d(2, 2, 1)
+        with torch.no_grad():
+            self.dead.weight.zero_()
+            self.dead.bias.fill_(-1.0)
+        self.fc = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.dead(F.relu(self.conv(x))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_zero_range_activation_is_named() -> None:
+    gm = quant_graph(DeadRelu().eval())
+    dead = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "dead")
+    (relu,) = dead.users
+    with pytest.raises(CalibrationError, match="always zero") as info:
+        calibrate(gm, batches_with_max([1.0, 2.0]))
+    assert f"'{relu.name}'" in str(info.value)
+
+
+def test_zero_range_through_the_manager_is_a_pass_error() -> None:
+    with pytest.raises(PassError, match="pass 'calibrate' failed") as info:
+        run_pipeline(DeadRelu().eval(), QUANT + ",calibrate")
+    assert isinstance(info.value.__cause__, CalibrationError)
+
+
+def test_no_batches_means_never_reached() -> None:
+    with pytest.raises(CalibrationError, match="never reached"):
+        calibrate(quant_graph(), lambda: iter([]))
+
+
+def test_calibration_needs_data() -> None:
+    gm = quant_graph()
+    with pytest.raises(PreconditionError, match="calibration data"):
+        Calibrate()(gm, PassContext(context().example_inputs, None))
