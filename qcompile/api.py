@@ -139,8 +139,15 @@ class CompiledModel:
 
 
 def _trace(model: nn.Module | str | Path, example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+    if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
+        from qcompile.frontends.onnx_import import load_onnx
+
+        gm = load_onnx(model)
+        check_input_shape(gm, example_inputs[0])
+        return gm
     if isinstance(model, (str, Path)):
         return load_pt2(model)
+    model = copy.deepcopy(model)  # tracing sets eval mode and passes may touch modules: the user's stays as it was
     check_weights(model)
     check_input_shape(model, example_inputs[0])
     return trace_module(model, example_inputs)

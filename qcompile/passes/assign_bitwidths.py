@@ -42,7 +42,7 @@ def apply_assignment(gm: fx.GraphModule, assignment: Assignment) -> None:
         layer.weight_quant.bits = bits.w
         for root in graph.roots(gm, node.args[0]):  # type: ignore[arg-type]
             requested[root] = max(requested.get(root, 0), bits.a)
-    outputs = set(graph.output_nodes(gm))
+    outputs = {root for out in graph.output_nodes(gm) for root in graph.roots(gm, out)}
     for node, q in graph.act_quants(gm):
         src = node.args[0]
         if node in outputs or (isinstance(src, fx.Node) and src.op == "placeholder"):

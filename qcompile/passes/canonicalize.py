@@ -40,7 +40,7 @@ class UnsupportedOpsError(QCompileError):
         self.items = items
         super().__init__(
             f"{len(items)} unsupported op(s): " + "; ".join(items)
-            + " — rewrite them with supported ops (see `qcompile passes`) or run with --float-fallback"
+            + " — rewrite them with supported ops (the README lists them)"
         )
 
 

@@ -4,7 +4,8 @@
   ``hi = 2^b - 1`` (unsigned, the observed minimum is >= 0, e.g. after ReLU) or ``2^(b-1) - 1``
   (signed, narrow symmetric). ``amax`` is calibrated as an exponential moving average of the batch
   statistic (``amax <- (1 - c) * amax + c * stat``, the first batch initialises it), where the statistic is
-  max|x| (the AQT rule) or a percentile of |x|. Rounding uses a straight-through estimator.
+  max|x| (the AQT rule) or the p-th percentile of |x| (the ceil(n p / 100)-th smallest; the max when that
+  is 0, as for a mostly-zero tensor after ReLU). Rounding uses a straight-through estimator.
 * Weights, per output channel: ``s_c = max|W_c| / (2^(b-1) - 1)``, recomputed every forward.
 
 Not handled: asymmetric (zero-point) activation ranges and per-channel activation scales; the integer
@@ -12,6 +13,8 @@ contract has neither.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -65,8 +68,9 @@ class ActQuant(nn.Module):
         a = x.detach().abs().flatten().float()
         if self.percentile is None or a.numel() == 0:
             return a.max()
-        k = max(1, min(a.numel(), int(round(a.numel() * self.percentile / 100.0))))
-        return a.kthvalue(k).values
+        k = max(1, min(a.numel(), math.ceil(a.numel() * self.percentile / 100.0)))
+        stat = a.kthvalue(k).values
+        return stat if stat > 0 else a.max()  # a sparse tensor (mostly zeros after ReLU) keeps its max
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
