@@ -163,3 +163,22 @@ def test_bad_policies_are_refused(options: str, message: str) -> None:
 def test_pass_options_print_back() -> None:
     assert AssignBitwidths(policy="aqt").spec() == "assign-bitwidths{policy=aqt}"
     assert AssignBitwidths().spec() == "assign-bitwidths"
+
+
+class TwoOutputs(nn.Module):
+    """Returns logits and a pooled feature map: both graph outputs must stay 8-bit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = F.max_pool2d(F.relu(self.conv(x)), 2)
+        return self.fc(features.flatten(1)), features
+
+
+def test_outputs_behind_pass_through_ops_stay_8_bit() -> None:
+    cm = compile_model(TwoOutputs().eval(), policy="w4a4")
+    dequantize = [m for m in cm.integer_graph.modules() if isinstance(m, ops.Dequantize)]
+    assert [m.inp.bits for m in dequantize] == [8, 8]

@@ -163,3 +163,13 @@ def test_calibration_needs_data() -> None:
     gm = quant_graph()
     with pytest.raises(PreconditionError, match="calibration data"):
         Calibrate()(gm, PassContext(context().example_inputs, None))
+
+
+def test_percentile_rank_rounds_up_and_sparse_tensors_keep_their_max() -> None:
+    values = torch.arange(1, 129, dtype=torch.float32).reshape(2, 1, 8, 8)
+    gm = calibrate(quant_graph(), lambda: iter([values]), percentile=90.0)
+    assert float(input_quantizer(gm).amax) == 116.0  # ceil(128 * 0.9) = 116th smallest: 90.6 % at or below
+    sparse = torch.zeros(2, 1, 8, 8)
+    sparse[0, 0, 0, :3] = torch.tensor([1.0, 2.0, 3.0])  # 3 of 128 non-zero: the 50th percentile is 0
+    gm = calibrate(quant_graph(), lambda: iter([sparse]), percentile=50.0)
+    assert float(input_quantizer(gm).amax) == 3.0
