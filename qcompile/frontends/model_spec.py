@@ -54,15 +54,17 @@ def _load_factory(module_part: str, factory: str) -> object:
 
 
 def load_model(spec: str) -> nn.Module | Path:
-    """An nn.Module built by a factory, or the Path of a .pt2 program."""
-    if spec.endswith(".pt2"):
+    """An nn.Module built by a factory, or the Path of a .pt2 program or an .onnx model."""
+    if spec.endswith((".pt2", ".onnx")):
         path = Path(spec)
         if not path.is_file():
             raise ModelFileError(f"no such file: {path}")
         return path
     module_part, sep, factory = spec.rpartition(":")
     if not sep or not module_part or not factory:
-        raise ModelSpecError(f"MODEL '{spec}' must be file.py:factory, package.module:factory or a .pt2 file")
+        raise ModelSpecError(
+            f"MODEL '{spec}' must be file.py:factory, package.module:factory, a .pt2 or an .onnx file"
+        )
     obj = _load_factory(module_part, factory)
     model = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
     if not isinstance(model, nn.Module):

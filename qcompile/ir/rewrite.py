@@ -1,7 +1,8 @@
 """The one mutation API passes use on a GraphModule: add/replace submodules, insert and erase nodes.
 
 Every helper keeps the graph linted and the NodeInfo of replaced nodes; passes call ``finish`` once at
-the end to drop unused submodules and recompile.
+the end to drop unused submodules and recompile. ``input_node`` / ``input_nodes`` read a node's tensor
+inputs typed as nodes (torch.fx types every argument as the broad ``Argument`` union).
 """
 
 from __future__ import annotations
@@ -12,6 +13,22 @@ import torch.fx as fx
 from torch import nn
 
 from qcompile.ir.meta import META_KEY
+
+
+def input_node(node: fx.Node, i: int = 0) -> fx.Node:
+    """``node.args[i]``, a tensor input: a node by construction of the graph (asserted)."""
+    arg = node.args[i]
+    assert isinstance(arg, fx.Node), f"argument {i} of '{node.name}' is {arg!r}, not a node"
+    return arg
+
+
+def input_nodes(node: fx.Node, i: int = 0) -> list[fx.Node]:
+    """``node.args[i]``, a list of tensor inputs (``torch.cat``'s tensors): nodes by construction (asserted)."""
+    arg = node.args[i]
+    assert isinstance(arg, (list, tuple)), f"argument {i} of '{node.name}' is {arg!r}, not a list of nodes"
+    nodes = [a for a in arg if isinstance(a, fx.Node)]
+    assert len(nodes) == len(arg), f"argument {i} of '{node.name}' is {arg!r}, not a list of nodes"
+    return nodes
 
 
 def unique_name(gm: fx.GraphModule, base: str) -> str:
@@ -63,8 +80,7 @@ def replace_node(gm: fx.GraphModule, old: fx.Node, op: str, target: Any, args: t
 
 def bypass(gm: fx.GraphModule, node: fx.Node) -> None:
     """Remove a unary node, wiring its input to its users."""
-    src = node.args[0]
-    assert isinstance(src, fx.Node)
+    src = input_node(node)
     node.replace_all_uses_with(src)
     gm.graph.erase_node(node)
 

@@ -1,0 +1,208 @@
+"""ONNX frontend: ``load_onnx(path)`` imports a float ONNX model as a torch-level GraphModule (stage TRACED).
+
+Steps: load the model with its external data (from the model's folder) and validate it (``onnx.checker``);
+require an ai.onnx opset in 11..21 and no control flow; infer shapes (with data propagation) and fold
+constants with onnx-graphsurgeon, so weights computed by constant subgraphs and shapes of static tensors
+become constants; resolve every Reshape target that is still computed at run time (``x.view(x.size(0), -1)``
+with a symbolic batch) by folding the model at batch 2 and at batch 3: only the first entry may differ,
+and it must equal the batch, which makes it 0 ("copy the input's batch"); then convert node by node
+(``frontends/onnx_ops.py`` holds the converters and the math of each). Every node's ``NodeInfo.source``
+is ``"<onnx node name> (<op_type>)"`` (unnamed nodes are called ``OpType_index``; a layer that absorbed
+the bias Add after it lists both, joined by " + ").
+
+Errors, each one line with a fix: an unreadable, corrupt or truncated file or missing external data
+(ModelFileError), an opset outside 11..21 (OpsetError), If/Loop/Scan nodes (ControlFlowError, naming them),
+shapes that cannot be resolved (DynamicShapeError), and ONE UnsupportedOnnxOpsError listing every node
+that has no torch-level form with its name, op type and reason. Settings that import faithfully but that
+the compiler does not support (e.g. average pooling with ceil_mode) are left to canonicalize, which names
+the ONNX node through its source. Not handled: models over 2 GB (the protobuf limit of in-memory shape
+inference), calls of local ONNX functions (not inlined; reported as unsupported ops of their domain).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import torch.fx as fx
+
+from qcompile.frontends.onnx_ops import Builder, DynamicShapeError, OnnxImportError, attr_name
+from qcompile.frontends.torch_fx import ModelFileError, quiet_torch
+from qcompile.ir.meta import Stage, set_info, set_stage
+from qcompile.passes.base import QCompileError
+from qcompile.passes.canonicalize import UnsupportedOpsError
+
+__all__ = [
+    "ControlFlowError", "DynamicShapeError", "ModelFileError", "OnnxImportError", "OpsetError",
+    "UnsupportedOnnxOpsError", "load_onnx",
+]
+
+OPSETS = range(11, 22)
+CONTROL_FLOW = ("If", "Loop", "Scan")
+PROBE_BATCHES = (2, 3)
+
+
+class OpsetError(OnnxImportError):
+    """The model's ai.onnx opset is outside the supported range."""
+
+
+class ControlFlowError(OnnxImportError):
+    """The model holds If/Loop/Scan nodes."""
+
+
+class UnsupportedOnnxOpsError(UnsupportedOpsError):
+    """Every ONNX node that has no torch-level form, as ``name (OpType: why)``."""
+
+    def __init__(self, items: list[str]) -> None:
+        self.items = items
+        QCompileError.__init__(
+            self,
+            f"{len(items)} unsupported ONNX node(s): " + "; ".join(items) + " — re-export the model using "
+            "Conv, Gemm, MatMul, Add, BatchNormalization, Relu, Clip, MaxPool, AveragePool, GlobalAveragePool, "
+            "ReduceMean, Flatten, Reshape, Concat, Identity and Dropout only",
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+
+
+def _read(path: Path) -> onnx.ModelProto:
+    """The model with its external data (read from the model's folder), checked by ``onnx.checker``."""
+    if not path.is_file():
+        raise ModelFileError(f"no such file: {path}")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - protobuf decoding errors have no common base
+        raise ModelFileError(f"{path} is not a readable ONNX model ({_first_line(exc)}); the file is truncated "
+                             "or corrupt: copy or export it again") from exc
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except (OSError, onnx.checker.ValidationError) as exc:
+        raise ModelFileError(f"cannot read the external data of {path} ({_first_line(exc)}); keep the data files "
+                             "next to the model, where they were saved") from exc
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as exc:
+        raise ModelFileError(f"{path} is not a valid ONNX model ({_first_line(exc)}); it may be truncated or "
+                             "corrupt: copy or export it again") from exc
+    return model
+
+
+def _check_opset(model: onnx.ModelProto, path: Path) -> None:
+    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    if not versions:
+        raise OpsetError(f"{path} declares no ai.onnx opset; re-export it with an opset in 11..21")
+    if versions[0] not in OPSETS:
+        raise OpsetError(
+            f"{path} uses ONNX opset {versions[0]}, qcompile supports opsets {OPSETS.start}..{OPSETS.stop - 1}; "
+            "convert it with onnx.version_converter.convert_version(model, 17) or re-export with opset_version=17"
+        )
+
+
+def _check_control_flow(model: onnx.ModelProto, path: Path) -> None:
+    found = [f"{n.name or '(unnamed)'} ({n.op_type})" for n in model.graph.node if n.op_type in CONTROL_FLOW]
+    if found:
+        raise ControlFlowError(
+            f"{path} has control flow, which qcompile cannot compile: {', '.join(found)}; export the model "
+            "without data-dependent branches or loops (e.g. torch.onnx.export traces the path taken)"
+        )
+
+
+def _folded(model: onnx.ModelProto) -> gs.Graph:
+    """Shape-inferred, constant-folded, topologically sorted graph; unnamed nodes get ``OpType_index``."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except onnx.shape_inference.InferenceError as exc:
+        raise OnnxImportError(f"shape inference failed ({_first_line(exc)}); fix the model's declared shapes") from exc
+    with quiet_torch():  # graphsurgeon and onnxruntime log while folding
+        graph = gs.import_onnx(inferred)
+        graph.fold_constants().cleanup().toposort()
+    for i, node in enumerate(graph.nodes):
+        node.name = node.name or f"{node.op}_{i}"
+    return graph
+
+
+def _at_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs have batch ``batch``; other shapes are forgotten or symbolic."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    for value in probe.graph.input:
+        if value.type.tensor_type.shape.dim:
+            value.type.tensor_type.shape.dim[0].dim_value = batch
+    for value in probe.graph.output:
+        if value.type.tensor_type.shape.dim:
+            value.type.tensor_type.shape.dim[0].dim_param = "batch"
+    return probe
+
+
+def _resolved_target(node: gs.Node, at_2: np.ndarray | None, at_3: np.ndarray | None) -> np.ndarray:
+    """The target of a Reshape folded at batches 2 and 3, its batch entry replaced by 0 (copy the batch)."""
+    if at_2 is None or at_3 is None or at_2.shape != at_3.shape:
+        raise DynamicShapeError(
+            f"{node.name} (Reshape): the target shape is computed at run time and does not fold even at a fixed "
+            "batch; export with a constant shape (torch.flatten(x, 1) or x.reshape(-1, C, H, W))"
+        )
+    differ = np.flatnonzero(at_2.reshape(-1) != at_3.reshape(-1)).tolist()
+    if differ and (differ != [0] or (int(at_2[0]), int(at_3[0])) != PROBE_BATCHES):
+        raise DynamicShapeError(
+            f"{node.name} (Reshape): the target shape is {at_2.tolist()} at batch 2 and {at_3.tolist()} at "
+            "batch 3, so it does not keep the batch first; reshape per sample (x.reshape(x.size(0), ...))"
+        )
+    target = at_2.astype(np.int64).reshape(-1)
+    target[differ] = 0
+    return target
+
+
+def _resolve_reshapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
+    """Replace each run-time Reshape target by a constant (see the module docstring); drop dead shape code."""
+    pending = [n for n in graph.nodes if n.op == "Reshape" and len(n.inputs) > 1
+               and not isinstance(n.inputs[1], gs.Constant)]
+    if not pending:
+        return
+    probes = [_folded(_at_batch(model, b)).tensors() for b in PROBE_BATCHES]
+    for node in pending:
+        name = node.inputs[1].name
+        found = [p[name].values if isinstance(p.get(name), gs.Constant) else None for p in probes]
+        target = _resolved_target(node, *(None if f is None else np.asarray(f) for f in found))
+        node.inputs[1] = gs.Constant(f"{name}_resolved", target)
+    with quiet_torch():  # graphsurgeon logs what it removes
+        graph.cleanup().toposort()
+
+
+def _placeholders(builder: Builder) -> None:
+    for t in builder.graph.inputs:
+        node = builder.fx_graph.placeholder(attr_name(t.name))
+        set_info(node, source=f"{t.name} (graph input)")
+        builder.env[t.name] = node
+
+
+def _outputs(builder: Builder, path: Path) -> None:
+    constant = [t.name for t in builder.graph.outputs if isinstance(t, gs.Constant)]
+    if constant:
+        raise OnnxImportError(f"{path}: outputs {constant} do not depend on the input; there is nothing to compile")
+    values = [builder.env[t.name] for t in builder.graph.outputs]
+    builder.fx_graph.output(values[0] if len(values) == 1 else tuple(values))
+
+
+def load_onnx(path: str | Path) -> fx.GraphModule:
+    """Import the float ONNX model at ``path`` (with its external data) as a TRACED GraphModule."""
+    path = Path(path)
+    model = _read(path)
+    _check_opset(model, path)
+    _check_control_flow(model, path)
+    graph = _folded(model)
+    _resolve_reshapes(graph, model)
+    builder = Builder(graph)
+    _placeholders(builder)
+    for node in graph.nodes:
+        builder.convert(node)
+    if builder.problems:
+        raise UnsupportedOnnxOpsError(builder.problems)
+    _outputs(builder, path)
+    gm = fx.GraphModule(builder.root, builder.fx_graph, class_name="OnnxModel")
+    set_stage(gm, Stage.TRACED)
+    return gm
