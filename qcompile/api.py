@@ -165,7 +165,7 @@ def compile(  # noqa: A001 - the verb users expect
     verify_each: bool = True,
     dump: Callable[[int, Pass, fx.GraphModule], None] | None = None,
 ) -> CompiledModel:
-    """Compile ``model`` (an nn.Module, or the path of a saved torch.export ``.pt2``) to an integer graph.
+    """Compile ``model`` (an nn.Module, or the path of a torch.export ``.pt2`` or float ``.onnx``) to an integer graph.
 
     ``data`` supplies calibration batches (a Dataset's training split, or a callable returning batches);
     without it the example inputs are used. ``pipeline`` (text or passes) replaces the default pipeline

@@ -83,7 +83,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     if args.weights:
         if isinstance(model, Path):
-            raise qcompile.QCompileError("--weights applies to a factory model, not a .pt2 (it carries its weights)")
+            raise qcompile.QCompileError("--weights applies to a factory model; a .pt2 or .onnx file carries its own weights")
         load_weights(model, args.weights)
     shape = args.input_shape or (data.input_shape if data else None)
     if shape is None:
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile MODEL to an integer-only ONNX file")
     _common(c)
-    c.add_argument("model", help="file.py:factory, package.module:factory, or a torch.export .pt2")
+    c.add_argument("model", help="file.py:factory, package.module:factory, a torch.export .pt2, or a float .onnx")
     c.add_argument("-o", "--output", required=True, help="the ONNX file to write (never overwritten without --force)")
     c.add_argument("--input-shape", type=_shape, help="input shape without the batch, e.g. 1,28,28")
     c.add_argument("--weights", help="a state dict saved with torch.save (loaded with weights_only=True)")
