@@ -83,7 +83,9 @@ def cmd_compile(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     if args.weights:
         if isinstance(model, Path):
-            raise qcompile.QCompileError("--weights applies to a factory model; a .pt2 or .onnx file carries its own weights")
+            raise qcompile.QCompileError(
+                "--weights applies to a factory model; a .pt2 or .onnx file carries its own weights"
+            )
         load_weights(model, args.weights)
     shape = args.input_shape or (data.input_shape if data else None)
     if shape is None:

@@ -53,7 +53,10 @@ class Dataset:
         return batches
 
 
-def _split(x: np.ndarray, y: np.ndarray | None, test_fraction: float) -> tuple[np.ndarray, ...]:
+def _split(
+    x: np.ndarray, y: np.ndarray | None, test_fraction: float
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """(x_train, y_train, x_test, y_test); the labels are None when ``y`` is."""
     order = np.random.default_rng(SEED).permutation(len(x))
     n_test = max(1, int(round(len(x) * test_fraction)))
     test, train = order[:n_test], order[n_test:]

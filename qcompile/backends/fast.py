@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.ir import intops as ops
+from qcompile.ir.rewrite import input_node
 
 _F32_EXACT = 2**24
 _KERNELS: dict[type, Callable[..., torch.Tensor]] = {}
@@ -61,7 +62,8 @@ def _compute_dtype(op: ops.IntConv2d | ops.IntLinear) -> torch.dtype:
     cached = getattr(op, "_fast_dtype", None)
     if cached is None:
         cached = torch.float32 if accumulator_bound(op) < _F32_EXACT else torch.float64
-        op._fast_dtype = cached  # derived once from immutable integer weights
+        # derived once from immutable integer weights; torch types Module.__setattr__ values as Tensor | Module
+        op._fast_dtype = cached  # type: ignore[assignment]
     return cached
 
 
@@ -149,18 +151,18 @@ def plan(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         pool = fast.get_submodule(str(node.target)) if node.op == "call_module" else None
         if not isinstance(pool, ops.IntMaxPool2d):
             continue
-        src = node.args[0]
-        conv = fast.get_submodule(str(src.target)) if src.op == "call_module" else None  # type: ignore[union-attr]
-        if not isinstance(conv, ops.IntConv2d) or len(src.users) != 1:  # type: ignore[union-attr]
+        src = input_node(node)
+        conv = fast.get_submodule(str(src.target)) if src.op == "call_module" else None
+        if not isinstance(conv, ops.IntConv2d) or len(src.users) != 1:
             continue
-        name = f"{src.target}_pooled"  # type: ignore[union-attr]
+        name = f"{src.target}_pooled"
         fast.add_submodule(name, ConvMaxPool(conv, pool))
         with fast.graph.inserting_before(node):
-            fused = fast.graph.call_module(name, src.args)  # type: ignore[union-attr]
+            fused = fast.graph.call_module(name, src.args)
         fused.meta.update(node.meta)
         node.replace_all_uses_with(fused)
         fast.graph.erase_node(node)
-        fast.graph.erase_node(src)  # type: ignore[arg-type]
+        fast.graph.erase_node(src)
     fast.delete_all_unused_submodules()
     fast.recompile()
     return fast

@@ -38,6 +38,7 @@ import torch.fx as fx
 
 from qcompile.ir import intops as ops
 from qcompile.ir.meta import IntType, get_info
+from qcompile.ir.rewrite import input_node
 from qcompile.passes.base import QCompileError
 
 BASE_OPSET = 21
@@ -203,14 +204,16 @@ def _export_dequantize(e: _Emitter, name: str, op: ops.Dequantize, q: gs.Variabl
 
 
 def _check_bits(op: ops.IntOp) -> None:
-    types = [getattr(op, "out", None), getattr(op, "inp", None)]
-    types += list(op.inp) if isinstance(getattr(op, "inp", None), tuple) else []
+    inp = getattr(op, "inp", None)
+    types = [getattr(op, "out", None), inp, *(inp if isinstance(inp, tuple) else ())]
     for t in types:
         if isinstance(t, IntType) and t.bits > 8:
             raise ExportError(f"{type(op).__name__} uses {t.bits}-bit values; the ONNX export supports at most 8")
 
 
-def _export_module(e: _Emitter, node: fx.Node, op: ops.IntOp, args: list[Any]) -> gs.Variable:
+def _export_module(e: _Emitter, node: fx.Node, op: torch.nn.Module, args: list[Any]) -> gs.Variable:
+    if not isinstance(op, ops.IntOp):
+        raise ExportError(f"no ONNX lowering for {type(op).__name__}")
     _check_bits(op)
     name = node.name
     simple: dict[type, Callable[..., gs.Variable]] = {
@@ -220,7 +223,7 @@ def _export_module(e: _Emitter, node: fx.Node, op: ops.IntOp, args: list[Any]) -
     if type(op) in simple:
         return simple[type(op)](e, name, op, *args)
     if isinstance(op, ops.IntAvgPool2d):
-        shape = get_info(node.args[0]).shape  # type: ignore[arg-type]
+        shape = get_info(input_node(node)).shape
         assert shape is not None
         return _export_avgpool(e, name, op, args[0], shape[1])
     if isinstance(op, ops.IntClamp):
@@ -228,14 +231,20 @@ def _export_module(e: _Emitter, node: fx.Node, op: ops.IntOp, args: list[Any]) -
     raise ExportError(f"no ONNX lowering for {type(op).__name__}")
 
 
+def _int_const(node: fx.Node, v: fx.node.Argument) -> int:
+    """An int constant argument of ``node`` (a dim)."""
+    assert isinstance(v, int), f"'{node.name}' has a non-constant argument {v!r}"
+    return v
+
+
 def _export_function(e: _Emitter, node: fx.Node, args: list[Any]) -> gs.Variable:
     if node.target is torch.flatten:
-        return e.op("Flatten", node.name, [args[0]], np.uint8, axis=int(node.args[1]))  # type: ignore[arg-type]
+        return e.op("Flatten", node.name, [args[0]], np.uint8, axis=_int_const(node, node.args[1]))
     if node.target is torch.reshape:
         shape = e.const(f"{node.name}_shape", np.array(node.args[1], dtype=np.int64))
         return e.op("Reshape", node.name, [args[0], shape], np.uint8)
     if node.target is torch.cat:
-        return e.op("Concat", node.name, list(args[0]), np.uint8, axis=int(node.kwargs.get("dim", 1)))  # type: ignore[arg-type]
+        return e.op("Concat", node.name, list(args[0]), np.uint8, axis=_int_const(node, node.kwargs.get("dim", 1)))
     raise ExportError(f"no ONNX lowering for {node.target}")
 
 
@@ -257,7 +266,7 @@ def build_graph(gm: fx.GraphModule) -> gs.Graph:
             values[node] = var
             inputs.append(var)
         elif node.op == "call_module":
-            values[node] = _export_module(e, node, gm.get_submodule(str(node.target)), args)  # type: ignore[arg-type]
+            values[node] = _export_module(e, node, gm.get_submodule(str(node.target)), args)
         elif node.op == "call_function":
             values[node] = _export_function(e, node, args)
         elif node.op == "output":

@@ -102,12 +102,12 @@ def pool_extra(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> in
 
 @kernel(ops.IntMaxPool2d)
 def _maxpool(op: ops.IntMaxPool2d, x: IntArray) -> IntArray:
-    extra = tuple(
+    extra_h, extra_w = (
         pool_extra(x.shape[2 + i], op.kernel[i], op.stride[i], op.padding[i], op.dilation[i], op.ceil_mode)
         for i in range(2)
     )
     low = np.iinfo(np.int64).min
-    win = windows(x, op.kernel, op.stride, op.padding, op.dilation, pad_value=low, extra=extra)  # type: ignore[arg-type]
+    win = windows(x, op.kernel, op.stride, op.padding, op.dilation, pad_value=low, extra=(extra_h, extra_w))
     return win.max(axis=(-2, -1))
 
 

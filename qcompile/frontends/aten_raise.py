@@ -38,6 +38,20 @@ def _module_name(node: fx.Node, fallback: str) -> str:
     return paths[-1] if paths else fallback
 
 
+def _int(v: fx.node.Argument, default: int) -> int:
+    """An int argument of an aten op; None (not given) means ``default``."""
+    if v is None:
+        return default
+    assert isinstance(v, int), f"expected an int argument, got {v!r}"
+    return v
+
+
+def _float(v: fx.node.Argument) -> float:
+    """A float argument of an aten op (eps, momentum)."""
+    assert isinstance(v, (int, float)), f"expected a float argument, got {v!r}"
+    return float(v)
+
+
 def _pair(v: Any, default: int) -> tuple[int, int]:
     if v is None or v == []:
         return (default, default)
@@ -55,7 +69,7 @@ def _place_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> str:
         existing = None
     replaceable = type(existing) in (type(module), nn.Module)  # the exported container or the same kind
     if existing is not None and replaceable and not hasattr(existing, "_qc_raised"):
-        module._qc_raised = True
+        module._qc_raised = True  # type: ignore[assignment]  # torch types Module.__setattr__ values as Tensor | Module
         rewrite.set_module(gm, path, module)
         return path
     return rewrite.add_module(gm, path or node.name, module)
@@ -65,34 +79,36 @@ def _swap_to_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module, x: fx.
     rewrite.replace_node(gm, node, "call_module", _place_module(gm, node, module), (x,))
 
 
+def _load(layer: nn.Conv2d | nn.Linear, w: torch.Tensor, b: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if b is not None:
+            assert layer.bias is not None  # the layer was made with bias=True
+            layer.bias.copy_(b)
+
+
 def _conv(gm: fx.GraphModule, node: fx.Node) -> None:
-    x, w_node, b_node, *rest = list(node.args) + [None] * (7 - len(node.args))
+    _, w_node, b_node, *rest = list(node.args) + [None] * (7 - len(node.args))
     w, b = _tensor(gm, w_node), _tensor(gm, b_node)
     if w is None or w.dim() != 4:
         return
-    stride, padding, dilation, groups = rest[0], rest[1], rest[2], rest[3] or 1
+    stride, padding, dilation, groups = rest[0], rest[1], rest[2], _int(rest[3], 1)
     if isinstance(padding, str):
         return
-    conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), _pair(stride, 1), _pair(padding, 0),
-                     _pair(dilation, 1), groups, bias=b is not None)
-    with torch.no_grad():
-        conv.weight.copy_(w)
-        if b is not None:
-            conv.bias.copy_(b)
-    _swap_to_module(gm, node, conv, x)
+    conv = nn.Conv2d(w.shape[1] * groups, w.shape[0], (w.shape[2], w.shape[3]), _pair(stride, 1),
+                     _pair(padding, 0), _pair(dilation, 1), groups, bias=b is not None)
+    _load(conv, w, b)
+    _swap_to_module(gm, node, conv, rewrite.input_node(node))
 
 
 def _linear(gm: fx.GraphModule, node: fx.Node) -> None:
-    x, w_node, b_node = (list(node.args) + [None])[:3]
+    _, w_node, b_node = (list(node.args) + [None])[:3]
     w, b = _tensor(gm, w_node), _tensor(gm, b_node)
     if w is None:
         return
     linear = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
-    with torch.no_grad():
-        linear.weight.copy_(w)
-        if b is not None:
-            linear.bias.copy_(b)
-    _swap_to_module(gm, node, linear, x)
+    _load(linear, w, b)
+    _swap_to_module(gm, node, linear, rewrite.input_node(node))
 
 
 def _batchnorm_module(gm: fx.GraphModule, node: fx.Node, args: list[Any], eps: float) -> nn.Module | None:
@@ -102,6 +118,7 @@ def _batchnorm_module(gm: fx.GraphModule, node: fx.Node, args: list[Any], eps: f
     val = node.meta.get("val")
     cls = nn.BatchNorm1d if val is not None and val.dim() == 2 else nn.BatchNorm2d
     bn = cls(mean.shape[0], eps=eps, affine=weight is not None)
+    assert bn.running_mean is not None and bn.running_var is not None  # made with track_running_stats=True
     with torch.no_grad():
         bn.running_mean.copy_(mean)
         bn.running_var.copy_(var)
@@ -113,15 +130,15 @@ def _batchnorm_module(gm: fx.GraphModule, node: fx.Node, args: list[Any], eps: f
 
 def _batch_norm(gm: fx.GraphModule, node: fx.Node) -> None:
     args = list(node.args)
-    bn = _batchnorm_module(gm, node, args, float(args[7]))
+    bn = _batchnorm_module(gm, node, args, _float(args[7]))
     if bn is not None and not args[5]:
-        _swap_to_module(gm, node, bn, args[0])
+        _swap_to_module(gm, node, bn, rewrite.input_node(node))
 
 
 def _batch_norm_legit(gm: fx.GraphModule, node: fx.Node) -> None:
     args = list(node.args)
     getitems = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
-    bn = _batchnorm_module(gm, node, args, float(args[6]))
+    bn = _batchnorm_module(gm, node, args, _float(args[6]))
     if bn is None or len(getitems) != len(node.users):
         return
     name = _place_module(gm, node, bn)
@@ -132,7 +149,7 @@ def _batch_norm_legit(gm: fx.GraphModule, node: fx.Node) -> None:
 
 def _pool_module(make: Callable[[list[Any]], nn.Module]) -> Raise:
     def raise_pool(gm: fx.GraphModule, node: fx.Node) -> None:
-        _swap_to_module(gm, node, make(list(node.args)), node.args[0])  # type: ignore[arg-type]
+        _swap_to_module(gm, node, make(list(node.args)), rewrite.input_node(node))
 
     return raise_pool
 

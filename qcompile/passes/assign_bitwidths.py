@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
+from qcompile.ir import rewrite
 from qcompile.ir.meta import IntType, Stage
 from qcompile.passes.base import Pass, PassContext, PassResult, option, register_pass
 from qcompile.quant import graph
@@ -40,7 +41,7 @@ def apply_assignment(gm: fx.GraphModule, assignment: Assignment) -> None:
         bits = assignment.layers[layer_name(node)]
         IntType(bits.w, True), IntType(bits.a, False)  # validates the range
         layer.weight_quant.bits = bits.w
-        for root in graph.roots(gm, node.args[0]):  # type: ignore[arg-type]
+        for root in graph.roots(gm, rewrite.input_node(node)):
             requested[root] = max(requested.get(root, 0), bits.a)
     outputs = {root for out in graph.output_nodes(gm) for root in graph.roots(gm, out)}
     for node, q in graph.act_quants(gm):

@@ -57,7 +57,7 @@ class Calibrate(Pass):
             if not q.calibrated or not math.isfinite(amax) or amax <= 0.0:
                 what = "never reached" if not q.calibrated else f"always zero (range {amax})"
                 raise CalibrationError(
-                    f"activation '{node.args[0]}' is {what} on the calibration data; check the data and "  # type: ignore[union-attr]
+                    f"activation '{node.args[0]}' is {what} on the calibration data; check the data and "
                     "weights, or remove the dead layer"
                 )
         return PassResult(gm, True)

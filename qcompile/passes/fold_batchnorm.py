@@ -22,7 +22,7 @@ from qcompile.ir.meta import Stage
 from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, register_pass
 
 
-def _producer(gm: fx.GraphModule, bn_node: fx.Node) -> tuple[fx.Node, nn.Module] | None:
+def _producer(gm: fx.GraphModule, bn_node: fx.Node) -> tuple[fx.Node, nn.Conv2d | nn.Linear] | None:
     src = bn_node.args[0]
     if not isinstance(src, fx.Node) or len(src.users) != 1:
         return None
@@ -33,7 +33,9 @@ def _producer(gm: fx.GraphModule, bn_node: fx.Node) -> tuple[fx.Node, nn.Module]
 
 
 def _as_depthwise(bn: nn.BatchNorm2d) -> nn.Conv2d:
+    assert bn.running_mean is not None and bn.running_var is not None  # checked by FoldBatchnorm.run
     conv = nn.Conv2d(bn.num_features, bn.num_features, 1, groups=bn.num_features)
+    assert conv.bias is not None
     inv_std = torch.rsqrt(bn.running_var + bn.eps)
     gamma = bn.weight if bn.affine else torch.ones_like(inv_std)
     beta = bn.bias if bn.affine else torch.zeros_like(inv_std)
@@ -43,7 +45,7 @@ def _as_depthwise(bn: nn.BatchNorm2d) -> nn.Conv2d:
     return conv
 
 
-def _fold_one(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.Module) -> None:
+def _fold_one(gm: fx.GraphModule, bn_node: fx.Node, bn: nn.BatchNorm1d | nn.BatchNorm2d) -> None:
     found = _producer(gm, bn_node)
     if found is not None:
         layer_node, layer = found

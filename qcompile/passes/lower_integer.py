@@ -26,7 +26,8 @@ from torch import nn
 from qcompile.ir import contract
 from qcompile.ir import intops as ops
 from qcompile.ir.meta import IntType, NodeInfo, Stage, get_info, set_info
-from qcompile.ir.shapes import annotate_shapes
+from qcompile.ir.rewrite import input_node, input_nodes
+from qcompile.ir.shapes import annotate_shapes, pair
 from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, register_pass
 from qcompile.quant import graph
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
@@ -41,10 +42,17 @@ class Value:
     scale: float
 
 
+def _clamp_kwarg(clamp: fx.Node, key: str) -> float | None:
+    """``min``/``max`` of a canonical ``torch.clamp``: a number or None (canonicalize rejects node bounds)."""
+    v = clamp.kwargs.get(key)
+    assert v is None or isinstance(v, (int, float)), f"clamp '{clamp.name}' has a non-constant {key}: {v!r}"
+    return v
+
+
 def _clamp_bounds(clamps: list[fx.Node], itype: IntType, scale: float) -> tuple[int, int]:
     lo, hi = itype.lo, itype.hi
     for c in clamps:
-        low, high = (0.0, None) if c.target is torch.relu else (c.kwargs.get("min"), c.kwargs.get("max"))
+        low, high = (0.0, None) if c.target is torch.relu else (_clamp_kwarg(c, "min"), _clamp_kwarg(c, "max"))
         if low is not None:
             lo = max(lo, round(low / scale))
         if high is not None:
@@ -73,7 +81,7 @@ class _Lowering:
                                    source=get_info(origin).source if origin is not None else None)
         return Value(node, out, scale)
 
-    def value(self, node: Any) -> Value:
+    def value(self, node: fx.Node) -> Value:
         v = self.values[node]
         if not isinstance(v, Value):
             raise PreconditionError(f"'{node}' is used as an integer tensor but was never quantized")
@@ -92,21 +100,23 @@ def _weights(layer: QConv2d | QLinear, s_x: float) -> tuple[torch.Tensor, torch.
 
 def _lower_layer(lw: _Lowering, point: fx.Node, layer: QConv2d | QLinear, out: IntType, s_y: float,
                  bounds: tuple[int, int]) -> Value:
-    x = lw.value(point.args[0])
+    x = lw.value(input_node(point))
     q_w, q_b, s_w = _weights(layer, x.scale)
     mult, shift = contract.quantize_multipliers((x.scale * s_w / s_y).numpy())
     common: dict[str, Any] = {"inp": x.itype, "w_type": layer.weight_quant.itype, "out": out,
                               "lo": bounds[0], "hi": bounds[1]}
     if isinstance(layer, QConv2d):
-        op: nn.Module = ops.IntConv2d(q_w, q_b, mult, shift, stride=layer.stride, padding=layer.padding,  # type: ignore[arg-type]
-                                      dilation=layer.dilation, groups=layer.groups, **common)
+        if isinstance(layer.padding, str):
+            raise PreconditionError(f"conv '{point.target}' has padding='{layer.padding}'; give it as numbers")
+        op: nn.Module = ops.IntConv2d(q_w, q_b, mult, shift, stride=pair(layer.stride), padding=pair(layer.padding),
+                                      dilation=pair(layer.dilation), groups=layer.groups, **common)
     else:
         op = ops.IntLinear(q_w, q_b, mult, shift, **common)
     return lw.emit(str(point.target), op, (x.node,), out, s_y, point)
 
 
 def _lower_add(lw: _Lowering, point: fx.Node, out: IntType, s_y: float, bounds: tuple[int, int]) -> Value:
-    a, b = lw.value(point.args[0]), lw.value(point.args[1])
+    a, b = lw.value(input_node(point, 0)), lw.value(input_node(point, 1))
     if not math.isclose(a.scale, b.scale, rel_tol=1e-9):
         raise PreconditionError(f"inputs of add '{point.name}' have different scales; run share-scales first")
     m, n = contract.quantize_multiplier(a.scale / s_y)
@@ -114,19 +124,18 @@ def _lower_add(lw: _Lowering, point: fx.Node, out: IntType, s_y: float, bounds: 
     return lw.emit(point.name, op, (a.node, b.node), out, s_y, point)
 
 
-def _lower_avgpool(lw: _Lowering, point: fx.Node, pool: nn.Module, out: IntType, s_y: float,
-                   bounds: tuple[int, int]) -> Value:
-    x = lw.value(point.args[0])
+def _lower_avgpool(lw: _Lowering, point: fx.Node, pool: nn.AvgPool2d | nn.AdaptiveAvgPool2d, out: IntType,
+                   s_y: float, bounds: tuple[int, int]) -> Value:
+    src = input_node(point)
+    x = lw.value(src)
     if isinstance(pool, nn.AdaptiveAvgPool2d):
-        shape = get_info(point.args[0]).shape  # type: ignore[arg-type]
+        shape = get_info(src).shape
         assert shape is not None
         kernel, stride, padding = (shape[2], shape[3]), (1, 1), (0, 0)
     else:
-        kernel = tuple(pool.kernel_size) if isinstance(pool.kernel_size, tuple) else (pool.kernel_size,) * 2
-        stride = tuple(pool.stride) if isinstance(pool.stride, tuple) else (pool.stride,) * 2
-        padding = tuple(pool.padding) if isinstance(pool.padding, tuple) else (pool.padding,) * 2
+        kernel, stride, padding = pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)
     m, n = contract.quantize_multiplier(x.scale / (kernel[0] * kernel[1] * s_y))
-    op = ops.IntAvgPool2d(m, n, kernel=kernel, stride=stride, padding=padding, inp=x.itype, out=out,  # type: ignore[arg-type]
+    op = ops.IntAvgPool2d(m, n, kernel=kernel, stride=stride, padding=padding, inp=x.itype, out=out,
                           lo=bounds[0], hi=bounds[1])
     return lw.emit(point.name, op, (x.node,), out, s_y, point)
 
@@ -145,30 +154,30 @@ def _lower_quant(lw: _Lowering, qnode: fx.Node, q: ActQuant) -> Value:
         return _lower_layer(lw, point, mod, out, s_y, bounds)
     if point.op == "call_function" and point.target is operator.add:
         return _lower_add(lw, point, out, s_y, bounds)
-    assert mod is not None
+    assert isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)), f"unexpected quantization point '{point.name}'"
     return _lower_avgpool(lw, point, mod, out, s_y, bounds)
 
 
 def _lower_pass_through(lw: _Lowering, node: fx.Node) -> Value:
     mod = graph.module(lw.old, node)
     if isinstance(mod, nn.MaxPool2d):
-        x = lw.value(node.args[0])
-        pair = lambda v: tuple(v) if isinstance(v, tuple) else (v, v)  # noqa: E731
+        x = lw.value(input_node(node))
         op = ops.IntMaxPool2d(kernel=pair(mod.kernel_size), stride=pair(mod.stride), padding=pair(mod.padding),
                               dilation=pair(mod.dilation), ceil_mode=mod.ceil_mode, inp=x.itype)
         return lw.emit(node.name, op, (x.node,), x.itype, x.scale, node)
     if node.target in graph.CLAMPS:
-        x = lw.value(node.args[0])
+        x = lw.value(input_node(node))
         lo, hi = _clamp_bounds([node], x.itype, x.scale)
         return lw.emit(node.name, ops.IntClamp(lo, hi, inp=x.itype), (x.node,), x.itype, x.scale, node)
     if node.target is torch.cat:
-        parts = [lw.value(a) for a in node.args[0]]  # type: ignore[union-attr]
+        parts = [lw.value(a) for a in input_nodes(node)]
         if len({(p.scale, p.itype) for p in parts}) != 1:
             raise PreconditionError(f"inputs of cat '{node.name}' have different scales; run share-scales first")
         new = lw.graph.call_function(torch.cat, ([p.node for p in parts],), {"dim": 1})
         return _typed(new, parts[0])
-    x = lw.value(node.args[0])
-    new = lw.graph.call_function(node.target, (x.node, *node.args[1:]))  # type: ignore[arg-type]
+    x = lw.value(input_node(node))
+    assert callable(node.target), f"'{node.name}' is not a function call"
+    new = lw.graph.call_function(node.target, (x.node, *node.args[1:]))
     return _typed(new, x)
 
 
@@ -178,7 +187,7 @@ def _typed(node: fx.Node, like: Value) -> Value:
 
 
 def _lower_output(lw: _Lowering, node: fx.Node) -> None:
-    def dequantize(arg: Any) -> Any:
+    def dequantize(arg: fx.Node) -> fx.Node:
         v = lw.value(arg)
         return lw.emit(f"{arg.name}_dequantize", ops.Dequantize(v.scale, v.itype), (v.node,), v.itype,
                        v.scale).node
@@ -199,8 +208,8 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
             _lower_output(lw, node)
         elif node in consumed:
             continue
-        elif graph.is_act_quant(gm, node):
-            lw.values[node] = _lower_quant(lw, node, gm.get_submodule(str(node.target)))  # type: ignore[arg-type]
+        elif isinstance(q := graph.module(gm, node), ActQuant):
+            lw.values[node] = _lower_quant(lw, node, q)
         else:
             lw.values[node] = _lower_pass_through(lw, node)
     lw.graph.set_codegen(gm.graph._codegen)  # same inputs and outputs: keep the model's calling convention

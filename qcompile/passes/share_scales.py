@@ -39,5 +39,5 @@ class ShareScales(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         groups = graph.scale_groups(gm)
         for group in groups:
-            unify([gm.get_submodule(str(n.target)) for n in group])  # type: ignore[misc]
+            unify([graph.act_quant(gm, n) for n in group])
         return PassResult(gm, bool(groups))

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
 
 CLAMPS = (torch.relu, torch.clamp)
@@ -36,6 +37,13 @@ def layers(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, QConv2d | QLinear]]:
         mod = module(gm, node)
         if isinstance(mod, (QConv2d, QLinear)):
             yield node, mod
+
+
+def act_quant(gm: fx.GraphModule, node: fx.Node) -> ActQuant:
+    """The activation quantizer ``node`` calls (a scale root, say)."""
+    mod = module(gm, node)
+    assert isinstance(mod, ActQuant), f"'{node.name}' is not an activation quantizer"
+    return mod
 
 
 def act_quants(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, ActQuant]]:
@@ -66,12 +74,11 @@ def chain_end(node: fx.Node) -> fx.Node:
 
 def chain_start(gm: fx.GraphModule, quant_node: fx.Node) -> tuple[fx.Node, list[fx.Node]]:
     """From an activation quantizer back over folded clamps to its quantization point: (point, clamps)."""
-    node = quant_node.args[0]
-    assert isinstance(node, fx.Node)
+    node = input_node(quant_node)
     clamps: list[fx.Node] = []
     while not is_quant_point(gm, node) and node.op == "call_function" and node.target in CLAMPS:
         clamps.append(node)
-        node = node.args[0]  # type: ignore[assignment]
+        node = input_node(node)
     return node, clamps[::-1]
 
 
@@ -80,7 +87,7 @@ def roots(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     if is_act_quant(gm, node):
         return [node]
     if node.op == "call_function" and node.target is torch.cat:
-        return [r for src in node.args[0] for r in roots(gm, src)]  # type: ignore[union-attr]
+        return [r for src in input_nodes(node) for r in roots(gm, src)]
     passes = isinstance(module(gm, node), nn.MaxPool2d) or (
         node.op == "call_function" and node.target in PASS_THROUGH_FUNCTIONS
     )
@@ -94,8 +101,8 @@ def scale_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     g: nx.Graph = nx.Graph()
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in (operator.add, torch.cat):
-            inputs = node.args[0] if node.target is torch.cat else node.args[:2]
-            found = [r for src in inputs for r in roots(gm, src)]  # type: ignore[union-attr]
+            inputs = input_nodes(node) if node.target is torch.cat else [input_node(node, 0), input_node(node, 1)]
+            found = [r for src in inputs for r in roots(gm, src)]
             nx.add_path(g, found)
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     groups = [sorted(c, key=order.__getitem__) for c in nx.connected_components(g) if len(c) > 1]

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qcompile.ir.meta import IntType
+from qcompile.ir.shapes import pair
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -130,8 +131,9 @@ class QConv2d(nn.Conv2d):
     @classmethod
     def from_float(cls, conv: nn.Conv2d, bits: int = 8) -> QConv2d:
         q = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
-            conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+            conv.in_channels, conv.out_channels, pair(conv.kernel_size), pair(conv.stride),
+            conv.padding if isinstance(conv.padding, str) else pair(conv.padding), pair(conv.dilation),
+            conv.groups, conv.bias is not None, conv.padding_mode,
         )
         q.load_state_dict(conv.state_dict())
         q.weight_quant = WeightQuant(bits)

@@ -70,8 +70,9 @@ def table(layer_names: list[str], path: str) -> Assignment:
     missing = [n for n in layer_names if n not in raw]
     if missing and default is None:
         raise PolicyError(f"bit-width table misses layers {missing}; add them or a \"default\" entry")
-    layers = {n: _table_entry(n, raw[n]) if n in raw else default for n in layer_names}
-    return Assignment(layers, default.a if default else max(b.a for b in layers.values()))  # type: ignore[union-attr, misc]
+    # a layer missing from the table takes the "default" entry (its presence is checked just above)
+    layers = {n: _table_entry(n, raw[n] if n in raw else raw["default"]) for n in layer_names}
+    return Assignment(layers, default.a if default else max(b.a for b in layers.values()))
 
 
 POLICY_HELP = "w{N}a{M} (uniform), aqt (4-bit, first conv/last linear 8-bit), FILE.json or table (with table=FILE.json)"
