@@ -132,7 +132,8 @@ def _ensure_cache_dir() -> Path:
 
 
 def trained(factory: Callable[[], nn.Module], name: str, data: Dataset, epochs: int, seed: int = SEED,
-            lr: float = 3e-3, batch: int = 64, retrain: bool = False, threads: int | None = None) -> tuple[nn.Module, bool, float]:
+            lr: float = 3e-3, batch: int = 64, retrain: bool = False,
+            threads: int | None = None) -> tuple[nn.Module, bool, float]:
     """A float model trained with ``qcompile.models.train_float`` (Adam, one-cycle, fixed seed), cached.
 
     The cache key holds the model name, data set, training-set size, epochs, seed, lr and batch.
@@ -140,6 +141,8 @@ def trained(factory: Callable[[], nn.Module], name: str, data: Dataset, epochs: 
     """
     from qcompile.models import train_float
 
+    if data.y_train is None:
+        raise ValueError(f"{data.name} has no labels to train on")
     key = f"{name}-{data.name}-n{len(data.x_train)}-e{epochs}-s{seed}-lr{lr:g}-b{batch}.pt"
     path = _ensure_cache_dir() / key
     torch.manual_seed(seed)

@@ -3,7 +3,9 @@
 Between ops, integers travel as float32 tensors holding exact integer values (every supported type
 fits in 17 bits). Convolutions and matmuls run as float GEMMs: the accumulator bound proven by the
 integer verifier, B = max_c (sum |w_c| * max|q_x| + |b_c|), keeps every partial sum an exact integer
-when B < 2^24 (float32) or B < 2^53 (float64), so the choice of precision is made per op from B.
+when B < 2^24, so such ops run as one float32 GEMM. Larger bounds split the reduction over input
+channels into chunks that each stay below 2^24 (float32 GEMMs, summed exactly in float64); float64
+GEMMs remain only where no split exists (grouped convs, a single channel above the bound).
 Requantization and clamps run in int64 exactly as ``contract.requantize``. Results are bit-identical
 to the reference executor; the tests check this on random graphs.
 """
@@ -11,6 +13,7 @@ to the reference executor; the tests check this on random graphs.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -58,23 +61,69 @@ def _requant(acc: torch.Tensor, op: Any, channel_dim: int) -> torch.Tensor:
     return out.clamp_(op.lo, op.hi).to(torch.float32)
 
 
-def _compute_dtype(op: ops.IntConv2d | ops.IntLinear) -> torch.dtype:
-    cached = getattr(op, "_fast_dtype", None)
-    if cached is None:
-        cached = torch.float32 if accumulator_bound(op) < _F32_EXACT else torch.float64
+@dataclass(frozen=True)
+class GemmPlan:
+    """How one conv/linear computes its accumulators exactly with float GEMMs.
+
+    ``chunks`` split the input channels so that every chunk's partial sums stay below 2^24 and run in
+    float32; with several chunks the exact float32 results are added in float64 (exact below 2^53).
+    ``dtype`` is float64 only when no such split exists (grouped convs, or one channel alone too large).
+    """
+
+    dtype: torch.dtype
+    chunks: tuple[slice, ...]
+    weights: tuple[torch.Tensor, ...]
+    bias: torch.Tensor
+    bias_inside: bool  # the single float32 GEMM adds the bias itself (its bound includes the bias)
+
+
+def _channel_chunks(op: ops.IntConv2d | ops.IntLinear) -> list[slice] | None:
+    """Greedy input-channel chunks whose per-output-channel bound sum|w| * max|q_x| stays below 2^24."""
+    if isinstance(op, ops.IntConv2d) and op.groups != 1:
+        return None
+    w = op.weight.to(torch.int64).abs()
+    columns = (w.sum(dim=(2, 3)) if w.dim() == 4 else w) * max(abs(op.inp.lo), abs(op.inp.hi))
+    chunks, start, running = [], 0, torch.zeros(columns.shape[0], dtype=torch.int64)
+    for i in range(columns.shape[1]):
+        if int((running + columns[:, i]).max()) >= _F32_EXACT:
+            if i == start:
+                return None
+            chunks.append(slice(start, i))
+            start, running = i, torch.zeros_like(running)
+        running += columns[:, i]
+    return [*chunks, slice(start, columns.shape[1])]
+
+
+def _make_plan(op: ops.IntConv2d | ops.IntLinear) -> GemmPlan:
+    if accumulator_bound(op) < _F32_EXACT:
+        return GemmPlan(torch.float32, (slice(None),), (op.weight.float(),), op.bias.float(), True)
+    chunks = _channel_chunks(op)
+    if chunks is None:
+        return GemmPlan(torch.float64, (slice(None),), (op.weight.double(),), op.bias.double(), True)
+    weights = tuple(op.weight[:, c].float().contiguous() for c in chunks)
+    return GemmPlan(torch.float32, tuple(chunks), weights, op.bias.double(), False)
+
+
+def gemm_plan(op: ops.IntConv2d | ops.IntLinear) -> GemmPlan:
+    plan = getattr(op, "_fast_plan", None)
+    if plan is None:
+        plan = _make_plan(op)
         # derived once from immutable integer weights; torch types Module.__setattr__ values as Tensor | Module
-        op._fast_dtype = cached  # type: ignore[assignment]
-    return cached
+        op._fast_plan = plan  # type: ignore[assignment]
+    return plan
 
 
-def _float_params(op: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias as float tensors (exact: both are integers within the accumulator bound)."""
-    key = f"_fast_params_{dtype}"
-    params = getattr(op, key, None)
-    if params is None:
-        params = (op.weight.to(dtype), op.bias.to(dtype))
-        setattr(op, key, params)
-    return params
+def _accumulate(plan: GemmPlan, x: torch.Tensor, gemm: Callable[..., torch.Tensor], channel_dim: int) -> torch.Tensor:
+    if plan.bias_inside:
+        return gemm(x.to(plan.dtype), plan.weights[0], plan.bias)
+    acc: torch.Tensor | None = None
+    for chunk, w in zip(plan.chunks, plan.weights, strict=True):
+        part = gemm(x.narrow(channel_dim, chunk.start, chunk.stop - chunk.start), w, None).double()
+        acc = part if acc is None else acc.add_(part)
+    assert acc is not None
+    shape = [1] * acc.dim()
+    shape[channel_dim] = -1
+    return acc.add_(plan.bias.view(shape))
 
 
 @_kernel(ops.Quantize)
@@ -90,9 +139,11 @@ def _dequantize(op: ops.Dequantize, q: torch.Tensor) -> torch.Tensor:
 
 def conv_accumulator(op: ops.IntConv2d, x: torch.Tensor) -> torch.Tensor:
     """The exact int32 accumulators (bias included) of an integer convolution, as a float tensor."""
-    dtype = _compute_dtype(op)
-    w, b = _float_params(op, dtype)
-    return F.conv2d(x.to(dtype), w, b, op.stride, op.padding, op.dilation, op.groups)
+
+    def conv(xc: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return F.conv2d(xc, w, b, op.stride, op.padding, op.dilation, op.groups)
+
+    return _accumulate(gemm_plan(op), x, conv, 1)
 
 
 @_kernel(ops.IntConv2d)
@@ -102,9 +153,7 @@ def _conv(op: ops.IntConv2d, x: torch.Tensor) -> torch.Tensor:
 
 @_kernel(ops.IntLinear)
 def _linear(op: ops.IntLinear, x: torch.Tensor) -> torch.Tensor:
-    dtype = _compute_dtype(op)
-    w, b = _float_params(op, dtype)
-    acc = F.linear(x.to(dtype), w, b)
+    acc = _accumulate(gemm_plan(op), x, F.linear, x.dim() - 1)
     return _requant(acc, op, acc.dim() - 1)
 
 

@@ -185,7 +185,7 @@ def test_fast_conv_switches_to_float64_and_stays_exact() -> None:
     x[0, :, :, :] = inp.hi  # a window summing to the bound
     gm = single_op_graph(op, [inp])
     ref, got = run_both(gm, x)
-    assert op._fast_dtype is torch.float64  # decided from the accumulator bound
+    assert fast.gemm_plan(op).dtype is torch.float64  # one input channel alone exceeds 2^24: no float32 split
     assert_bit_exact(ref, got, independent_conv(op, x))
     # the switch matters: float32 partial sums of these operands are not exact
     acc32 = F.conv2d(x, weight.float(), None, 1, 1).to(torch.int64)
@@ -200,7 +200,23 @@ def test_fast_conv_keeps_float32_below_2_24() -> None:
     gm = single_op_graph(op, [U8])
     x = random_ints(gen, U8, (2, 3, 5, 5))
     ref, got = run_both(gm, x)
-    assert op._fast_dtype is torch.float32
+    assert fast.gemm_plan(op).dtype is torch.float32 and len(fast.gemm_plan(op).chunks) == 1
+    assert_bit_exact(ref, got, independent_conv(op, x))
+
+
+def test_fast_conv_splits_large_reductions_into_exact_float32_chunks() -> None:
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.full((4, 64, 3, 3), 127)
+    weight[1:] = torch.randint(-127, 128, (3, 64, 3, 3), generator=gen)
+    op = ops.IntConv2d(weight, torch.tensor([5, -7, 0, 3]), *contract.quantize_multipliers(np.full(4, 2.0**-22)),
+                       inp=U8, w_type=S8, out=U8, lo=0, hi=255, padding=(1, 1))
+    assert 2**24 <= fast.accumulator_bound(op) <= contract.INT32_MAX  # 64 * 9 * 127 * 255
+    plan = fast.gemm_plan(op)
+    assert plan.dtype is torch.float32 and len(plan.chunks) == 2  # 57 channels fit below 2^24 per chunk
+    x = torch.full((2, 64, 5, 5), 255.0)
+    x[1] = random_ints(gen, U8, (1, 64, 5, 5))[0]
+    gm = single_op_graph(op, [U8])
+    ref, got = run_both(gm, x)
     assert_bit_exact(ref, got, independent_conv(op, x))
 
 
