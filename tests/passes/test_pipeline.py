@@ -17,7 +17,7 @@ from qcompile.passes.pipeline import PipelineSyntaxError
     "calibrate{momentum=0.5,percentile=99.99}",  # option order is kept
     "calibrate{percentile=none}",
     "calibrate{steps=032}",  # kept as written, even where the value normalises
-    "assign-bitwidths{policy=table,table=/tmp/some_dir/bits-1.json}",
+    "assign-bitwidths{policy=table,table=some_dir/bits-1.json}",
     "insert-quantizers{scheme=uniform},share-scales,share-scales",
     "canonicalize",
 ])
