@@ -22,6 +22,7 @@ from qcompile.backends.reference import run_reference
 from qcompile.data import Dataset
 from qcompile.frontends.torch_fx import load_pt2, trace_module
 from qcompile.ir.meta import Stage, get_stage
+from qcompile.ir.rewrite import shallow_copy
 from qcompile.passes import DEFAULT_PIPELINE, PassContext, PassManager, parse_pipeline
 from qcompile.passes.base import Pass, QCompileError
 from qcompile.passes.manager import PassTiming
@@ -182,7 +183,7 @@ def compile(  # noqa: A001 - the verb users expect
     def after(index: int, p: Pass, graph: fx.GraphModule) -> None:
         stage = get_stage(graph)
         if stage is Stage.FLOAT:  # canonical float graph: batch-agnostic, the accuracy reference
-            snapshots["float"] = copy.deepcopy(graph)
+            snapshots["float"] = shallow_copy(graph)
         elif stage is Stage.QUANT:
             snapshots["quant"] = graph
         if dump is not None:

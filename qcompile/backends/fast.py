@@ -193,9 +193,9 @@ class ConvMaxPool(torch.nn.Module):
 
 def plan(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     """A copy of an integer graph with the fast executor's fusions (same results, less work)."""
-    import copy
+    from qcompile.ir.rewrite import shallow_copy
 
-    fast = copy.deepcopy(gm)
+    fast = shallow_copy(gm)
     for node in list(fast.graph.nodes):
         pool = fast.get_submodule(str(node.target)) if node.op == "call_module" else None
         if not isinstance(pool, ops.IntMaxPool2d):

@@ -7,6 +7,7 @@ inputs typed as nodes (torch.fx types every argument as the broad ``Argument`` u
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch.fx as fx
@@ -88,6 +89,18 @@ def bypass(gm: fx.GraphModule, node: fx.Node) -> None:
 def copy_info(src: fx.Node, dst: fx.Node) -> None:
     if META_KEY in src.meta:
         dst.meta[META_KEY] = src.meta[META_KEY]
+
+
+def shallow_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule with its own graph and module tree but the same leaf modules (no weights copied).
+
+    Safe to keep while passes go on with ``gm``: passes replace modules (``set_module``), they never
+    change a module's parameters in place.
+    """
+    graph = copy.deepcopy(gm.graph)
+    copied = fx.GraphModule(gm, graph, type(gm).__name__)
+    copied.meta.update(gm.meta)
+    return copied
 
 
 def finish(gm: fx.GraphModule) -> fx.GraphModule:
