@@ -23,7 +23,7 @@ ConvStack does); and, on the timed batch, output elements not bit-identical to o
 executor (only meaningful for our export: the QDQ model quantizes differently).
 
 Table 2 (PyTorch, torch.set_num_threads(1), under torch.no_grad): qcompile's fast executor
-(cm.integer_graph(x)) vs the float model on the same input; target: within 1.5x.
+(`cm(x)`: the integer graph with its fused plan) vs the float model on the same input; target: within 1.5x.
 
     python benchmarks/latency.py [--quick]
 """
@@ -224,7 +224,7 @@ def run_case(case: Case, args, tmp: Path) -> tuple[list[list[object]], list[obje
     # fast executor vs float PyTorch, same input, one thread
     with torch.no_grad():
         t_float = common.measure(lambda: model(case.x), args.repeats, args.warmup)
-        t_fast = common.measure(lambda: cm.integer_graph(case.x), args.repeats, args.warmup)
+        t_fast = common.measure(lambda: cm(case.x), args.repeats, args.warmup)
     ratio = t_fast.median / t_float.median
     fast = [case.name, tuple(case.x.shape)[0], t_float.ms, t_fast.ms, ratio,
             "met" if ratio <= TARGET_RATIO else "NOT met", fast_dtypes(cm)]
