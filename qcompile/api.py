@@ -177,7 +177,8 @@ def compile(  # noqa: A001 - the verb users expect
     text = pipeline if isinstance(pipeline, str) else default_pipeline(policy, calibration_steps)
     passes = list(pipeline) if pipeline is not None and not isinstance(pipeline, str) else parse_pipeline(text).build()
     calibration = data.calibration() if isinstance(data, Dataset) else data or (lambda: [examples[0]])
-    ctx = PassContext(examples, calibration, progress=progress)
+    dataset = data if isinstance(data, Dataset) else None
+    ctx = PassContext(examples, calibration, dataset=dataset, progress=progress)
     snapshots: dict[str, fx.GraphModule] = {"float": gm}
 
     def after(index: int, p: Pass, graph: fx.GraphModule) -> None:

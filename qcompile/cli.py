@@ -71,6 +71,37 @@ def _ir_dumper(args: argparse.Namespace) -> Any:
     return dump
 
 
+SEARCH_FLAGS = ("epochs", "fraction", "lr", "checkpoint", "resume")
+
+
+def _pipeline(args: argparse.Namespace) -> str | None:
+    """--pipeline as given, or the default pipeline with --search NAME (and its flags) choosing the bits."""
+    import dataclasses
+
+    from qcompile.api import default_pipeline
+    from qcompile.passes.base import QCompileError
+    from qcompile.search.base import searches
+
+    if not args.search:
+        return args.pipeline
+    if args.pipeline:
+        raise QCompileError("--search and --pipeline both choose the passes; give one of them")
+    known = searches()
+    if args.search not in known:
+        raise QCompileError(f"unknown search '{args.search}' (known: {', '.join(known)})")
+    fields = [f.name for f in dataclasses.fields(known[args.search])]
+    flags = (*SEARCH_FLAGS, "policy")
+    values = {flag: getattr(args, flag) for flag in flags}
+    given = {flag: v for flag, v in values.items() if v is not None and v is not False}  # 0 is a given value
+    extra = sorted(set(given) - set(fields))
+    if extra:
+        raise QCompileError(f"search '{args.search}' has no option {', '.join('--' + e for e in extra)} "
+                            f"(its options: {', '.join(fields) or 'none'})")
+    opts = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in given.items())
+    spec = args.search + ("{" + opts + "}" if opts else "")
+    return default_pipeline("w8a8", args.calibration_steps).replace("assign-bitwidths", spec)
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     import qcompile
     from qcompile.frontends.model_spec import load_model, load_weights
@@ -91,7 +122,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if shape is None:
         raise qcompile.QCompileError("the input shape is unknown; pass --input-shape C,H,W or --data")
     example = data.x_train[:1] if data and data.input_shape == shape else torch.zeros(1, *shape)
-    cm = qcompile.compile(model, example, data=data, policy=args.policy, pipeline=args.pipeline,
+    cm = qcompile.compile(model, example, data=data, policy=args.policy or "w8a8", pipeline=_pipeline(args),
                           calibration_steps=args.calibration_steps, progress=_progress(args),
                           dump=_ir_dumper(args))
     verify_inputs = data.x_test[: args.verify_samples] if args.verify and data else (example if args.verify else None)
@@ -183,7 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--weights", help="a state dict saved with torch.save (loaded with weights_only=True)")
     c.add_argument("--data", help="digits | fashion-mnist[:DIR] | random | FILE.npz (x, y): train split "
                                   "calibrates, test split measures accuracy")
-    c.add_argument("--policy", default="w8a8", help="w{N}a{M} | aqt (4-bit, first/last 8-bit) (default w8a8)")
+    c.add_argument("--policy", help="w{N}a{M} | aqt (4-bit, first/last 8-bit) | FILE.json (default w8a8)")
+    c.add_argument("--search", help="a bit-width search instead of a fixed policy, e.g. aqt (QAT with the AQT "
+                                    "recipe); `qcompile passes` lists every search and its options")
+    c.add_argument("--epochs", type=int, help="training epochs of a learned search")
+    c.add_argument("--fraction", type=float, help="AQT: share of training steps that calibrate activation bounds")
+    c.add_argument("--lr", type=float, help="learning rate of a learned search")
+    c.add_argument("--checkpoint", help="a learned search's checkpoint file (written after every epoch)")
+    c.add_argument("--resume", action="store_true", help="continue a learned search from --checkpoint")
     c.add_argument("--pipeline", help="a pass pipeline replacing the default (see `qcompile passes`)")
     c.add_argument("--calibration-steps", type=int, default=32, help="calibration batches (default 32)")
     c.add_argument("--report", help="write the JSON report here")

@@ -6,13 +6,16 @@ Per layer l (conv or linear), with MACs_l multiply-accumulates per input sample:
   weight memory = ceil(params_l * b_w / 8) bytes   (biases excluded, they are int32 everywhere)
 and per activation tensor, activation memory = numel per sample * b / 8 bytes.
 Relative BOPs = sum BOPs / sum (MACs * 32 * 32), in percent. b_a is the bit-width of the layer's input.
+``COST_MODELS`` names the per-layer models a search can be given (bops, linear-bits, weight-memory).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
+import torch
 import torch.fx as fx
 
 from qcompile.ir import intops as ops
@@ -44,11 +47,25 @@ class LayerCost:
         return {**asdict(self), "bops": self.bops, "linear_bits": self.linear_bits, "weight_bytes": self.weight_bytes}
 
 
-def _macs(node: fx.Node, op: ops.IntConv2d | ops.IntLinear) -> int:
+CostModel = Callable[[LayerCost], float]
+COST_MODELS: dict[str, CostModel] = {
+    "bops": lambda c: float(c.bops),
+    "linear-bits": lambda c: float(c.linear_bits),
+    "weight-memory": lambda c: float(c.weight_bytes),
+}
+
+
+def cost_model(name: str) -> CostModel:
+    if name not in COST_MODELS:
+        raise KeyError(f"unknown cost model '{name}' (known: {', '.join(COST_MODELS)})")
+    return COST_MODELS[name]
+
+
+def _macs(node: fx.Node, weight: torch.Tensor, is_conv: bool) -> int:
     shape = get_info(node).shape
     assert shape is not None, f"{node.name} has no recorded shape"
-    per_position = math.prod(shape[2:]) if isinstance(op, ops.IntConv2d) else math.prod(shape[1:-1])
-    return int(op.weight.numel()) * per_position
+    per_position = math.prod(shape[2:]) if is_conv else math.prod(shape[1:-1])
+    return int(weight.numel()) * per_position
 
 
 def layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
@@ -59,8 +76,25 @@ def layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
         if isinstance(mod, (ops.IntConv2d, ops.IntLinear)):
             kind = "Conv2d" if isinstance(mod, ops.IntConv2d) else "Linear"
             name = get_info(node).layer or node.name
-            macs, params = _macs(node, mod), int(mod.weight.numel())
+            macs, params = _macs(node, mod.weight, kind == "Conv2d"), int(mod.weight.numel())
             costs.append(LayerCost(name, kind, mod.w_type.bits, mod.inp.bits, macs, params))
+    return costs
+
+
+def quant_layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
+    """LayerCosts of a quant-stage graph (shapes annotated) from its quantizers' current bits."""
+    from qcompile.ir.rewrite import input_node
+    from qcompile.quant import graph
+    from qcompile.quant.modules import QConv2d
+
+    costs = []
+    for node, layer in graph.layers(gm):
+        roots = graph.roots(gm, input_node(node))
+        a_bits = max((graph.act_quant(gm, r).bits for r in roots), default=8)
+        is_conv = isinstance(layer, QConv2d)
+        macs = _macs(node, layer.weight, is_conv)
+        costs.append(LayerCost(str(node.target), "Conv2d" if is_conv else "Linear", layer.weight_quant.bits,
+                               a_bits, macs, int(layer.weight.numel())))
     return costs
 
 

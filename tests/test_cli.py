@@ -231,3 +231,35 @@ def test_print_ir_and_dump_dir(workdir: Path, capsys: pytest.CaptureFixture[str]
     dot = (workdir / "dump" / "07-lower-integer.dot").read_text()
     assert "digraph" in dot and "4 bits" in dot
     assert (workdir / "dump" / "07-lower-integer.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_search_aqt_from_the_command_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, _ = run(["compile", "models.py:small", "--data", "digits", "--search", "aqt", "--epochs", "1",
+                      "-o", "aqt.onnx", "--report", "r.json", "--verify", "--verify-samples", "64"], capsys)
+    assert code == 0
+    report = json.loads((workdir / "r.json").read_text())
+    assert report["verify"]["mismatches"] == 0
+    assert "aqt{epochs=1}" in report["pipeline"]
+    assert [(layer["w_bits"], layer["a_bits"]) for layer in report["layers"]] == [(8, 8), (8, 8)]
+
+
+SEARCH_ERRORS = [
+    (["--search", "nope"], ["unknown search 'nope'", "aqt", "assign-bitwidths"]),
+    (["--search", "aqt", "--fraction", "1.5"], ["fraction must lie in (0, 1)"]),
+    (["--search", "aqt", "--epochs", "0"], ["epochs must be positive"]),
+    (["--search", "assign-bitwidths", "--epochs", "2"], ["has no option --epochs"]),
+    (["--search", "aqt", "--pipeline", "canonicalize"], ["give one of them"]),
+]
+
+
+@pytest.mark.parametrize(("args", "fragments"), SEARCH_ERRORS, ids=[" ".join(a) for a, _ in SEARCH_ERRORS])
+def test_search_bad_input_is_one_line(workdir: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                                      fragments: list[str]) -> None:
+    code, _, err = run(["compile", "models.py:small", "--data", "digits", *args, "-o", "out.onnx"], capsys)
+    assert_one_line_error(code, err, *fragments)
+
+
+def test_learned_search_needs_labels(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["compile", "models.py:small", "--data", "random", "--input-shape", "1,8,8", "--search", "aqt",
+                        "-o", "out.onnx"], capsys)
+    assert_one_line_error(code, err, "learns from labelled data")

@@ -12,6 +12,7 @@ from qcompile.passes import (  # noqa: F401 - imported for registration
 from qcompile.passes.base import PASSES, Pass, PassContext, PassError, PassResult, register_pass
 from qcompile.passes.manager import PassManager
 from qcompile.passes.pipeline import Pipeline, parse_pipeline
+from qcompile.search import aqt as _aqt  # noqa: F401 - registers the built-in learned search
 
 DEFAULT_PIPELINE = (
     "canonicalize,fold-batchnorm,insert-quantizers,calibrate,assign-bitwidths,share-scales,lower-integer"

@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 import torch.fx as fx
 
 from qcompile.ir.meta import Stage, get_stage, set_stage
+
+if TYPE_CHECKING:
+    from qcompile.data import Dataset
 
 
 class QCompileError(Exception):
@@ -35,13 +38,15 @@ class PassError(QCompileError):
 
 @dataclass
 class PassContext:
-    """What passes may need beyond the graph: example inputs, calibration batches, a seed.
+    """What passes may need beyond the graph: example inputs, calibration batches, data, a cost model, a seed.
 
     ``calibration`` returns a fresh iterable of input batches each time it is called.
     """
 
     example_inputs: tuple[torch.Tensor, ...]
     calibration: Callable[[], Iterable[torch.Tensor]] | None = None
+    dataset: Dataset | None = None  # labelled data for learned searches
+    cost_model: str = "bops"  # a key of cost.COST_MODELS
     seed: int = 0
     progress: bool = False
     notes: list[str] = field(default_factory=list)

@@ -1,0 +1,80 @@
+"""The search interface: every bit-width search maps (quant graph, data, cost model) to an Assignment.
+
+A search is a pass (it registers with ``register_pass``, takes options and runs in pipelines like any
+pass) whose ``search`` returns an ``Assignment``; ``run`` then writes it into the quantizers with
+``apply_assignment``. Policies are searches that need no data; learned searches read the labelled data
+set and the cost model from the PassContext. ``searches()`` lists every registered search.
+
+``apply_assignment``: a layer's ``w`` bits go to its weight quantizer, its ``a`` bits to the quantizer(s)
+that define its input's scale (the largest request wins when several layers read one tensor). Other
+activations get the assignment's default; graph inputs and outputs stay 8-bit (the network input counts as
+8-bit, and the logits keep their resolution).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+
+from qcompile.ir.meta import IntType, Stage
+from qcompile.ir.rewrite import input_node
+from qcompile.passes.base import PASSES, Pass, PassContext, PassResult, PreconditionError
+from qcompile.quant import graph
+from qcompile.quant.modules import QConv2d
+from qcompile.search.policies import Assignment
+
+IO_BITS = 8
+
+
+def layer_kinds(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """(layer name, "conv" | "linear") for every quantized layer, in graph order."""
+    return [(str(n.target), "conv" if isinstance(m, QConv2d) else "linear") for n, m in graph.layers(gm)]
+
+
+def first_conv_last_linear(kinds: list[tuple[str, str]]) -> tuple[str, str]:
+    convs = [n for n, kind in kinds if kind == "conv"]
+    linears = [n for n, kind in kinds if kind == "linear"]
+    return (convs[0] if convs else kinds[0][0]), (linears[-1] if linears else kinds[-1][0])
+
+
+def apply_assignment(gm: fx.GraphModule, assignment: Assignment) -> None:
+    """Write an assignment's bits into the weight and activation quantizers of a quant graph."""
+    requested: dict[fx.Node, int] = {}
+    for node, layer in graph.layers(gm):
+        bits = assignment.layers[str(node.target)]
+        IntType(bits.w, True), IntType(bits.a, False)  # validates the range
+        layer.weight_quant.bits = bits.w
+        for root in graph.roots(gm, input_node(node)):
+            requested[root] = max(requested.get(root, 0), bits.a)
+    outputs = {root for out in graph.output_nodes(gm) for root in graph.roots(gm, out)}
+    for node, q in graph.act_quants(gm):
+        src = node.args[0]
+        if node in outputs or (isinstance(src, fx.Node) and src.op == "placeholder"):
+            q.bits = IO_BITS
+        else:
+            q.bits = requested.get(node, assignment.default_act)
+
+
+@dataclass(frozen=True)
+class Search(Pass):
+    """Base of every search; subclasses set ``name`` and implement ``search``."""
+
+    requires = (Stage.QUANT,)
+    needs_labels = False
+
+    def search(self, gm: fx.GraphModule, ctx: PassContext) -> Assignment:
+        raise NotImplementedError
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if not layer_kinds(gm):
+            return PassResult(gm, False)
+        if self.needs_labels and (ctx.dataset is None or not ctx.dataset.labelled):
+            raise PreconditionError(f"search '{self.name}' learns from labelled data; pass --data with labels")
+        apply_assignment(gm, self.search(gm, ctx))
+        return PassResult(gm, True)
+
+
+def searches() -> dict[str, type[Search]]:
+    """Every registered search (built-in or from a plugin), by name."""
+    return {name: cls for name, cls in sorted(PASSES.items()) if issubclass(cls, Search)}

@@ -1,0 +1,215 @@
+"""The quantization-aware trainer every learned search shares.
+
+It trains a quant-stage graph (fake quantizers with straight-through rounding) on a labelled data set:
+* parameters fall into three groups with their own Adam optimizers: weights, ranges and gates (modules
+  expose the last two with ``range_parameters()`` / ``gate_parameters()``; no weight decay on them);
+* AQT's activation rule: during the first ``calibration_fraction`` of the steps every activation quantizer
+  observes (activations stay float, amax <- (1 - c) amax + c max|x|), then all of them freeze once, the
+  groups that must share a scale are unified, and the bounds never move again;
+* an optional ``regularizer()`` is added to the mean task loss (e.g. a BOPs penalty);
+* fixed seeds: the batch order of epoch e is a permutation drawn from a generator seeded with (seed, e);
+* a checkpoint after every epoch (model, quantizer settings, optimizers, epoch) and resume from it; a
+  checkpoint written for another model is refused.
+Not handled here: distributed data parallel training, learning-rate schedules other than constant.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from qcompile import cost
+from qcompile.data import Dataset
+from qcompile.ir.shapes import annotate_shapes
+from qcompile.passes.base import QCompileError
+from qcompile.quant import graph
+
+
+class TrainError(QCompileError):
+    pass
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 1e-3
+    range_lr: float = 1e-3
+    gate_lr: float = 1e-3
+    calibration_fraction: float = 0.2  # 0: keep the ranges the graph already has
+    momentum: float = 0.1
+    seed: int = 0
+    checkpoint: str = ""
+    resume: bool = False
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise TrainError(f"epochs must be positive, got {self.epochs}")
+        if not 0.0 <= self.calibration_fraction < 1.0:
+            raise TrainError(f"the calibration fraction must lie in [0, 1), got {self.calibration_fraction}")
+
+
+@dataclass(frozen=True)
+class EpochLog:
+    epoch: int
+    loss: float
+    accuracy: float
+    rel_bops: float
+
+
+def _hook_calls(gm: nn.Module, method: str) -> list[Any]:
+    """The results of calling ``method()`` on every submodule that defines it."""
+    results = []
+    for m in gm.modules():
+        fn = getattr(m, method, None)
+        if callable(fn):
+            results.append(fn())
+    return results
+
+
+def parameter_groups(gm: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """Weights, ranges and gates; a parameter a module lists as a range or gate is not a weight."""
+    ranges = [p for found in _hook_calls(gm, "range_parameters") for p in found]
+    gates = [p for found in _hook_calls(gm, "gate_parameters") for p in found]
+    special = {id(p) for p in ranges + gates}
+    weights = [p for p in gm.parameters() if id(p) not in special]
+    return {"weights": weights, "ranges": ranges, "gates": gates}
+
+
+def _signature(gm: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(k, tuple(v.shape)) for k, v in gm.state_dict().items()]
+
+
+@dataclass
+class QuantTrainer:
+    gm: fx.GraphModule
+    data: Dataset
+    config: TrainConfig
+    regularizer: Callable[[], torch.Tensor] | None = None
+    on_step: Callable[[int, fx.GraphModule], None] | None = None
+    history: list[EpochLog] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.data.y_train is None:
+            raise TrainError(f"data '{self.data.name}' has no labels; training needs labelled data")
+        groups = parameter_groups(self.gm)
+        lrs = {"weights": self.config.lr, "ranges": self.config.range_lr, "gates": self.config.gate_lr}
+        self.optimizers = {k: torch.optim.Adam(v, lr=lrs[k]) for k, v in groups.items() if v}
+        self.steps_per_epoch = math.ceil(len(self.data.x_train) / self.config.batch_size)
+        total = self.config.epochs * self.steps_per_epoch
+        self.freeze_step = math.ceil(self.config.calibration_fraction * total)
+        self.quantizers = [q for _, q in graph.act_quants(self.gm)]
+        annotate_shapes(self.gm, (self.data.x_train[:1],))
+
+    # ----------------------------------------------------------------------------------- activations
+
+    def _start_calibration(self) -> None:
+        for q in self.quantizers:
+            q.amax.zero_()
+            q.batches.zero_()
+            q.momentum, q.percentile, q.observing = self.config.momentum, None, True
+
+    def _freeze(self) -> None:
+        from qcompile.passes.share_scales import unify
+
+        for q in self.quantizers:
+            q.observing = False
+            if not q.calibrated or float(q.amax) <= 0:
+                raise TrainError("an activation stayed zero during calibration; check the data or the model")
+        for group in graph.scale_groups(self.gm):
+            unify([graph.act_quant(self.gm, n) for n in group])
+
+    # ------------------------------------------------------------------------------------- training
+
+    def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        assert self.data.y_train is not None
+        g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
+        order = torch.randperm(len(self.data.x_train), generator=g)
+        for start in range(0, len(order), self.config.batch_size):
+            idx = order[start : start + self.config.batch_size]
+            yield self.data.x_train[idx], self.data.y_train[idx]
+
+    def _step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+        if step == 0 and self.freeze_step > 0:
+            self._start_calibration()
+        if step == self.freeze_step and self.freeze_step > 0:
+            self._freeze()
+        logits = self.gm(x)
+        loss = F.cross_entropy(logits, y)
+        total = loss + self.regularizer() if self.regularizer is not None else loss
+        for opt in self.optimizers.values():
+            opt.zero_grad()
+        total.backward()
+        for opt in self.optimizers.values():
+            opt.step()
+        _hook_calls(self.gm, "after_step")  # e.g. clamping bit variables after the optimizer step
+        if self.on_step is not None:
+            self.on_step(step, self.gm)
+        return float(loss.detach()), int((logits.argmax(1) == y).sum())
+
+    def _epoch(self, epoch: int) -> EpochLog:
+        self.gm.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        rel_bops = cost.totals(cost.quant_layer_costs(self.gm))["rel_bops_percent"]
+        bar = tqdm(self._batches(epoch), f"train {epoch + 1}/{self.config.epochs}", total=self.steps_per_epoch,
+                   disable=not self.config.progress, leave=False)
+        for i, (x, y) in enumerate(bar):
+            loss, hits = self._step(epoch * self.steps_per_epoch + i, x, y)
+            loss_sum, correct, seen = loss_sum + loss * len(y), correct + hits, seen + len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", bops=f"{rel_bops:.2f}%")
+        self.gm.eval()
+        return EpochLog(epoch, loss_sum / seen, 100.0 * correct / seen, rel_bops)
+
+    def fit(self) -> list[EpochLog]:
+        start = self._resume()
+        if start > 0 and start * self.steps_per_epoch <= self.freeze_step:
+            raise TrainError("cannot resume inside the calibration phase; restart without --resume")
+        for epoch in range(start, self.config.epochs):
+            self.history.append(self._epoch(epoch))
+            self._save(epoch + 1)
+        return self.history
+
+    # ---------------------------------------------------------------------------------- checkpoints
+
+    def _quantizer_state(self) -> list[dict[str, Any]]:
+        return [{"bits": q.bits, "signed": q.signed_override, "observing": q.observing} for q in self.quantizers]
+
+    def _save(self, epochs_done: int) -> None:
+        if not self.config.checkpoint:
+            return
+        state = {"signature": _signature(self.gm), "model": self.gm.state_dict(), "epochs_done": epochs_done,
+                 "quantizers": self._quantizer_state(),
+                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
+        path = Path(self.config.checkpoint)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    def _resume(self) -> int:
+        path = Path(self.config.checkpoint)
+        if not (self.config.resume and self.config.checkpoint and path.is_file()):
+            return 0
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated or foreign files
+            raise TrainError(
+                f"cannot read checkpoint {path} ({type(exc).__name__}); delete it or fix the path"
+            ) from None
+        if [tuple(s) for s in state.get("signature", [])] != [(k, v) for k, v in _signature(self.gm)]:
+            raise TrainError(f"checkpoint {path} was written for another model; delete it or use another path")
+        self.gm.load_state_dict(state["model"])
+        for q, saved in zip(self.quantizers, state["quantizers"], strict=True):
+            q.bits, q.signed_override, q.observing = saved["bits"], saved["signed"], saved["observing"]
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+        return int(state["epochs_done"])

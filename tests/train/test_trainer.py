@@ -1,0 +1,101 @@
+"""The shared quantization-aware trainer: AQT's activation schedule, checkpoints, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+from conftest import make_model, run_pipeline
+
+from qcompile.data import Dataset
+from qcompile.quant import graph
+from qcompile.train import QuantTrainer, TrainConfig, TrainError
+
+QUANT = "canonicalize,fold-batchnorm,insert-quantizers,calibrate,assign-bitwidths{policy=w4a4}"
+
+
+def toy_data(n: int = 96, seed: int = 0) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 1, 8, 8, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 0).long()  # 3 classes, learnable
+    return Dataset("toy", x, y, x[:32], y[:32])
+
+
+def quant_graph(name: str = "residual") -> fx.GraphModule:
+    return run_pipeline(make_model(name), QUANT)
+
+
+def test_activation_bounds_freeze_at_the_configured_step_and_never_move() -> None:
+    gm, data = quant_graph(), toy_data()
+    seen: list[tuple[bool, list[float]]] = []
+
+    def record(step: int, g: fx.GraphModule) -> None:
+        quants = [q for _, q in graph.act_quants(g)]
+        seen.append((quants[0].observing, [float(q.amax) for q in quants]))
+
+    config = TrainConfig(epochs=2, batch_size=16, calibration_fraction=0.25)
+    trainer = QuantTrainer(gm, data, config, on_step=record)
+    trainer.fit()
+    assert trainer.freeze_step == 3  # ceil(0.25 * 2 epochs * 6 steps)
+    assert [observing for observing, _ in seen] == [True] * 3 + [False] * 9
+    frozen = seen[3][1]
+    assert all(amax == frozen for _, amax in seen[3:])  # frozen once, never updated
+    assert seen[0][1] != seen[2][1]  # the EMA moved while calibrating
+    for group in graph.scale_groups(gm):  # groups that meet at an add share one range after the freeze
+        assert len({float(graph.act_quant(gm, n).amax) for n in group}) == 1
+
+
+def test_training_reduces_the_loss() -> None:
+    gm, data = quant_graph("mlp"), toy_data(256)
+    history = QuantTrainer(gm, data, TrainConfig(epochs=6, batch_size=32, lr=3e-3)).fit()
+    assert history[-1].loss < history[0].loss
+    assert all(h.rel_bops == history[0].rel_bops for h in history)  # w4a4 bits do not change while training
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    data = toy_data()
+    straight = quant_graph()
+    QuantTrainer(straight, data, TrainConfig(epochs=3, batch_size=16)).fit()
+
+    config = TrainConfig(epochs=3, batch_size=16, checkpoint=str(tmp_path / "run.pt"))
+
+    def crash(step: int, g: fx.GraphModule) -> None:
+        if step == 13:  # inside the third epoch: the checkpoint holds two
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        QuantTrainer(quant_graph(), data, config, on_step=crash).fit()
+    resumed = quant_graph()
+    history = QuantTrainer(resumed, data, TrainConfig(**{**config.__dict__, "resume": True})).fit()
+    assert [h.epoch for h in history] == [2]
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
+    ckpt = str(tmp_path / "other.pt")
+    QuantTrainer(quant_graph("mlp"), toy_data(), TrainConfig(epochs=1, batch_size=32, checkpoint=ckpt)).fit()
+    with pytest.raises(TrainError, match="written for another model"):
+        QuantTrainer(quant_graph("residual"), toy_data(), TrainConfig(epochs=2, checkpoint=ckpt, resume=True)).fit()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"epochs": 0}, "epochs must be positive"),
+    ({"calibration_fraction": 1.0}, r"\[0, 1\)"),
+    ({"calibration_fraction": -0.1}, r"\[0, 1\)"),
+])
+def test_bad_configs_are_refused(kwargs: dict[str, float], message: str) -> None:
+    with pytest.raises(TrainError, match=message):
+        TrainConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_unlabelled_data_is_refused() -> None:
+    x = torch.randn(8, 1, 8, 8)
+    with pytest.raises(TrainError, match="no labels"):
+        QuantTrainer(quant_graph(), Dataset("random", x, None, x, None), TrainConfig())
