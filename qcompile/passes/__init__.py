@@ -12,7 +12,8 @@ from qcompile.passes import (  # noqa: F401 - imported for registration
 from qcompile.passes.base import PASSES, Pass, PassContext, PassError, PassResult, register_pass
 from qcompile.passes.manager import PassManager
 from qcompile.passes.pipeline import Pipeline, parse_pipeline
-from qcompile.search import aqt as _aqt  # noqa: F401 - registers the built-in learned search
+from qcompile.search import aqt as _aqt  # noqa: F401 - registers the built-in learned searches
+from qcompile.search import bsq as _bsq  # noqa: F401
 
 DEFAULT_PIPELINE = (
     "canonicalize,fold-batchnorm,insert-quantizers,calibrate,assign-bitwidths,share-scales,lower-integer"

@@ -1,12 +1,14 @@
 """The quantization-aware trainer every learned search shares.
 
 It trains a quant-stage graph (fake quantizers with straight-through rounding) on a labelled data set:
-* parameters fall into three groups with their own Adam optimizers: weights, ranges and gates (modules
-  expose the last two with ``range_parameters()`` / ``gate_parameters()``; no weight decay on them);
+* parameters fall into groups with their own Adam optimizers: weights, ranges, gates and bit variables
+  (modules expose the last three with ``range_parameters()`` / ``gate_parameters()`` / ``bit_parameters()``;
+  no weight decay on any);
 * AQT's activation rule: during the first ``calibration_fraction`` of the steps every activation quantizer
   observes (activations stay float, amax <- (1 - c) amax + c max|x|), then all of them freeze once, the
   groups that must share a scale are unified, and the bounds never move again;
-* an optional ``regularizer()`` is added to the mean task loss (e.g. a BOPs penalty);
+* an optional ``regularizer()`` is added to the mean task loss (e.g. a BOPs penalty); modules may define
+  ``after_step()`` (called after every optimizer step) and ``on_epoch_end`` may ask for fresh optimizers;
 * fixed seeds: the batch order of epoch e is a permutation drawn from a generator seeded with (seed, e);
 * a checkpoint after every epoch (model, quantizer settings, optimizers, epoch) and resume from it; a
   checkpoint written for another model is refused.
@@ -45,6 +47,7 @@ class TrainConfig:
     lr: float = 1e-3
     range_lr: float = 1e-3
     gate_lr: float = 1e-3
+    bit_lr: float = 1e-2
     calibration_fraction: float = 0.2  # 0: keep the ranges the graph already has
     momentum: float = 0.1
     seed: int = 0
@@ -77,13 +80,18 @@ def _hook_calls(gm: nn.Module, method: str) -> list[Any]:
     return results
 
 
+LEARNED_KINDS = ("ranges", "gates", "bits")
+
+
 def parameter_groups(gm: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """Weights, ranges and gates; a parameter a module lists as a range or gate is not a weight."""
-    ranges = [p for found in _hook_calls(gm, "range_parameters") for p in found]
-    gates = [p for found in _hook_calls(gm, "gate_parameters") for p in found]
-    special = {id(p) for p in ranges + gates}
-    weights = [p for p in gm.parameters() if id(p) not in special]
-    return {"weights": weights, "ranges": ranges, "gates": gates}
+    """Weights, ranges, gates and bit variables; a parameter a module lists under a kind is not a weight.
+
+    Modules list theirs with ``range_parameters()`` / ``gate_parameters()`` / ``bit_parameters()``.
+    """
+    groups = {kind: [p for ps in _hook_calls(gm, f"{kind[:-1]}_parameters") for p in ps] for kind in LEARNED_KINDS}
+    special = {id(p) for params in groups.values() for p in params}
+    weights = [p for p in gm.parameters() if id(p) not in special and p.requires_grad]
+    return {"weights": weights, **groups}
 
 
 def _signature(gm: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
@@ -97,19 +105,24 @@ class QuantTrainer:
     config: TrainConfig
     regularizer: Callable[[], torch.Tensor] | None = None
     on_step: Callable[[int, fx.GraphModule], None] | None = None
+    on_epoch_end: Callable[[int, fx.GraphModule], bool] | None = None  # True: reset the optimizers' state
     history: list[EpochLog] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.data.y_train is None:
             raise TrainError(f"data '{self.data.name}' has no labels; training needs labelled data")
-        groups = parameter_groups(self.gm)
-        lrs = {"weights": self.config.lr, "ranges": self.config.range_lr, "gates": self.config.gate_lr}
-        self.optimizers = {k: torch.optim.Adam(v, lr=lrs[k]) for k, v in groups.items() if v}
+        self.optimizers = self._make_optimizers()
         self.steps_per_epoch = math.ceil(len(self.data.x_train) / self.config.batch_size)
         total = self.config.epochs * self.steps_per_epoch
         self.freeze_step = math.ceil(self.config.calibration_fraction * total)
         self.quantizers = [q for _, q in graph.act_quants(self.gm)]
         annotate_shapes(self.gm, (self.data.x_train[:1],))
+
+    def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        groups = parameter_groups(self.gm)
+        c = self.config
+        lrs = {"weights": c.lr, "ranges": c.range_lr, "gates": c.gate_lr, "bits": c.bit_lr}
+        return {k: torch.optim.Adam(v, lr=lrs[k]) for k, v in groups.items() if v}
 
     # ----------------------------------------------------------------------------------- activations
 
@@ -176,6 +189,8 @@ class QuantTrainer:
             raise TrainError("cannot resume inside the calibration phase; restart without --resume")
         for epoch in range(start, self.config.epochs):
             self.history.append(self._epoch(epoch))
+            if self.on_epoch_end is not None and self.on_epoch_end(epoch, self.gm):
+                self.optimizers = self._make_optimizers()
             self._save(epoch + 1)
         return self.history
 

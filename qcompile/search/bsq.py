@@ -1,0 +1,133 @@
+"""bsq: bit-level sparsity quantization (ALGORITHMS.md §2) as a search.
+
+Every conv/linear weight is re-parameterized as BSQ bit planes (``quant/bsq.py``): W_q = s * round_N(w~),
+w~ = sum_b (pos_b - neg_b) 2^(N-1-b) / (2^N - 1), starting at N = ``start_bits`` magnitude bits. Training
+minimizes task loss + alpha * R with the bit-plane group Lasso R = (1/P) sum_l P_l N_l sum_b ||plane_l,b||_2,
+clamps the bit variables to [0, 2] after every step, and every ``requantize_every`` epochs rounds the planes
+back to exact 0/1 codes, drops empty MSB/LSB planes (values kept) and resets the optimizer state. Then the
+precision is frozen: each layer keeps signed (N+1)-bit weights (per output channel, like every other
+search) and fine-tunes for ``finetune_epochs``. Activations use the project's static calibrated quantizers
+at ``acts`` bits (AQT rule: EMA of max|x| in the first 20 % of the regularized steps, then frozen), not
+BSQ's per-batch dynamic scale, which cannot be lowered.
+
+Not handled: starting above 7 magnitude bits (an int9 weight does not fit the export's uint8 container),
+per-channel bit-widths, checkpoints (the plane shapes change while training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from qcompile.passes.base import PassContext, PreconditionError, option, register_pass
+from qcompile.quant import graph
+from qcompile.quant.bsq import BitPlaneWeight, bsq_regularizer
+from qcompile.quant.modules import QConv2d, QLinear, WeightQuant
+from qcompile.search.base import Search, apply_assignment, layer_kinds
+from qcompile.search.policies import Assignment, LayerBits, uniform
+from qcompile.train.trainer import QuantTrainer, TrainConfig
+
+MAX_START_BITS = 7
+
+
+class BitPlaneQuant(nn.Module):
+    """A weight quantizer that ignores the float weight and returns the BSQ planes' W_q."""
+
+    def __init__(self, planes: BitPlaneWeight) -> None:
+        super().__init__()
+        self.planes = planes
+
+    @property
+    def bits(self) -> int:
+        """The signed bit-width the planes currently need (N + 1), as WeightQuant.bits."""
+        return self.planes.itype.bits
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.planes()
+
+    def bit_parameters(self) -> list[nn.Parameter]:
+        return [self.planes.pos, self.planes.neg]
+
+    def range_parameters(self) -> list[nn.Parameter]:
+        return [self.planes.s]
+
+    def after_step(self) -> None:
+        self.planes.clamp_()
+
+
+def _attach_planes(layers: list[QConv2d | QLinear], start_bits: int) -> list[BitPlaneWeight]:
+    planes = []
+    for layer in layers:
+        p = BitPlaneWeight(layer.weight.detach(), bits=start_bits, max_bits=MAX_START_BITS)
+        layer.weight.requires_grad_(False)
+        layer.weight_quant = BitPlaneQuant(p)  # type: ignore[assignment]
+        planes.append(p)
+    return planes
+
+
+def _freeze_precision(layers: list[QConv2d | QLinear], planes: list[BitPlaneWeight]) -> list[int]:
+    """Write each layer's BSQ weights back as float weights with a uniform quantizer at N + 1 bits."""
+    bits = []
+    for layer, p in zip(layers, planes, strict=True):
+        p.requantize_()
+        with torch.no_grad():
+            layer.weight.copy_(p().detach())
+        layer.weight.requires_grad_(True)
+        layer.weight_quant = WeightQuant(p.itype.bits)
+        bits.append(p.itype.bits)
+    return bits
+
+
+@register_pass
+@dataclass(frozen=True)
+class BsqSearch(Search):
+    name = "bsq"
+    summary = "BSQ: bit-plane group-Lasso training finds per-layer weight bits (activations calibrated)"
+    needs_labels = True
+
+    alpha: float = option(0.005, "regularizer strength (>= 0); larger gives fewer bits")
+    epochs: int = option(3, "regularized training epochs")
+    requantize_every: int = option(1, "epochs between re-quantizations of the bit planes")
+    finetune_epochs: int = option(1, "epochs of fine-tuning with the precision frozen (0: none)")
+    start_bits: int = option(MAX_START_BITS, "starting magnitude bits N (weights start as int{N+1})")
+    acts: int = option(8, "activation bits")
+    lr: float = option(1e-3, "Adam learning rate of the weights and scales")
+    bit_lr: float = option(1e-2, "Adam learning rate of the bit variables")
+    batch_size: int = option(64, "training batch size")
+
+    def __post_init__(self) -> None:
+        if not self.alpha >= 0.0:
+            raise PreconditionError(f"bsq alpha must be >= 0, got {self.alpha}")
+        if self.epochs <= 0 or self.finetune_epochs < 0 or self.requantize_every <= 0:
+            raise PreconditionError("bsq epochs and requantize_every must be positive, finetune_epochs >= 0")
+        if not 1 <= self.start_bits <= MAX_START_BITS:
+            raise PreconditionError(f"bsq start_bits must lie in 1..{MAX_START_BITS}, got {self.start_bits}")
+
+    def _config(self, ctx: PassContext, epochs: int, fraction: float) -> TrainConfig:
+        return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr, range_lr=self.lr,
+                           bit_lr=self.bit_lr, calibration_fraction=fraction, seed=ctx.seed, progress=ctx.progress)
+
+    def search(self, gm: fx.GraphModule, ctx: PassContext) -> Assignment:
+        assert ctx.dataset is not None
+        names = [n for n, _ in layer_kinds(gm)]
+        apply_assignment(gm, uniform(names, 8, self.acts))
+        layers = [layer for _, layer in graph.layers(gm)]
+        planes = _attach_planes(layers, self.start_bits)
+
+        def requantize(epoch: int, g: fx.GraphModule) -> bool:
+            if (epoch + 1) % self.requantize_every:
+                return False
+            for p in planes:
+                p.requantize_()
+            return True
+
+        regularizer = lambda: self.alpha * bsq_regularizer(planes)  # noqa: E731
+        QuantTrainer(gm, ctx.dataset, self._config(ctx, self.epochs, 0.2), regularizer=regularizer,
+                     on_epoch_end=requantize).fit()
+        bits = _freeze_precision(layers, planes)
+        if self.finetune_epochs:
+            QuantTrainer(gm, ctx.dataset, self._config(ctx, self.finetune_epochs, 0.0)).fit()
+        return Assignment({n: LayerBits(b, self.acts) for n, b in zip(names, bits, strict=True)}, self.acts)

@@ -1,0 +1,44 @@
+"""The BSQ search: bits go down as alpha grows, the result lowers bit-exactly, bad options are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qcompile
+from qcompile.models import DemoNet, train_float
+from qcompile.passes import parse_pipeline
+from qcompile.passes.base import PreconditionError
+
+PIPELINE = "canonicalize,fold-batchnorm,insert-quantizers,calibrate,bsq{{{}}},share-scales,lower-integer"
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[torch.nn.Module, qcompile.Dataset]:
+    torch.manual_seed(0)
+    data = qcompile.load_data("digits")
+    assert data.y_train is not None
+    return train_float(DemoNet(width=8), data.x_train, data.y_train, epochs=6), data
+
+
+def test_bits_go_down_as_alpha_grows_and_the_graph_stays_bit_exact(trained: tuple) -> None:
+    model, data = trained
+    bits = {}
+    for alpha in (0.0, 2.0):
+        cm = qcompile.compile(model, data.x_train[:1], data=data,
+                              pipeline=PIPELINE.format(f"alpha={alpha},epochs=3,finetune_epochs=1"))
+        bits[alpha] = [c.w_bits for c in cm.layer_costs()]
+        assert cm.verify(data.x_test[:128]).mismatches == 0
+        assert all(2 <= b <= 8 for b in bits[alpha])
+    assert bits[0.0] == [8] * len(bits[0.0])  # no pressure: every layer keeps its 7 magnitude bits + sign
+    assert sum(bits[2.0]) < sum(bits[0.0])
+
+
+@pytest.mark.parametrize(("options", "message"), [
+    ("alpha=-0.1", "alpha must be >= 0"),
+    ("epochs=0", "must be positive"),
+    ("start_bits=8", r"start_bits must lie in 1\.\.7"),
+])
+def test_bad_options_are_refused(options: str, message: str) -> None:
+    with pytest.raises(PreconditionError, match=message):
+        parse_pipeline(f"bsq{{{options}}}").build()
