@@ -4,9 +4,11 @@ Per layer l (conv or linear), with MACs_l multiply-accumulates per input sample:
   BOPs          = MACs_l * b_w * b_a                (quadratic, energy-like)
   linear bits   = MACs_l * max(b_w, b_a)
   weight memory = ceil(params_l * b_w / 8) bytes   (biases excluded, they are int32 everywhere)
-and per activation tensor, activation memory = numel per sample * b / 8 bytes.
+and activation memory = bytes of the layer's input for one sample (in_elems * b_a / 8); the graph-wide
+``activation_bytes`` counts every integer tensor once.
 Relative BOPs = sum BOPs / sum (MACs * 32 * 32), in percent. b_a is the bit-width of the layer's input.
-``COST_MODELS`` names the per-layer models a search can be given (bops, linear-bits, weight-memory).
+``COST_MODELS`` names the per-layer models a search can be given (bops, linear-bits, weight-memory,
+activation-memory).
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ class LayerCost:
     a_bits: int
     macs: int
     params: int
+    in_elems: int = 0  # elements of the layer's input for one sample
+
+    @property
+    def input_bytes(self) -> int:
+        """Activation memory of the layer's input: in_elems * b_a / 8 bytes."""
+        return math.ceil(self.in_elems * self.a_bits / 8)
 
     @property
     def bops(self) -> int:
@@ -44,7 +52,8 @@ class LayerCost:
         return math.ceil(self.params * self.w_bits / 8)
 
     def as_dict(self) -> dict[str, object]:
-        return {**asdict(self), "bops": self.bops, "linear_bits": self.linear_bits, "weight_bytes": self.weight_bytes}
+        return {**asdict(self), "bops": self.bops, "linear_bits": self.linear_bits, "weight_bytes": self.weight_bytes,
+                "input_bytes": self.input_bytes}
 
 
 CostModel = Callable[[LayerCost], float]
@@ -52,6 +61,7 @@ COST_MODELS: dict[str, CostModel] = {
     "bops": lambda c: float(c.bops),
     "linear-bits": lambda c: float(c.linear_bits),
     "weight-memory": lambda c: float(c.weight_bytes),
+    "activation-memory": lambda c: float(c.input_bytes),
 }
 
 
@@ -59,6 +69,12 @@ def cost_model(name: str) -> CostModel:
     if name not in COST_MODELS:
         raise KeyError(f"unknown cost model '{name}' (known: {', '.join(COST_MODELS)})")
     return COST_MODELS[name]
+
+
+def _input_elems(node: fx.Node) -> int:
+    src = node.args[0]
+    shape = get_info(src).shape if isinstance(src, fx.Node) else None
+    return math.prod(shape[1:]) if shape else 0
 
 
 def _macs(node: fx.Node, weight: torch.Tensor, is_conv: bool) -> int:
@@ -77,7 +93,7 @@ def layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
             kind = "Conv2d" if isinstance(mod, ops.IntConv2d) else "Linear"
             name = get_info(node).layer or node.name
             macs, params = _macs(node, mod.weight, kind == "Conv2d"), int(mod.weight.numel())
-            costs.append(LayerCost(name, kind, mod.w_type.bits, mod.inp.bits, macs, params))
+            costs.append(LayerCost(name, kind, mod.w_type.bits, mod.inp.bits, macs, params, _input_elems(node)))
     return costs
 
 
@@ -94,7 +110,7 @@ def quant_layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
         is_conv = isinstance(layer, QConv2d)
         macs = _macs(node, layer.weight, is_conv)
         costs.append(LayerCost(str(node.target), "Conv2d" if is_conv else "Linear", layer.weight_quant.bits,
-                               a_bits, macs, int(layer.weight.numel())))
+                               a_bits, macs, int(layer.weight.numel()), _input_elems(node)))
     return costs
 
 
@@ -118,5 +134,6 @@ def totals(costs: list[LayerCost]) -> dict[str, float]:
         "rel_bops_percent": 100.0 * bops / (macs * 32 * 32) if macs else 0.0,
         "linear_bits": sum(c.linear_bits for c in costs),
         "weight_bytes": sum(c.weight_bytes for c in costs),
+        "input_bytes": sum(c.input_bytes for c in costs),
         "float_weight_bytes": params * 4,
     }

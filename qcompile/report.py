@@ -56,8 +56,9 @@ def layer_table(report: dict[str, Any]) -> str:
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     t = report["totals"]
-    lines = [f"relative BOPs {t['rel_bops_percent']:.2f} %, weights {t['weight_bytes']} bytes "
-             f"({t['float_weight_bytes'] / max(t['weight_bytes'], 1):.1f}x smaller than float32)"]
+    lines = [f"relative BOPs {t['rel_bops_percent']:.2f} % ({t['bops']} BOPs), linear bits {t['linear_bits']}, "
+             f"weights {t['weight_bytes']} bytes ({t['float_weight_bytes'] / max(t['weight_bytes'], 1):.1f}x smaller "
+             f"than float32), activations {t['activation_bytes']} bytes per sample"]
     if "accuracy" in report:
         lines.append("accuracy: " + ", ".join(f"{k} {v:.2f} %" for k, v in report["accuracy"].items()))
     if "verify" in report:
