@@ -1,4 +1,4 @@
-"""The ``qcompile`` command line: demo, compile, eval, passes.
+"""The ``qcompile`` command line: demo, compile, eval, passes, sweep.
 
 Every user error ends in one line on stderr (``error: ...``) naming the problem and a fix, exit status 2;
 ``--debug`` shows the traceback instead. Existing output files are never overwritten without --force.
@@ -71,7 +71,7 @@ def _ir_dumper(args: argparse.Namespace) -> Any:
     return dump
 
 
-SEARCH_FLAGS = ("epochs", "fraction", "lr", "checkpoint", "resume")
+SEARCH_FLAGS = ("epochs", "fraction", "lr", "alpha", "mu", "checkpoint", "resume")
 
 
 def _pipeline(args: argparse.Namespace) -> str | None:
@@ -104,24 +104,13 @@ def _pipeline(args: argparse.Namespace) -> str | None:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     import qcompile
-    from qcompile.frontends.model_spec import load_model, load_weights
     from qcompile.report import layer_table, summary_lines
 
     out, report_path = Path(args.output), Path(args.report) if args.report else None
     _refuse_existing(out, args.force)
     _refuse_existing(report_path, args.force)
     data = qcompile.load_data(args.data, args.input_shape) if args.data else None
-    model = load_model(args.model)
-    if args.weights:
-        if isinstance(model, Path):
-            raise qcompile.QCompileError(
-                "--weights applies to a factory model; a .pt2 or .onnx file carries its own weights"
-            )
-        load_weights(model, args.weights)
-    shape = args.input_shape or (data.input_shape if data else None)
-    if shape is None:
-        raise qcompile.QCompileError("the input shape is unknown; pass --input-shape C,H,W or --data")
-    example = data.x_train[:1] if data and data.input_shape == shape else torch.zeros(1, *shape)
+    model, example = _model_and_example(args, data)
     cm = qcompile.compile(model, example, data=data, policy=args.policy or "w8a8", pipeline=_pipeline(args),
                           calibration_steps=args.calibration_steps, progress=_progress(args),
                           dump=_ir_dumper(args))
@@ -163,6 +152,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _model_and_example(args: argparse.Namespace, data: Any) -> tuple[Any, torch.Tensor]:
+    """MODEL (with --weights) and an example input of --input-shape or of the data."""
+    import qcompile
+    from qcompile.frontends.model_spec import load_model, load_weights
+
+    model = load_model(args.model)
+    if args.weights:
+        if isinstance(model, Path):
+            raise qcompile.QCompileError(
+                "--weights applies to a factory model; a .pt2 or .onnx file carries its own weights"
+            )
+        load_weights(model, args.weights)
+    shape = args.input_shape or (data.input_shape if data else None)
+    if shape is None:
+        raise qcompile.QCompileError("the input shape is unknown; pass --input-shape C,H,W or --data")
+    return model, data.x_train[:1] if data and data.input_shape == shape else torch.zeros(1, *shape)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    import qcompile
+    from qcompile import sweep as sw
+
+    if not args.output:
+        raise qcompile.QCompileError("sweep writes sweep.json and sweep.png into a folder; pass -o OUTDIR")
+    if not args.data:
+        raise qcompile.QCompileError("a sweep measures accuracy; pass labelled --data (digits, fashion-mnist, "
+                                     "FILE.npz)")
+    out = Path(args.output)
+    sw.refuse_existing(out, args.force)
+    policies = [] if args.baselines == "none" else sw.parse_values("--baselines", args.baselines)
+    points = [*sw.baseline_points(policies, args.baseline_epochs), *sw.points_from_flags(args.sweep_flags)]
+    data = qcompile.load_data(args.data, args.input_shape)
+    model, example = _model_and_example(args, data)
+    result = sw.run_sweep(model, data, points, example=example, calibration_steps=args.calibration_steps,
+                          verify_samples=args.verify_samples if args.verify else 0, progress=_progress(args),
+                          log=sw.stderr_log)
+    written = sw.write_sweep(result, out, args.force)
+    print(result.table())
+    print(f"wrote {' and '.join(str(p) for p in written)}")
+    if any(r.mismatches for r in result.results):
+        print("error: onnxruntime and the reference executor disagree", file=sys.stderr)
+        return CHECK_FAILED
+    return 0
+
+
 def cmd_passes(args: argparse.Namespace) -> int:
     from qcompile.passes import DEFAULT_PIPELINE, PASSES
     from qcompile.passes.base import option_help
@@ -193,6 +227,46 @@ def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
                    help="import MODULE (package.module or file.py) first: it may register passes and searches")
 
 
+class _SweepFlag(argparse.Action):
+    """Keeps --search and the search flags in command-line order: the flags after --search NAME are its own."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        flags = [*(getattr(namespace, self.dest, None) or []), (str(option_string).lstrip("-"), str(values))]
+        setattr(namespace, self.dest, flags)
+
+
+def _sweep_parser(sub: Any) -> None:
+    s = sub.add_parser("sweep", help="compile MODEL under a grid of search options; Pareto table and plot",
+                       description="Every flag after --search NAME[,NAME] sets that search's option of the same "
+                       "name; a comma-separated list sweeps it. Flags before the first --search apply to every "
+                       "search that has the option.")
+    _common(s)
+    s.add_argument("model", help="file.py:factory, package.module:factory, a torch.export .pt2, or a float .onnx")
+    s.add_argument("-o", "--output", metavar="OUTDIR", help="folder for sweep.json and sweep.png (created)")
+    s.add_argument("--data", help="labelled data: digits | fashion-mnist[:DIR] | FILE.npz")
+    s.add_argument("--input-shape", type=_shape, help="input shape without the batch, e.g. 1,28,28")
+    s.add_argument("--weights", help="a state dict saved with torch.save (loaded with weights_only=True)")
+    s.set_defaults(sweep_flags=[])
+    flag = {"action": _SweepFlag, "dest": "sweep_flags", "default": argparse.SUPPRESS}
+    s.add_argument("--search", metavar="NAME[,NAME]", help="a search to sweep (repeatable; see `qcompile passes`)",
+                   **flag)
+    for name, meaning in [("epochs", "training epochs"), ("fraction", "AQT calibration share of the steps"),
+                          ("lr", "learning rate"), ("policy", "bit-width policy"), ("alpha", "BSQ regularizer"),
+                          ("mu", "regularizer weight")]:
+        s.add_argument(f"--{name}", metavar="V[,V]", help=f"{meaning}: the search option '{name}'", **flag)
+    s.add_argument("--option", metavar="NAME=V[,V]", help="any other option of the search, e.g. batch_size=32,64",
+                   **flag)
+    s.add_argument("--baselines", default="w8a8,w4a4", help="policies compiled post-training as references, "
+                   "or none (default w8a8,w4a4)")
+    s.add_argument("--baseline-epochs", type=int, help="also train each baseline policy for N epochs "
+                   "(aqt{policy=P,epochs=N}), the budget of the searches")
+    s.add_argument("--calibration-steps", type=int, default=32, help="calibration batches (default 32)")
+    s.add_argument("--verify", action="store_true", help="count onnxruntime/reference mismatches of every point")
+    s.add_argument("--verify-samples", type=int, default=256, help="test samples to verify (default 256)")
+    s.add_argument("--force", action="store_true", help="replace sweep.json and sweep.png in OUTDIR")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcompile", description=__doc__.split("\n")[0] + "\n\nCompile trained "
                                      "networks to mixed-precision integer-only graphs and bit-exact ONNX.")
@@ -220,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int, help="training epochs of a learned search")
     c.add_argument("--fraction", type=float, help="AQT: share of training steps that calibrate activation bounds")
     c.add_argument("--lr", type=float, help="learning rate of a learned search")
+    c.add_argument("--alpha", type=float, help="BSQ: strength of the bit-plane regularizer (>= 0)")
+    c.add_argument("--mu", type=float, help="strength of a BOPs regularizer, for searches that have one")
     c.add_argument("--checkpoint", help="a learned search's checkpoint file (written after every epoch)")
     c.add_argument("--resume", action="store_true", help="continue a learned search from --checkpoint")
     c.add_argument("--pipeline", help="a pass pipeline replacing the default (see `qcompile passes`)")
@@ -239,10 +315,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("passes", help="list every pass and its options")
     _common(p)
+    _sweep_parser(sub)
     return parser
 
 
-COMMANDS = {"demo": cmd_demo, "compile": cmd_compile, "eval": cmd_eval, "passes": cmd_passes}
+COMMANDS = {"demo": cmd_demo, "compile": cmd_compile, "eval": cmd_eval, "passes": cmd_passes, "sweep": cmd_sweep}
 
 
 def main(argv: list[str] | None = None) -> int:

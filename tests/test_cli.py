@@ -263,3 +263,15 @@ def test_learned_search_needs_labels(workdir: Path, capsys: pytest.CaptureFixtur
     code, _, err = run(["compile", "models.py:small", "--data", "random", "--input-shape", "1,8,8", "--search", "aqt",
                         "-o", "out.onnx"], capsys)
     assert_one_line_error(code, err, "learns from labelled data")
+
+
+def test_search_bsq_with_alpha_from_the_command_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, _ = run(["compile", "models.py:small", "--data", "digits", "--search", "bsq", "--alpha", "0.5",
+                      "--epochs", "1", "-o", "bsq.onnx", "--report", "r.json", "--verify", "--verify-samples", "32"],
+                     capsys)
+    assert code == 0
+    report = json.loads((workdir / "r.json").read_text())
+    assert "bsq{epochs=1,alpha=0.5}" in report["pipeline"] and report["verify"]["mismatches"] == 0
+    code, _, err = run(["compile", "models.py:small", "--data", "digits", "--search", "bsq", "--alpha", "-1",
+                        "-o", "x.onnx"], capsys)
+    assert_one_line_error(code, err, "alpha must be >= 0")
