@@ -38,6 +38,20 @@ def default_pipeline(policy: str = "w8a8", steps: int = 32) -> str:
     return text.replace("assign-bitwidths", assign)
 
 
+def search_pipeline(spec: str, steps: int = 32) -> str:
+    """The default pipeline with the search ``spec`` (``name{options}``) choosing the bits.
+
+    The search's quantizer scheme goes to insert-quantizers and the passes it asks for follow it.
+    """
+    from qcompile.search.base import searches
+
+    name = spec.split("{", 1)[0]
+    cls = searches().get(name)
+    scheme, after = (cls.scheme, cls.followed_by) if cls is not None else ("uniform", ())
+    text = default_pipeline("w8a8", steps).replace("assign-bitwidths", ",".join([spec, *after]))
+    return text if scheme == "uniform" else text.replace("insert-quantizers", f"insert-quantizers{{scheme={scheme}}}")
+
+
 def check_weights(model: nn.Module) -> None:
     """Refuse NaN/Inf in any parameter or buffer, naming it."""
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
@@ -77,6 +91,7 @@ class CompiledModel:
     example_inputs: tuple[torch.Tensor, ...]
     pipeline: str
     timings: list[PassTiming] = field(default_factory=list)
+    records: dict[str, Any] = field(default_factory=dict)  # what searches and passes learned (PassContext.records)
     _onnx: onnx.ModelProto | None = None
     _fast: fx.GraphModule | None = None
 
@@ -195,5 +210,6 @@ def compile(  # noqa: A001 - the verb users expect
     if get_stage(result) is not Stage.INTEGER:
         raise ModelError(f"the pipeline '{text}' did not end in an integer graph; finish it with lower-integer")
     spec = ",".join(p.spec() for p in passes) if not isinstance(pipeline, str) else text
-    return CompiledModel(snapshots["float"], snapshots.get("quant"), result, examples, spec, manager.timings)
+    return CompiledModel(snapshots["float"], snapshots.get("quant"), result, examples, spec, manager.timings,
+                         ctx.records)
 

@@ -71,14 +71,14 @@ def _ir_dumper(args: argparse.Namespace) -> Any:
     return dump
 
 
-SEARCH_FLAGS = ("epochs", "fraction", "lr", "alpha", "mu", "checkpoint", "resume")
+SEARCH_FLAGS = ("epochs", "fraction", "lr", "alpha", "mu", "post_training", "checkpoint", "resume")
 
 
 def _pipeline(args: argparse.Namespace) -> str | None:
     """--pipeline as given, or the default pipeline with --search NAME (and its flags) choosing the bits."""
     import dataclasses
 
-    from qcompile.api import default_pipeline
+    from qcompile.api import search_pipeline
     from qcompile.passes.base import QCompileError
     from qcompile.search.base import searches
 
@@ -99,7 +99,7 @@ def _pipeline(args: argparse.Namespace) -> str | None:
                             f"(its options: {', '.join(fields) or 'none'})")
     opts = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in given.items())
     spec = args.search + ("{" + opts + "}" if opts else "")
-    return default_pipeline("w8a8", args.calibration_steps).replace("assign-bitwidths", spec)
+    return search_pipeline(spec, args.calibration_steps)
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
@@ -289,13 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data", help="digits | fashion-mnist[:DIR] | random | FILE.npz (x, y): train split "
                                   "calibrates, test split measures accuracy")
     c.add_argument("--policy", help="w{N}a{M} | aqt (4-bit, first/last 8-bit) | FILE.json (default w8a8)")
-    c.add_argument("--search", help="a bit-width search instead of a fixed policy, e.g. aqt (QAT with the AQT "
-                                    "recipe); `qcompile passes` lists every search and its options")
+    c.add_argument("--search", help="a bit-width search instead of a fixed policy: aqt (QAT with the AQT recipe), "
+                                    "bsq, bayesian-bits; `qcompile passes` lists every search and its options")
     c.add_argument("--epochs", type=int, help="training epochs of a learned search")
     c.add_argument("--fraction", type=float, help="AQT: share of training steps that calibrate activation bounds")
     c.add_argument("--lr", type=float, help="learning rate of a learned search")
     c.add_argument("--alpha", type=float, help="BSQ: strength of the bit-plane regularizer (>= 0)")
-    c.add_argument("--mu", type=float, help="strength of a BOPs regularizer, for searches that have one")
+    c.add_argument("--mu", type=float, help="Bayesian Bits: strength of the BOPs regularizer (> 0)")
+    c.add_argument("--post-training", action="store_true", help="Bayesian Bits: keep the weights, learn only "
+                   "gates and ranges on a small set (minutes)")
     c.add_argument("--checkpoint", help="a learned search's checkpoint file (written after every epoch)")
     c.add_argument("--resume", action="store_true", help="continue a learned search from --checkpoint")
     c.add_argument("--pipeline", help="a pass pipeline replacing the default (see `qcompile passes`)")

@@ -16,18 +16,29 @@ if TYPE_CHECKING:
 def build_report(cm: CompiledModel, data: Dataset | None, verify_inputs: torch.Tensor | None,
                  progress: bool = False) -> dict[str, Any]:
     costs = cm.layer_costs()
+    learned = cm.records.get("bayesian-bits", {}).get("layers", {})
     report: dict[str, Any] = {
         "pipeline": cm.pipeline,
-        "layers": [c.as_dict() for c in costs],
+        "layers": [{**c.as_dict(), **_learned(learned.get(c.name))} for c in costs],
         "totals": {**cost.totals(costs), "activation_bytes": cost.activation_bytes(cm.integer_graph)},
         "passes": [{"name": t.name, "seconds": round(t.seconds, 6), "modified": t.modified} for t in cm.timings],
     }
+    if cm.records:
+        report["records"] = cm.records
     if data is not None and data.labelled:
         report["accuracy"] = cm.accuracies(data, progress)
     if verify_inputs is not None:
         v = cm.verify(verify_inputs)
         report["verify"] = {"mismatches": v.mismatches, "compared": v.compared}
     return report
+
+
+def _learned(entry: dict[str, Any] | None) -> dict[str, Any]:
+    """A layer's learned choice (Bayesian Bits): kept channels and final gate probabilities."""
+    if entry is None:
+        return {}
+    return {"channels": entry["channels"], "kept_channels": entry["kept_channels"],
+            "gate_probabilities": entry["gate_probabilities"]}
 
 
 def format_table(headers: list[str], rows: list[list[Any]]) -> str:

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from qcompile.api import compile as qcompile_compile
-from qcompile.api import default_pipeline
+from qcompile.api import search_pipeline as api_search_pipeline
 from qcompile.data import Dataset
 from qcompile.passes.base import Pass, QCompileError
 from qcompile.passes.pipeline import PassSpec
@@ -300,7 +300,7 @@ class Sweep:
 
 def search_pipeline(point: SweepPoint, calibration_steps: int = 32) -> str:
     """The default pipeline with the point's search in place of assign-bitwidths."""
-    return default_pipeline("w8a8", calibration_steps).replace("assign-bitwidths", point.spec)
+    return api_search_pipeline(point.spec, calibration_steps)
 
 
 def run_point(model: nn.Module | str | Path, data: Dataset, example: torch.Tensor, point: SweepPoint,

@@ -50,6 +50,7 @@ class PassContext:
     seed: int = 0
     progress: bool = False
     notes: list[str] = field(default_factory=list)
+    records: dict[str, Any] = field(default_factory=dict)  # what searches/passes learned, for the report
 
     def calibration_batches(self) -> Iterator[torch.Tensor]:
         if self.calibration is None:

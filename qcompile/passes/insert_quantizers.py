@@ -6,7 +6,11 @@
   layer outputs, residual-add outputs and average-pool outputs, each *after* the ReLU/clamps that
   directly follow it (they fold into the requantization; the quantizer is unsigned when its calibrated
   minimum is >= 0, as after a ReLU). Max pooling, reshapes and concatenations keep their input's scale.
-Not handled: schemes other than ``uniform`` (Bayesian Bits, BSQ and APoT plug in here later).
+With ``scheme=bayesian-bits`` the same places get Bayesian Bits quantizers (``quant/bayesian_bits.py``):
+every weight a gated quantizer (x_max from max|W|, a pruning gate per output channel except on layers
+that produce a graph output), every activation except the graph's inputs and outputs (which stay plain
+8-bit) a gated quantizer that starts from its calibrated range; the ``bayesian-bits`` search trains them.
+Not handled: BSQ and APoT here (their searches swap the weight quantizers themselves).
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from torch import nn
 
 from qcompile.ir import rewrite
 from qcompile.ir.meta import Stage
+from qcompile.ir.rewrite import input_node
 from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, option, register_pass
 from qcompile.quant import graph
+from qcompile.quant.bayesian_bits import BayesianBitsActQuant, BayesianBitsWeightQuant
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
 
-SCHEMES = ("uniform",)
+SCHEMES = ("uniform", "bayesian-bits")
 
 
 def _quantize_layers(gm: fx.GraphModule, bits: int) -> None:
@@ -36,6 +42,16 @@ def _quantize_layers(gm: fx.GraphModule, bits: int) -> None:
             rewrite.set_module(gm, str(node.target), QLinear.from_float(mod, bits))
 
 
+def _use_bayesian_bits(gm: fx.GraphModule) -> None:
+    outputs = {root for out in graph.output_nodes(gm) for root in graph.roots(gm, out)}
+    output_points = {graph.chain_start(gm, q)[0] for q in outputs}
+    for node, layer in graph.layers(gm):
+        layer.weight_quant = BayesianBitsWeightQuant(layer.weight, prune=node not in output_points)
+    for node, q in list(graph.act_quants(gm)):
+        if node not in outputs and input_node(node).op != "placeholder":
+            rewrite.set_module(gm, str(node.target), BayesianBitsActQuant(q.bits))
+
+
 @register_pass
 @dataclass(frozen=True)
 class InsertQuantizers(Pass):
@@ -44,7 +60,7 @@ class InsertQuantizers(Pass):
     requires = (Stage.FLOAT,)
     produces = Stage.QUANT
 
-    scheme: str = option("uniform", "quantizer family: uniform")
+    scheme: str = option("uniform", "quantizer family: uniform | bayesian-bits")
     weights: int = option(8, "initial weight bit-width (assign-bitwidths may change it)")
     acts: int = option(8, "initial activation bit-width")
 
@@ -56,4 +72,6 @@ class InsertQuantizers(Pass):
             if graph.is_quant_point(gm, node):
                 end = graph.chain_end(node)
                 rewrite.insert_module_after(gm, end, f"{end.name}_act", ActQuant(self.acts))
+        if self.scheme == "bayesian-bits":
+            _use_bayesian_bits(gm)
         return PassResult(rewrite.finish(gm), True)

@@ -89,11 +89,14 @@ class _Lowering:
 
 
 def _weights(layer: QConv2d | QLinear, s_x: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    w = layer.weight.detach().double()
-    s_w = layer.weight_quant.scale(layer.weight.detach()).double()
+    """q_w from the quantizer's own output W_q (already on its grid), q_b from the bias the layer uses."""
+    with torch.no_grad():
+        w = layer.weight_quant(layer.weight.detach()).double()
+        s_w = layer.weight_quant.scale(layer.weight.detach()).double()
+        b = layer.weight_quant.quant_bias(layer.bias)
     t = layer.weight_quant.itype
     q_w = torch.round(w / s_w.view(-1, *[1] * (w.dim() - 1))).clamp(t.lo, t.hi).to(torch.int64)
-    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(s_w)
+    bias = b.detach().double() if b is not None else torch.zeros_like(s_w)
     q_b = torch.round(bias / (s_x * s_w)).to(torch.int64)
     return q_w, q_b, s_w
 
@@ -196,6 +199,7 @@ def _lower_output(lw: _Lowering, node: fx.Node) -> None:
 
 
 def lower(gm: fx.GraphModule) -> fx.GraphModule:
+    gm.eval()  # learned quantizers lower their deterministic (eval) behaviour
     lw = _Lowering(gm)
     consumed = set()
     for qnode, _ in graph.act_quants(gm):

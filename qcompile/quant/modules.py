@@ -6,7 +6,8 @@
   statistic (``amax <- (1 - c) * amax + c * stat``, the first batch initialises it), where the statistic is
   max|x| (the AQT rule) or the p-th percentile of |x| (the ceil(n p / 100)-th smallest; the max when that
   is 0, as for a mostly-zero tensor after ReLU). Rounding uses a straight-through estimator.
-* Weights, per output channel: ``s_c = max|W_c| / (2^(b-1) - 1)``, recomputed every forward.
+* Weights, per output channel: ``s_c = max|W_c| / (2^(b-1) - 1)``, recomputed every forward (unless
+  pinned: prune-channels pins max|W_c| before it removes input columns).
 
 Not handled: asymmetric (zero-point) activation ranges and per-channel activation scales; the integer
 contract has neither.
@@ -15,6 +16,7 @@ contract has neither.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -101,16 +103,26 @@ class ActQuant(nn.Module):
 class WeightQuant(nn.Module):
     """Per-output-channel symmetric weight quantizer, scale from max|W| at every call."""
 
+    pinned_amax: torch.Tensor | None
+
     def __init__(self, bits: int = 8) -> None:
         super().__init__()
         self.bits = bits
+        self.register_buffer("pinned_amax", None)
 
     @property
     def itype(self) -> IntType:
         return IntType(self.bits, True)
 
+    def pin_scale(self, w: torch.Tensor) -> None:
+        """Keep the current per-channel max|W| from now on (prune-channels drops dead inputs exactly)."""
+        if self.pinned_amax is None:
+            self.pinned_amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1).clone()
+
     def scale(self, w: torch.Tensor) -> torch.Tensor:
-        amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
+        amax = self.pinned_amax
+        if amax is None:
+            amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
         scale = amax / self.itype.hi
         return torch.where(scale > 0, scale, torch.ones_like(scale))
 
@@ -119,14 +131,38 @@ class WeightQuant(nn.Module):
         t = self.itype
         return fake_quant(w, self.scale(w).view(shape), t.lo, t.hi)
 
+    def quant_bias(self, b: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias the layer uses (a weight quantizer that prunes channels zeroes theirs)."""
+        return b
+
+    def select_channels(self, keep: torch.Tensor) -> None:
+        """Follow the removal of output channels (prune-channels)."""
+        if self.pinned_amax is not None:
+            self.pinned_amax = self.pinned_amax[keep].clone()
+
     def extra_repr(self) -> str:
         return f"bits={self.bits}, per-channel"
+
+
+class WeightQuantizer(Protocol):
+    """What a layer's weight quantizer offers (WeightQuant and the quantizers of the learned searches)."""
+
+    bits: int
+
+    @property
+    def itype(self) -> IntType: ...
+
+    def scale(self, w: torch.Tensor) -> torch.Tensor: ...
+
+    def quant_bias(self, b: torch.Tensor | None) -> torch.Tensor | None: ...
+
+    def __call__(self, w: torch.Tensor) -> torch.Tensor: ...
 
 
 class QConv2d(nn.Conv2d):
     """Conv2d whose weight passes through a WeightQuant; bias stays float in simulation."""
 
-    weight_quant: WeightQuant
+    weight_quant: WeightQuantizer
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, bits: int = 8) -> QConv2d:
@@ -140,11 +176,11 @@ class QConv2d(nn.Conv2d):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quant(self.weight), self.bias)
+        return self._conv_forward(x, self.weight_quant(self.weight), self.weight_quant.quant_bias(self.bias))
 
 
 class QLinear(nn.Linear):
-    weight_quant: WeightQuant
+    weight_quant: WeightQuantizer
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int = 8) -> QLinear:
@@ -154,4 +190,4 @@ class QLinear(nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_quant(self.weight), self.bias)
+        return F.linear(x, self.weight_quant(self.weight), self.weight_quant.quant_bias(self.bias))

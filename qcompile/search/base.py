@@ -14,6 +14,7 @@ activations get the assignment's default; graph inputs and outputs stay 8-bit (t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch.fx as fx
 
@@ -62,16 +63,22 @@ class Search(Pass):
 
     requires = (Stage.QUANT,)
     needs_labels = False
+    scheme: ClassVar[str] = "uniform"  # the insert-quantizers scheme the search trains
+    followed_by: ClassVar[tuple[str, ...]] = ()  # passes the default pipeline runs right after it
 
     def search(self, gm: fx.GraphModule, ctx: PassContext) -> Assignment:
         raise NotImplementedError
+
+    def apply(self, gm: fx.GraphModule, assignment: Assignment) -> None:
+        """Write the assignment into the quantizers (a search that set them itself overrides this)."""
+        apply_assignment(gm, assignment)
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if not layer_kinds(gm):
             return PassResult(gm, False)
         if self.needs_labels and (ctx.dataset is None or not ctx.dataset.labelled):
             raise PreconditionError(f"search '{self.name}' learns from labelled data; pass --data with labels")
-        apply_assignment(gm, self.search(gm, ctx))
+        self.apply(gm, self.search(gm, ctx))
         return PassResult(gm, True)
 
 

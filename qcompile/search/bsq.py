@@ -54,6 +54,9 @@ class BitPlaneQuant(nn.Module):
     def range_parameters(self) -> list[nn.Parameter]:
         return [self.planes.s]
 
+    def quant_bias(self, b: torch.Tensor | None) -> torch.Tensor | None:
+        return b
+
     def after_step(self) -> None:
         self.planes.clamp_()
 
