@@ -11,6 +11,7 @@ import torch
 import qcompile
 from qcompile.api import search_pipeline
 from qcompile.cli import main
+from qcompile.frontends.model_spec import load_model
 from qcompile.models import DemoNet, train_float
 from qcompile.passes import PassError, parse_pipeline
 from qcompile.passes.base import PreconditionError
@@ -142,3 +143,24 @@ def test_cli_refuses_a_checkpoint_of_another_model(tmp_path: Path, capsys: pytes
     err = capsys.readouterr().err
     assert code == 2 and "written for another model" in err
     assert ckpt.exists()
+
+
+def test_cli_sweep_over_mu_with_trained_uniform_baselines(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = qcompile.load_data("digits")
+    assert data.y_train is not None
+    torch.manual_seed(0)
+    weights = tmp_path / "tiny.pt"
+    torch.save(train_float(load_model(TINY), data.x_train, data.y_train, epochs=4).state_dict(), weights)
+    out = tmp_path / "sweep"
+    code = main(["sweep", TINY, "--weights", str(weights), "--data", "digits", "--search", "bayesian-bits", "--mu",
+                 "0.01,1", "--epochs", "2", "--option", "gate_lr=0.1", "--option", "gate_init=3", "--baselines",
+                 "w4a4", "--baseline-epochs", "2", "-o", str(out), "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    points = json.loads((out / "sweep.json").read_text())["points"]
+    assert [p["method"] for p in points[:2]] == ["ptq", "qat{epochs=2}"]
+    assert [(p["method"], p["knobs"]) for p in points[2:]] == [
+        ("bayesian-bits{epochs=2,gate_lr=0.1,gate_init=3}", {"mu": 0.01}),
+        ("bayesian-bits{epochs=2,gate_lr=0.1,gate_init=3}", {"mu": 1.0})]
+    assert all("kept_channels" in layer for p in points[2:] for layer in p["layers"])
+    assert points[3]["rel_bops_percent"] < points[2]["rel_bops_percent"]
+    assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
