@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from qcompile import distributed
+
 USER_ERROR, CHECK_FAILED = 2, 1
 
 
@@ -29,7 +31,9 @@ def _shape(text: str) -> tuple[int, ...]:
 
 
 def _progress(args: argparse.Namespace) -> bool:
-    return bool(args.progress) if args.progress is not None else sys.stderr.isatty()
+    """--progress, else when stderr is a terminal; never on the other ranks under torchrun."""
+    shown = bool(args.progress) if args.progress is not None else sys.stderr.isatty()
+    return shown and distributed.is_main()
 
 
 def _refuse_existing(path: Path | None, force: bool) -> None:
@@ -114,6 +118,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     cm = qcompile.compile(model, example, data=data, policy=args.policy or "w8a8", pipeline=_pipeline(args),
                           calibration_steps=args.calibration_steps, progress=_progress(args),
                           dump=_ir_dumper(args))
+    if not distributed.is_main():  # under torchrun every rank compiles the same model; rank 0 writes
+        return 0
     verify_inputs = data.x_test[: args.verify_samples] if args.verify and data else (example if args.verify else None)
     report = cm.report(data, verify_inputs, progress=_progress(args))
     cm.save_onnx(out, force=args.force)
@@ -187,7 +193,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     model, example = _model_and_example(args, data)
     result = sw.run_sweep(model, data, points, example=example, calibration_steps=args.calibration_steps,
                           verify_samples=args.verify_samples if args.verify else 0, progress=_progress(args),
-                          log=sw.stderr_log)
+                          log=sw.stderr_log if distributed.is_main() else None)
+    if not distributed.is_main():
+        return 0
     written = sw.write_sweep(result, out, args.force)
     print(result.table())
     print(f"wrote {' and '.join(str(p) for p in written)}")

@@ -5,7 +5,8 @@
   (signed, narrow symmetric). ``amax`` is calibrated as an exponential moving average of the batch
   statistic (``amax <- (1 - c) * amax + c * stat``, the first batch initialises it), where the statistic is
   max|x| (the AQT rule) or the p-th percentile of |x| (the ceil(n p / 100)-th smallest; the max when that
-  is 0, as for a mostly-zero tensor after ReLU). Rounding uses a straight-through estimator.
+  is 0, as for a mostly-zero tensor after ReLU). Rounding uses a straight-through estimator. Under
+  torchrun the statistic is reduced over the ranks first (max, or the mean of the percentiles).
 * Weights, per output channel: ``s_c = max|W_c| / (2^(b-1) - 1)``, recomputed every forward (unless
   pinned: prune-channels pins max|W_c| before it removes input columns).
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qcompile import distributed
 from qcompile.ir.meta import IntType
 from qcompile.ir.shapes import pair
 
@@ -77,13 +79,16 @@ class ActQuant(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
+        """One EMA step; under torchrun the batch statistic is that of all ranks' batches together."""
         stat = self._statistic(x)
+        stat = distributed.reduce_max(stat) if self.percentile is None else distributed.reduce_mean(stat)
+        low = distributed.reduce_min(x.detach().min())
         if self.batches == 0:
             self.amax.copy_(stat)
-            self.amin.copy_(x.min())
+            self.amin.copy_(low)
         else:
             self.amax.mul_(1.0 - self.momentum).add_(self.momentum * stat)
-            self.amin.copy_(torch.minimum(self.amin, x.min()))
+            self.amin.copy_(torch.minimum(self.amin, low))
         self.batches += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -9,15 +9,25 @@ It trains a quant-stage graph (fake quantizers with straight-through rounding) o
   groups that must share a scale are unified, and the bounds never move again;
 * an optional ``regularizer()`` is added to the mean task loss (e.g. a BOPs penalty); modules may define
   ``after_step()`` (called after every optimizer step) and ``on_epoch_end`` may ask for fresh optimizers;
-* fixed seeds: the batch order of epoch e is a permutation drawn from a generator seeded with (seed, e);
+* fixed seeds: the batch order of epoch e is a permutation drawn from a generator seeded with (seed, e),
+  and the global torch generator (gate samples, ...) is reseeded from (seed, e, rank) at every epoch, so a
+  resumed run draws what the uninterrupted one drew;
 * a checkpoint after every epoch (model, quantizer settings, optimizers, epoch) and resume from it; a
-  checkpoint written for another model is refused.
-Not handled here: distributed data parallel training, learning-rate schedules other than constant.
+  checkpoint written for another model is refused;
+* data parallel under torchrun (``qcompile/distributed.py``): the model and its regularizer run inside one
+  DistributedDataParallel module (so gradients of the task loss and of the regularizer are averaged
+  together and parameters used only by the regularizer still count as used), every rank trains on its
+  shard of the epoch's permutation, activation statistics are reduced over the ranks, the logged loss and
+  accuracy are those of all ranks, and only rank 0 writes checkpoints and shows progress. Gates, ranges,
+  weights and calibration statistics stay identical on every rank. ``device="cuda"`` trains on
+  ``cuda:LOCAL_RANK`` (nccl) and hands the graph back on the CPU.
+Not handled here: learning-rate schedules other than constant, gradient accumulation.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +37,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from qcompile import cost
+from qcompile import cost, distributed
 from qcompile.data import Dataset
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.passes.base import QCompileError
@@ -54,8 +65,13 @@ class TrainConfig:
     checkpoint: str = ""
     resume: bool = False
     progress: bool = False
+    device: str = "cpu"  # "cuda": cuda:LOCAL_RANK under torchrun
 
     def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise TrainError(f"the training device must be 'cpu' or 'cuda', got '{self.device}'")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise TrainError("device 'cuda' was asked for but torch sees no CUDA device; use 'cpu'")
         if self.epochs <= 0:
             raise TrainError(f"epochs must be positive, got {self.epochs}")
         if not 0.0 <= self.calibration_fraction < 1.0:
@@ -98,6 +114,27 @@ def _signature(gm: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     return [(k, tuple(v.shape)) for k, v in gm.state_dict().items()]
 
 
+class _Objective(nn.Module):
+    """The graph and its regularizer as one module returning (logits, penalty), the unit DDP wraps."""
+
+    def __init__(self, gm: fx.GraphModule, regularizer: Callable[[], torch.Tensor] | None) -> None:
+        super().__init__()
+        self.gm = gm
+        self.penalty = regularizer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = self.gm(x)
+        return logits, (self.penalty() if self.penalty is not None else logits.new_zeros(()))
+
+
+def _device(config: TrainConfig) -> torch.device:
+    if config.device == "cpu":
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    return device
+
+
 @dataclass
 class QuantTrainer:
     gm: fx.GraphModule
@@ -111,18 +148,35 @@ class QuantTrainer:
     def __post_init__(self) -> None:
         if self.data.y_train is None:
             raise TrainError(f"data '{self.data.name}' has no labels; training needs labelled data")
+        self.distributed = distributed.setup(self.config.device)
+        annotate_shapes(self.gm, (self.data.x_train[:1],))
+        self.device = _device(self.config)
+        self.gm.to(self.device)
         self.optimizers = self._make_optimizers()
-        self.steps_per_epoch = math.ceil(len(self.data.x_train) / self.config.batch_size)
+        per_rank = len(self.data.x_train) // distributed.world_size()
+        if per_rank == 0:
+            raise TrainError(f"{len(self.data.x_train)} training samples cannot be split over "
+                             f"{distributed.world_size()} processes; use more data or fewer processes")
+        self.steps_per_epoch = math.ceil(per_rank / self.config.batch_size)
         total = self.config.epochs * self.steps_per_epoch
         self.freeze_step = math.ceil(self.config.calibration_fraction * total)
         self.quantizers = [q for _, q in graph.act_quants(self.gm)]
-        annotate_shapes(self.gm, (self.data.x_train[:1],))
+        self.model = self._wrap()
 
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         groups = parameter_groups(self.gm)
         c = self.config
         lrs = {"weights": c.lr, "ranges": c.range_lr, "gates": c.gate_lr, "bits": c.bit_lr}
         return {k: torch.optim.Adam(v, lr=lrs[k]) for k, v in groups.items() if v}
+
+    def _wrap(self) -> nn.Module:
+        """The objective, inside DistributedDataParallel under torchrun (rank 0's values broadcast)."""
+        objective = _Objective(self.gm, self.regularizer)
+        if not self.distributed:
+            return objective
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(objective, device_ids=ids, find_unused_parameters=True,
+                                       forward_sync_buffers=False)
 
     # ----------------------------------------------------------------------------------- activations
 
@@ -145,24 +199,24 @@ class QuantTrainer:
     # ------------------------------------------------------------------------------------- training
 
     def _batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's batches of epoch ``epoch``: a slice of one permutation drawn from (seed, epoch)."""
         assert self.data.y_train is not None
         g = torch.Generator().manual_seed(self.config.seed * 100_003 + epoch)
-        order = torch.randperm(len(self.data.x_train), generator=g)
+        order = distributed.shard(torch.randperm(len(self.data.x_train), generator=g))
         for start in range(0, len(order), self.config.batch_size):
             idx = order[start : start + self.config.batch_size]
-            yield self.data.x_train[idx], self.data.y_train[idx]
+            yield self.data.x_train[idx].to(self.device), self.data.y_train[idx].to(self.device)
 
     def _step(self, step: int, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
         if step == 0 and self.freeze_step > 0:
             self._start_calibration()
         if step == self.freeze_step and self.freeze_step > 0:
             self._freeze()
-        logits = self.gm(x)
+        logits, penalty = self.model(x)
         loss = F.cross_entropy(logits, y)
-        total = loss + self.regularizer() if self.regularizer is not None else loss
         for opt in self.optimizers.values():
             opt.zero_grad()
-        total.backward()
+        (loss + penalty).backward()
         for opt in self.optimizers.values():
             opt.step()
         _hook_calls(self.gm, "after_step")  # e.g. clamping bit variables after the optimizer step
@@ -171,27 +225,33 @@ class QuantTrainer:
         return float(loss.detach()), int((logits.argmax(1) == y).sum())
 
     def _epoch(self, epoch: int) -> EpochLog:
+        torch.manual_seed(self.config.seed * 100_003 + epoch + 7_919 * distributed.rank())
         self.gm.train()
         loss_sum, correct, seen = 0.0, 0, 0
         rel_bops = cost.totals(cost.quant_layer_costs(self.gm))["rel_bops_percent"]
         bar = tqdm(self._batches(epoch), f"train {epoch + 1}/{self.config.epochs}", total=self.steps_per_epoch,
-                   disable=not self.config.progress, leave=False)
+                   disable=not (self.config.progress and distributed.is_main()), leave=False)
         for i, (x, y) in enumerate(bar):
             loss, hits = self._step(epoch * self.steps_per_epoch + i, x, y)
             loss_sum, correct, seen = loss_sum + loss * len(y), correct + hits, seen + len(y)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}", bops=f"{rel_bops:.2f}%")
         self.gm.eval()
-        return EpochLog(epoch, loss_sum / seen, 100.0 * correct / seen, rel_bops)
+        loss_sum, correct, seen = distributed.reduce_sum(torch.tensor([loss_sum, correct, seen], dtype=torch.float64))
+        return EpochLog(epoch, float(loss_sum / seen), float(100.0 * correct / seen), rel_bops)
 
     def fit(self) -> list[EpochLog]:
+        """Train for the configured epochs (from the checkpoint when resuming); the graph ends on the CPU."""
         start = self._resume()
         if start > 0 and start * self.steps_per_epoch <= self.freeze_step:
             raise TrainError("cannot resume inside the calibration phase; restart without --resume")
-        for epoch in range(start, self.config.epochs):
-            self.history.append(self._epoch(epoch))
-            if self.on_epoch_end is not None and self.on_epoch_end(epoch, self.gm):
-                self.optimizers = self._make_optimizers()
-            self._save(epoch + 1)
+        with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+            for epoch in range(start, self.config.epochs):
+                self.history.append(self._epoch(epoch))
+                if self.on_epoch_end is not None and self.on_epoch_end(epoch, self.gm):
+                    self.optimizers = self._make_optimizers()
+                    self.model = self._wrap()  # parameters may have changed shape
+                self._save(epoch + 1)
+        self.gm.to("cpu")
         return self.history
 
     # ---------------------------------------------------------------------------------- checkpoints
@@ -202,20 +262,22 @@ class QuantTrainer:
     def _save(self, epochs_done: int) -> None:
         if not self.config.checkpoint:
             return
-        state = {"signature": _signature(self.gm), "model": self.gm.state_dict(), "epochs_done": epochs_done,
-                 "quantizers": self._quantizer_state(),
-                 "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
-        path = Path(self.config.checkpoint)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(path)
+        if distributed.is_main():
+            state = {"signature": _signature(self.gm), "model": self.gm.state_dict(), "epochs_done": epochs_done,
+                     "quantizers": self._quantizer_state(),
+                     "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
+            path = Path(self.config.checkpoint)
+            tmp = path.with_name(path.name + ".tmp")
+            torch.save(state, tmp)
+            tmp.replace(path)
+        distributed.barrier()
 
     def _resume(self) -> int:
         path = Path(self.config.checkpoint)
         if not (self.config.resume and self.config.checkpoint and path.is_file()):
             return 0
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as exc:  # noqa: BLE001 - truncated or foreign files
             raise TrainError(
                 f"cannot read checkpoint {path} ({type(exc).__name__}); delete it or fix the path"
