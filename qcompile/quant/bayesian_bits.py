@@ -29,6 +29,7 @@ Not handled: asymmetric (zero-point) ranges, per-channel clip ranges, more than 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -85,6 +86,106 @@ def residual_decomposition(x: torch.Tensor, x_max: torch.Tensor, signed: bool) -
     """[x2, e4, e8, e16, e32] for an already clipped x (computed in x's dtype)."""
     levels = [quantize_on_grid(x, x_max, b, signed) for b in BIT_WIDTHS]
     return [levels[0]] + [hi - lo for lo, hi in zip(levels, levels[1:], strict=False)]
+
+
+CHUNK = 1 << 16  # elements per block: the block's temporaries stay in the CPU's cache
+
+
+class GatedGrid(torch.autograd.Function):
+    """The gated residual quantizer as one autograd node: the values and straight-through gradients of
+    composing quantize_on_grid levels, computed blockwise with float arithmetic only (boolean masks are
+    slow on the CPU, and one pass per term over a large activation is bound by memory bandwidth).
+
+    Inputs: x, x_max (> 0), the active gates g_1..g_a (z4, z8, ...; all non-zero), the channel gates z2
+    (empty: none), signedness. With xc = clip(x), v_k = xc / s_k, q_k = clamp(round(v_k)), L_k = s_k q_k,
+    the nested output z2 (L_0 + g_1 (D_1 + g_2 (D_2 + ...))), D_k = L_k - L_{k-1}, is z2 sum_k w_k L_k with
+    w_k = P_k - P_{k+1} (P_0 = 1, P_k = g_1 ... g_k, P_{a+1} = 0). Gradients, m_k = 1 where the clamp
+    passes round(v_k) and 0 where it clips (only possible on a signed grid), c = sum_k w_k m_k:
+    dy/dx = z2 c inside the clip range (0 outside); dy/dz2 = core; dy/dg_j = z2 sum_k (dw_k/dg_j) L_k;
+    dy/dx_max = z2 [sum_k w_k (q_k - m_k v_k) s_k / x_max + c o] = z2 [core / x_max + c (o - xc / x_max)],
+    with o = dxc/dx_max = sign(x - xc) on a signed range, max(sign(x - xc), 0) on an unsigned one.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, x_max: torch.Tensor, gates: torch.Tensor, z2: torch.Tensor,
+                signed: bool) -> torch.Tensor:
+        g = gates.tolist()
+        need = any(ctx.needs_input_grad[:4])
+        core, d_x, d_max, levels = _gated_blocks(x.reshape(-1), float(x_max), g, signed, need)
+        core = core.view_as(x)
+        if need:
+            ctx.save_for_backward(d_x, d_max, z2, core if z2.numel() else z2, *levels)
+            ctx.gates = g
+        return core * _per_channel(z2, x) if z2.numel() else core
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        d_x, d_max, z2, core, *levels = ctx.saved_tensors
+        gz = grad * _per_channel(z2, grad) if z2.numel() else grad
+        flat = gz.reshape(-1)
+        dots = [torch.dot(flat, level) for level in levels]
+        g = ctx.gates
+        grad_gates = torch.stack([sum((dw * dot for dw, dot in zip(_chain_weight_grads(g, j), dots, strict=True)),
+                                      torch.zeros((), dtype=grad.dtype)) for j in range(len(g))]) if g else None
+        grad_z2 = (grad * core).reshape(len(z2), -1).sum(1) if z2.numel() else None
+        return (flat * d_x).view_as(grad), torch.dot(flat, d_max), grad_gates, grad_z2, None
+
+
+def _gated_blocks(flat: torch.Tensor, xm: float, g: list[float], signed: bool, need: bool
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """core = sum_k w_k L_k and, when ``need``, dy/dx, dy/dx_max (without z2) and the levels L_k."""
+    weights = _chain_weights(g)
+    span = 2.0 * xm if signed else xm
+    grids = [(span / float(2**b - 1), *grid_bounds(b, signed)) for b in BIT_WIDTHS[: len(g) + 1]]
+    core = torch.empty_like(flat)
+    d_x, d_max = (torch.empty_like(flat), torch.empty_like(flat)) if need else (core, core)
+    levels = [torch.empty_like(flat) for _ in grids] if need else []
+    for i in range(0, flat.numel(), CHUNK):
+        xs = flat[i : i + CHUNK]
+        xc = xs.clamp(-xm if signed else 0.0, xm)
+        acc, c = core[i : i + CHUNK].zero_(), torch.zeros_like(xs) if signed else None
+        for k, ((step, lo, hi), w) in enumerate(zip(grids, weights, strict=True)):
+            r = torch.div(xc, step).round_()
+            q = r.clamp(lo, hi) if signed else r
+            if c is not None:  # 1 where the clamp passed round(v), 0 where it clipped
+                c.add_((r - q).abs_().clamp_(max=1.0).neg_().add_(1.0), alpha=w)
+            q.mul_(step)
+            acc.add_(q, alpha=w)
+            if need:
+                levels[k][i : i + CHUNK] = q
+        if need:
+            _clip_grads(xs, xc, acc, c, xm, d_x[i : i + CHUNK], d_max[i : i + CHUNK])
+    return core, d_x, d_max, levels
+
+
+def _clip_grads(xs: torch.Tensor, xc: torch.Tensor, core: torch.Tensor, c: torch.Tensor | None, xm: float,
+                d_x: torch.Tensor, d_max: torch.Tensor) -> None:
+    """dy/dx = c inside the range; dy/dx_max = core / xm + c (o - xc / xm) (c = 1 on an unsigned grid)."""
+    o = torch.sub(xs, xc).sign_()
+    torch.sub(1.0, o.abs(), out=d_x)
+    if c is None:
+        o.clamp_(min=0.0)
+        torch.sub(core, xc, out=d_max).div_(xm).add_(o)
+        return
+    d_x.mul_(c)
+    torch.div(core, xm, out=d_max).add_(o.sub_(xc, alpha=1.0 / xm).mul_(c))
+
+
+def _chain_weight_grads(gates: list[float], j: int) -> list[float]:
+    """dw_k/dg_j for k = 0..a (w_k = P_k - P_{k+1}; dP_k/dg_j = prod_{i <= k, i != j} g_i for k >= j)."""
+    others = gates[:j] + [1.0] + gates[j + 1 :]
+    d_prefix = [0.0 if k <= j else math.prod(others[:k]) for k in range(len(gates) + 1)] + [0.0]
+    return [d_prefix[k] - d_prefix[k + 1] for k in range(len(gates) + 1)]
+
+
+def _chain_weights(gates: list[float]) -> list[float]:
+    """w_k = P_k - P_{k+1} for k = 0..a (P_0 = 1, P_k = g_1 ... g_k, P_{a+1} = 0): the share of level k."""
+    prefix = [math.prod(gates[:k]) for k in range(len(gates) + 1)] + [0.0]
+    return [prefix[k] - prefix[k + 1] for k in range(len(gates) + 1)]
+
+
+def _per_channel(z2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return z2.view(-1, *[1] * (x.dim() - 1))
 
 
 class GatedQuantizer(nn.Module):
@@ -162,22 +263,15 @@ class GatedQuantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x_q = z2 (x2 + z4 (e4 + z8 (...))), z2 broadcast over dim 0 (channels) when present."""
-        x_max = self.x_max.abs() + 1e-12
-        xc = self.clip(x)
         gates = self._gates(self.log_alpha)
-        levels = [quantize_on_grid(xc, x_max, BIT_WIDTHS[0], self.signed)]
         active = 0
-        for b, z in zip(GATED_BITS, gates, strict=True):
-            if float(z.detach()) == 0.0:
+        for z in gates.detach().tolist():  # residuals behind a gate that is exactly 0 are not computed
+            if z == 0.0:
                 break
-            levels.append(quantize_on_grid(xc, x_max, b, self.signed))
             active += 1
-        out = torch.zeros_like(xc)
-        for i in range(active, 0, -1):  # innermost residual first
-            out = gates[i - 1] * (levels[i] - levels[i - 1] + out)
-        out = levels[0] + out
         z2 = self.channel_gates()
-        return out if z2 is None else out * z2.view(-1, *[1] * (x.dim() - 1))
+        channel = z2 if z2 is not None else x.new_ones(0)
+        return GatedGrid.apply(x, self.x_max.abs() + 1e-12, gates[:active], channel, self.signed)
 
     def extra_repr(self) -> str:
         return f"signed={self.signed}, x_max={float(self.x_max.detach().abs()):.4g}, bits={self.bits}"

@@ -167,3 +167,47 @@ def test_range_weight_quant_follows_channel_selection() -> None:
     q.select_channels(torch.tensor([True, False, True]))
     assert q.mask.tolist() == [1.0, 1.0]
     assert math.isclose(float(q.scale(w[:2])[0]), 1 / 3, rel_tol=1e-6)
+
+
+def _composed(q: GatedQuantizer, x: torch.Tensor) -> torch.Tensor:
+    """The definition, composed from the residual decomposition with autograd (the spec GatedGrid follows)."""
+    x_max = q.x_max.abs() + 1e-12
+    parts = residual_decomposition(q.clip(x), x_max, q.signed)
+    gates = q._gates(q.log_alpha)
+    out = torch.zeros_like(x)
+    for i in range(len(gates) - 1, -1, -1):
+        out = gates[i] * (parts[i + 1] + out)
+    out = parts[0] + out
+    z2 = q.channel_gates()
+    return out if z2 is None else out * z2.view(-1, *[1] * (x.dim() - 1))
+
+
+@pytest.mark.parametrize("signed,channels,log_alpha", [(False, 0, [0.5, 0.3, 0.2, -0.1]), (True, 0, [2.0, 0.1, 6, 6]),
+                                                       (True, 6, [0.4, 0.2, -6, -6]), (True, 6, [-6, 6, 6, 6])])
+def test_the_fused_quantizer_has_the_values_and_gradients_of_the_composed_definition(
+        signed: bool, channels: int, log_alpha: list[float]) -> None:
+    g = torch.Generator().manual_seed(3)
+    shape = (6, 5, 3, 3) if channels else (8, 4, 7, 7)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * (1.0 if signed else 0.0) + \
+        (0.0 if signed else torch.rand(shape, generator=g, dtype=torch.float64) * 1.5)
+    results = []
+    for forward in (lambda q, v: q(v), _composed):
+        q = GatedQuantizer(1.1, signed, channels).double().train()
+        with torch.no_grad():
+            q.log_alpha.copy_(torch.tensor(log_alpha))
+            if q.prune_log_alpha is not None:
+                q.prune_log_alpha.copy_(torch.linspace(-1, 1, channels))
+        xin = x.clone().requires_grad_()
+        torch.manual_seed(11)  # the same gate samples for both
+        y = forward(q, xin)
+        (y * torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        grads = [xin.grad, q.x_max.grad, q.log_alpha.grad]
+        results.append((y.detach(), [gr if gr is not None else torch.zeros(1, dtype=torch.float64) for gr in grads],
+                        q.prune_log_alpha.grad if q.prune_log_alpha is not None else None))
+    (y_fused, g_fused, p_fused), (y_ref, g_ref, p_ref) = results
+    assert torch.allclose(y_fused, y_ref, atol=1e-12)
+    for a, b in zip(g_fused, g_ref, strict=True):
+        assert torch.allclose(a, b.expand_as(a) if b.numel() == 1 else b, atol=1e-9), (a, b)
+    assert (p_fused is None) == (p_ref is None)
+    if p_fused is not None and p_ref is not None:
+        assert torch.allclose(p_fused, p_ref, atol=1e-9)
