@@ -6,7 +6,10 @@ Per layer l (conv or linear), with MACs_l multiply-accumulates per input sample:
   weight memory = ceil(params_l * b_w / 8) bytes   (biases excluded, they are int32 everywhere)
 and activation memory = bytes of the layer's input for one sample (in_elems * b_a / 8); the graph-wide
 ``activation_bytes`` counts every integer tensor once.
-Relative BOPs = sum BOPs / sum (MACs * 32 * 32), in percent. b_a is the bit-width of the layer's input.
+Relative BOPs = sum BOPs / sum (MACs * 32 * 32), in percent, where the denominator's MACs are those of the
+model as given (``dense_totals`` of the float graph): a pruned channel lowers BOPs, not the reference.
+Compression against float32 likewise counts the given model's parameters. b_a is the bit-width of the
+layer's input.
 ``COST_MODELS`` names the per-layer models a search can be given (bops, linear-bits, weight-memory,
 activation-memory).
 """
@@ -114,6 +117,20 @@ def quant_layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
     return costs
 
 
+def dense_totals(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> tuple[int, int]:
+    """(MACs, parameters) of every Conv2d/Linear of a float-stage graph: the reference before pruning."""
+    from qcompile.ir.shapes import annotate_shapes
+
+    annotate_shapes(gm, example_inputs)
+    macs = params = 0
+    for node in gm.graph.nodes:
+        mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
+            macs += _macs(node, mod.weight, isinstance(mod, torch.nn.Conv2d))
+            params += int(mod.weight.numel())
+    return macs, params
+
+
 def activation_bytes(gm: fx.GraphModule) -> int:
     """Bytes of every integer activation tensor for one sample (inputs of layers and graph values)."""
     total = 0.0
@@ -124,14 +141,16 @@ def activation_bytes(gm: fx.GraphModule) -> int:
     return math.ceil(total)
 
 
-def totals(costs: list[LayerCost]) -> dict[str, float]:
+def totals(costs: list[LayerCost], dense: tuple[int, int] | None = None) -> dict[str, float]:
+    """Network totals; ``dense`` = (MACs, parameters) of the unpruned model (default: these layers')."""
     macs = sum(c.macs for c in costs)
     bops = sum(c.bops for c in costs)
-    params = sum(c.params for c in costs)
+    ref_macs, params = dense if dense is not None else (macs, sum(c.params for c in costs))
     return {
         "macs": macs,
+        "dense_macs": ref_macs,
         "bops": bops,
-        "rel_bops_percent": 100.0 * bops / (macs * 32 * 32) if macs else 0.0,
+        "rel_bops_percent": 100.0 * bops / (ref_macs * 32 * 32) if ref_macs else 0.0,
         "linear_bits": sum(c.linear_bits for c in costs),
         "weight_bytes": sum(c.weight_bytes for c in costs),
         "input_bytes": sum(c.input_bytes for c in costs),

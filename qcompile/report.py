@@ -20,7 +20,8 @@ def build_report(cm: CompiledModel, data: Dataset | None, verify_inputs: torch.T
     report: dict[str, Any] = {
         "pipeline": cm.pipeline,
         "layers": [{**c.as_dict(), **_learned(learned.get(c.name))} for c in costs],
-        "totals": {**cost.totals(costs), "activation_bytes": cost.activation_bytes(cm.integer_graph)},
+        "totals": {**cost.totals(costs, cost.dense_totals(cm.float_graph, cm.example_inputs)),
+                   "activation_bytes": cost.activation_bytes(cm.integer_graph)},
         "passes": [{"name": t.name, "seconds": round(t.seconds, 6), "modified": t.modified} for t in cm.timings],
     }
     if cm.records:

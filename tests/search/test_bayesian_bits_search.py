@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import qcompile
+from qcompile import cost
 from qcompile.api import search_pipeline
 from qcompile.cli import main
 from qcompile.frontends.model_spec import load_model
@@ -70,6 +71,12 @@ def test_pruned_channels_are_removed_from_the_integer_graph(trained: tuple) -> N
             assert removed[name]["channels_left"] == learned[name]["kept_channels"]
     assert cm.verify(data.x_test[:128]).mismatches == 0
     assert learned["head"]["kept_channels"] == 10  # the logits are never pruned
+    # relative BOPs and compression count the model as given: pruning lowers BOPs, not the reference
+    totals = cm.report()["totals"]
+    dense_macs, dense_params = cost.dense_totals(cm.float_graph, cm.example_inputs)
+    assert totals["macs"] < totals["dense_macs"] == dense_macs
+    assert totals["rel_bops_percent"] == pytest.approx(100 * totals["bops"] / (dense_macs * 1024))
+    assert totals["float_weight_bytes"] == 4 * dense_params
 
 
 def test_post_training_learns_gates_and_ranges_but_keeps_the_weights(trained: tuple) -> None:
