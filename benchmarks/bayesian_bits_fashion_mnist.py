@@ -45,7 +45,8 @@ TARGET_BOPS, TARGET_POINTS, TARGET_EPOCH_RATIO = 0.5, 1.0, 2.5
 
 def bb_points(args: Any) -> list[SweepPoint]:
     knobs = {"mu": [f"{float(m):g}" for m in args.mus.split(",")], "epochs": [str(args.search_epochs - args.finetune)],
-             "finetune_epochs": [str(args.finetune)], "gate_lr": [f"{args.gate_lr:g}"], "lr": [f"{args.lr:g}"]}
+             "finetune_epochs": [str(args.finetune)], "gate_lr": [f"{args.gate_lr:g}"], "lr": [f"{args.lr:g}"],
+             "gate_init": [f"{args.gate_init:g}"]}
     return grid("bayesian-bits", knobs)
 
 
@@ -58,7 +59,7 @@ def epoch_ratio(model: torch.nn.Module, data: Dataset, args: Any) -> tuple[float
         with common.Stopwatch() as float_sw:
             train_float(LeNet5().train(), data.x_train, data.y_train, epochs=1, seed=args.seed)
         float_s = min(float_s, float_sw.seconds)
-    spec = f"bayesian-bits{{mu=0.01,epochs=1,finetune_epochs=0,gate_lr={args.gate_lr:g}}}"
+    spec = f"bayesian-bits{{mu=0.01,epochs=1,finetune_epochs=0,gate_lr={args.gate_lr:g},gate_init={args.gate_init:g}}}"
     cm = qcompile.compile(model, data.x_train[:1], data=data, pipeline=search_pipeline(spec))
     search_s = sum(t.seconds for t in cm.timings if t.name == "bayesian-bits")
     return float_s, search_s
@@ -100,6 +101,7 @@ def main() -> int:
     p.add_argument("--search-epochs", type=int, default=3, help="training budget of every method (default 3)")
     p.add_argument("--finetune", type=int, default=1, help="of the budget, epochs with frozen gates (default 1)")
     p.add_argument("--gate-lr", type=float, default=1e-2, help="Adam learning rate of the gates (default 1e-2)")
+    p.add_argument("--gate-init", type=float, default=2.0, help="initial log alpha of the gates (default 2)")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the weights (default 1e-4)")
     p.add_argument("--policies", default="w8a8,w4a4,aqt", help="uniform references (default %(default)s)")
     p.add_argument("--train-subset", type=int, default=0, help="search on this many training images (0: all)")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from qcompile.passes.base import PassContext, PreconditionError, option, register_pass
-from qcompile.search.base import Search, apply_assignment, first_conv_last_linear, layer_kinds
+from qcompile.search.base import Search, apply_assignment, check_schedule, first_conv_last_linear, layer_kinds
 from qcompile.search.policies import Assignment, policy_assignment
 from qcompile.train.trainer import QuantTrainer, TrainConfig
 
@@ -31,6 +31,7 @@ class AqtRecipe(Search):
     fraction: float = option(0.2, "share of the steps that calibrate activation bounds (in (0, 1))")
     batch_size: int = option(64, "training batch size")
     policy: str = option("aqt", "the bit-width policy trained for (see assign-bitwidths)")
+    schedule: str = option("constant", "learning-rate schedule of the weights and ranges: constant | cosine")
     checkpoint: str = option("", "checkpoint file written after every epoch")
     resume: bool = option(False, "continue from the checkpoint")
 
@@ -39,6 +40,7 @@ class AqtRecipe(Search):
             raise PreconditionError(f"aqt fraction must lie in (0, 1), got {self.fraction}")
         if self.epochs <= 0:
             raise PreconditionError(f"aqt epochs must be positive, got {self.epochs}")
+        check_schedule("aqt", self.schedule)
 
     def search(self, gm: fx.GraphModule, ctx: PassContext) -> Assignment:
         assert ctx.dataset is not None
@@ -48,6 +50,6 @@ class AqtRecipe(Search):
         apply_assignment(gm, assignment)
         config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                              calibration_fraction=self.fraction, seed=ctx.seed, checkpoint=self.checkpoint,
-                             resume=self.resume, progress=ctx.progress)
+                             resume=self.resume, progress=ctx.progress, schedule=self.schedule)
         QuantTrainer(gm, ctx.dataset, config).fit()
         return assignment

@@ -28,6 +28,14 @@ from qcompile.search.policies import Assignment
 IO_BITS = 8
 
 
+def check_schedule(search: str, schedule: str) -> None:
+    """Refuse an unknown learning-rate schedule when the search is built (not after the model loaded)."""
+    from qcompile.train.trainer import SCHEDULES
+
+    if schedule not in SCHEDULES:
+        raise PreconditionError(f"{search} schedule must be one of {', '.join(SCHEDULES)}, got '{schedule}'")
+
+
 def layer_kinds(gm: fx.GraphModule) -> list[tuple[str, str]]:
     """(layer name, "conv" | "linear") for every quantized layer, in graph order."""
     return [(str(n.target), "conv" if isinstance(m, QConv2d) else "linear") for n, m in graph.layers(gm)]

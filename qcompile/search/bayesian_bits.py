@@ -42,7 +42,7 @@ from qcompile.quant.bayesian_bits import (
     GatedQuantizer,
     RangeWeightQuant,
 )
-from qcompile.search.base import Search
+from qcompile.search.base import Search, check_schedule
 from qcompile.search.policies import Assignment, LayerBits
 from qcompile.train.trainer import QuantTrainer, TrainConfig
 
@@ -104,6 +104,7 @@ class BayesianBitsSearch(Search):
     samples: int = option(0, "training images used (0: all; post-training: 2048 when 0)")
     train_bias: bool = option(False, "post-training: learn the biases too")
     batch_size: int = option(64, "training batch size")
+    schedule: str = option("constant", "learning-rate schedule of the weights and ranges: constant | cosine")
     checkpoint: str = option("", "checkpoint file of the gated training, written after every epoch")
     resume: bool = option(False, "continue the gated training from the checkpoint")
 
@@ -116,11 +117,12 @@ class BayesianBitsSearch(Search):
             raise PreconditionError(f"bayesian-bits gate_init must exceed {-THRESHOLD} (gates start ON)")
         if self.samples < 0:
             raise PreconditionError(f"bayesian-bits samples must be >= 0, got {self.samples}")
+        check_schedule("bayesian-bits", self.schedule)
 
     def _config(self, ctx: PassContext, epochs: int, checkpoint: str = "", resume: bool = False) -> TrainConfig:
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr, range_lr=self.range_lr,
                            gate_lr=self.gate_lr, calibration_fraction=0.0, seed=ctx.seed, checkpoint=checkpoint,
-                           resume=resume, progress=ctx.progress)
+                           resume=resume, progress=ctx.progress, schedule=self.schedule)
 
     def _freeze_weights(self, gm: fx.GraphModule) -> None:
         for _, layer in graph.layers(gm):

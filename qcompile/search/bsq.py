@@ -26,7 +26,7 @@ from qcompile.passes.base import PassContext, PreconditionError, option, registe
 from qcompile.quant import graph
 from qcompile.quant.bsq import BitPlaneWeight, bsq_regularizer
 from qcompile.quant.modules import QConv2d, QLinear, WeightQuant
-from qcompile.search.base import Search, apply_assignment, layer_kinds
+from qcompile.search.base import Search, apply_assignment, check_schedule, layer_kinds
 from qcompile.search.policies import Assignment, LayerBits, uniform
 from qcompile.train.trainer import QuantTrainer, TrainConfig
 
@@ -100,6 +100,7 @@ class BsqSearch(Search):
     lr: float = option(1e-3, "Adam learning rate of the weights and scales")
     bit_lr: float = option(1e-2, "Adam learning rate of the bit variables")
     batch_size: int = option(64, "training batch size")
+    schedule: str = option("constant", "learning-rate schedule of the weights and ranges: constant | cosine")
 
     def __post_init__(self) -> None:
         if not self.alpha >= 0.0:
@@ -108,10 +109,12 @@ class BsqSearch(Search):
             raise PreconditionError("bsq epochs and requantize_every must be positive, finetune_epochs >= 0")
         if not 1 <= self.start_bits <= MAX_START_BITS:
             raise PreconditionError(f"bsq start_bits must lie in 1..{MAX_START_BITS}, got {self.start_bits}")
+        check_schedule("bsq", self.schedule)
 
     def _config(self, ctx: PassContext, epochs: int, fraction: float) -> TrainConfig:
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr, range_lr=self.lr,
-                           bit_lr=self.bit_lr, calibration_fraction=fraction, seed=ctx.seed, progress=ctx.progress)
+                           bit_lr=self.bit_lr, calibration_fraction=fraction, seed=ctx.seed, progress=ctx.progress,
+                           schedule=self.schedule)
 
     def search(self, gm: fx.GraphModule, ctx: PassContext) -> Assignment:
         assert ctx.dataset is not None

@@ -21,7 +21,8 @@ It trains a quant-stage graph (fake quantizers with straight-through rounding) o
   accuracy are those of all ranks, and only rank 0 writes checkpoints and shows progress. Gates, ranges,
   weights and calibration statistics stay identical on every rank. ``device="cuda"`` trains on
   ``cuda:LOCAL_RANK`` (nccl) and hands the graph back on the CPU.
-Not handled here: learning-rate schedules other than constant, gradient accumulation.
+Learning rates are constant or (``schedule="cosine"``) decay to 0 over the run for weights and ranges;
+not handled here: warm-up, other schedules, gradient accumulation.
 """
 
 from __future__ import annotations
@@ -51,6 +52,10 @@ class TrainError(QCompileError):
     pass
 
 
+SCHEDULES = ("constant", "cosine")
+DECAYED = ("weights", "ranges")  # gates and bit variables keep their rate: their decisions need it to the end
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 3
@@ -66,6 +71,7 @@ class TrainConfig:
     resume: bool = False
     progress: bool = False
     device: str = "cpu"  # "cuda": cuda:LOCAL_RANK under torchrun
+    schedule: str = "constant"  # or "cosine": weights and ranges decay as (1 + cos(pi t / T)) / 2 over the run
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -74,6 +80,8 @@ class TrainConfig:
             raise TrainError("device 'cuda' was asked for but torch sees no CUDA device; use 'cpu'")
         if self.epochs <= 0:
             raise TrainError(f"epochs must be positive, got {self.epochs}")
+        if self.schedule not in SCHEDULES:
+            raise TrainError(f"unknown learning-rate schedule '{self.schedule}' (known: {', '.join(SCHEDULES)})")
         if not 0.0 <= self.calibration_fraction < 1.0:
             raise TrainError(f"the calibration fraction must lie in [0, 1), got {self.calibration_fraction}")
 
@@ -169,6 +177,17 @@ class QuantTrainer:
         lrs = {"weights": c.lr, "ranges": c.range_lr, "gates": c.gate_lr, "bits": c.bit_lr}
         return {k: torch.optim.Adam(v, lr=lrs[k]) for k, v in groups.items() if v}
 
+    def _set_learning_rates(self, step: int) -> None:
+        """The cosine schedule as a function of the global step (so a resumed run continues it)."""
+        if self.config.schedule == "constant":
+            return
+        total = self.config.epochs * self.steps_per_epoch
+        factor = 0.5 * (1.0 + math.cos(math.pi * step / total))
+        base = {"weights": self.config.lr, "ranges": self.config.range_lr}
+        for kind in DECAYED:
+            for group in self.optimizers[kind].param_groups if kind in self.optimizers else []:
+                group["lr"] = base[kind] * factor
+
     def _wrap(self) -> nn.Module:
         """The objective, inside DistributedDataParallel under torchrun (rank 0's values broadcast)."""
         objective = _Objective(self.gm, self.regularizer)
@@ -214,6 +233,7 @@ class QuantTrainer:
             self._freeze()
         logits, penalty = self.model(x)
         loss = F.cross_entropy(logits, y)
+        self._set_learning_rates(step)
         for opt in self.optimizers.values():
             opt.zero_grad()
         (loss + penalty).backward()

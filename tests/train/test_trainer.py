@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -99,3 +100,30 @@ def test_unlabelled_data_is_refused() -> None:
     x = torch.randn(8, 1, 8, 8)
     with pytest.raises(TrainError, match="no labels"):
         QuantTrainer(quant_graph(), Dataset("random", x, None, x, None), TrainConfig())
+
+
+def test_the_cosine_schedule_decays_weights_and_ranges_to_zero_and_leaves_gates_alone() -> None:
+    gm, data = quant_graph(), toy_data()
+    trainer: QuantTrainer | None = None
+    rates: list[float] = []
+
+    def record(step: int, g: fx.GraphModule) -> None:
+        assert trainer is not None
+        rates.append(trainer.optimizers["weights"].param_groups[0]["lr"])
+
+    trainer = QuantTrainer(gm, data, TrainConfig(epochs=2, batch_size=16, lr=0.01, schedule="cosine"), on_step=record)
+    trainer.fit()
+    assert rates[0] == pytest.approx(0.01)
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))  # strictly decreasing
+    assert rates[-1] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 11 / 12)))  # step 11 of 12
+
+
+def test_an_unknown_schedule_is_refused_when_the_search_is_built() -> None:
+    from qcompile.passes import parse_pipeline
+    from qcompile.passes.base import PreconditionError
+
+    for search in ("aqt", "bsq", "bayesian-bits"):
+        with pytest.raises(PreconditionError, match="schedule must be one of constant, cosine"):
+            parse_pipeline(f"{search}{{schedule=linear}}").build()
+    with pytest.raises(TrainError, match="unknown learning-rate schedule"):
+        TrainConfig(schedule="linear")
