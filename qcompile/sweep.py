@@ -131,15 +131,17 @@ def check_policy(policy: str) -> None:
     policy_assignment(policy, ["layer"], "layer", "layer")
 
 
-def baseline_points(policies: Sequence[str], epochs: int | None = None) -> list[SweepPoint]:
-    """Each policy post-training (method ``ptq``) and, with ``epochs``, trained for them (method ``qat``)."""
+def baseline_points(policies: Sequence[str], epochs: int | None = None,
+                    training: Sequence[tuple[str, str]] = ()) -> list[SweepPoint]:
+    """Each policy post-training (method ``ptq``) and, with ``epochs``, trained for them (method ``qat``);
+    ``training`` adds options of the ``aqt`` search to the trained ones (e.g. the searches' lr, schedule)."""
     for policy in policies:
         check_policy(policy)
     points = [SweepPoint("ptq", "assign-bitwidths", (("policy", p),), ("policy",), True) for p in policies]
     if epochs is not None:
-        method = f"qat{{epochs={epochs}}}"
-        points += [SweepPoint(method, "aqt", (("policy", p), ("epochs", str(epochs))), ("policy",), True)
-                   for p in policies]
+        extra = (("epochs", str(epochs)), *training)
+        method = "qat{" + ",".join(f"{k}={v}" for k, v in extra) + "}"
+        points += [SweepPoint(method, "aqt", (("policy", p), *extra), ("policy",), True) for p in policies]
     for p in points:
         p.build()
     return points

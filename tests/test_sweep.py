@@ -102,6 +102,11 @@ def test_baselines_post_training_and_trained_for_the_budget() -> None:
     assert specs == [("ptq", "assign-bitwidths{policy=w8a8}"), ("ptq", "assign-bitwidths{policy=aqt}"),
                      ("qat{epochs=3}", "aqt{policy=w8a8,epochs=3}"), ("qat{epochs=3}", "aqt{policy=aqt,epochs=3}")]
     assert all(p.baseline for p in baseline_points(["w4a4"]))
+    trained = baseline_points(["w4a4"], epochs=2, training=(("lr", "0.0003"), ("schedule", "cosine")))[1]
+    assert (trained.method, trained.spec) == ("qat{epochs=2,lr=0.0003,schedule=cosine}",
+                                              "aqt{policy=w4a4,epochs=2,lr=0.0003,schedule=cosine}")
+    with pytest.raises(qcompile.QCompileError, match="schedule must be one of"):
+        baseline_points(["w4a4"], epochs=2, training=(("schedule", "linear"),))
 
 
 # -------------------------------------------------------------------------------------------- running
