@@ -16,7 +16,7 @@ included), and the issue's targets:
   * one search epoch costs at most 2.5x one float epoch.
 The sweep's JSON and PNG go to ``--out`` (default .cache/bayesian-bits-sweep). Nothing is asserted.
 
-    python benchmarks/bayesian_bits_fashion_mnist.py --train-subset 30000 --search-epochs 3
+    python benchmarks/bayesian_bits_fashion_mnist.py            # mu 0.1,0.2,0.3; 10 epochs on 60k each
     python benchmarks/bayesian_bits_fashion_mnist.py --quick
 """
 
@@ -46,7 +46,7 @@ TARGET_BOPS, TARGET_POINTS, TARGET_EPOCH_RATIO = 0.5, 1.0, 2.5
 def bb_points(args: Any) -> list[SweepPoint]:
     knobs = {"mu": [f"{float(m):g}" for m in args.mus.split(",")], "epochs": [str(args.search_epochs - args.finetune)],
              "finetune_epochs": [str(args.finetune)], "gate_lr": [f"{args.gate_lr:g}"], "lr": [f"{args.lr:g}"],
-             "gate_init": [f"{args.gate_init:g}"]}
+             "gate_init": [f"{args.gate_init:g}"], "schedule": [args.schedule]}
     return grid("bayesian-bits", knobs)
 
 
@@ -97,12 +97,15 @@ def verdicts(sweep: Sweep, float_s: float, search_s: float) -> list[str]:
 
 def main() -> int:
     p = common.parser(__doc__.splitlines()[0], epochs=8)
-    p.add_argument("--mus", default="0.01,0.03,0.1,0.3", help="regularizer strengths (default %(default)s)")
-    p.add_argument("--search-epochs", type=int, default=3, help="training budget of every method (default 3)")
-    p.add_argument("--finetune", type=int, default=1, help="of the budget, epochs with frozen gates (default 1)")
+    p.add_argument("--mus", default="0.1,0.2,0.3", help="regularizer strengths (default %(default)s)")
+    p.add_argument("--search-epochs", type=int, default=10, help="training budget of every method (default 10)")
+    p.add_argument("--finetune", type=int, default=4, help="of the budget, epochs with frozen gates (default 4)")
     p.add_argument("--gate-lr", type=float, default=1e-2, help="Adam learning rate of the gates (default 1e-2)")
     p.add_argument("--gate-init", type=float, default=2.0, help="initial log alpha of the gates (default 2)")
-    p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate of the weights (default 1e-4)")
+    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate of the weights, also of the "
+                   "trained uniform policies (default 3e-4)")
+    p.add_argument("--schedule", default="cosine", choices=["constant", "cosine"],
+                   help="learning-rate schedule of every trained method (default %(default)s)")
     p.add_argument("--policies", default="w8a8,w4a4,aqt", help="uniform references (default %(default)s)")
     p.add_argument("--train-subset", type=int, default=0, help="search on this many training images (0: all)")
     p.add_argument("--verify", type=int, default=1000, help="test images for the ORT-vs-reference check")
@@ -127,7 +130,8 @@ def main() -> int:
           + ("(cached)" if cached else f"(trained in {seconds:.0f} s)") + f"; searches on {len(data.x_train)} "
           f"images, budget {args.search_epochs} epochs (Bayesian Bits: {args.search_epochs - args.finetune} gated + "
           f"{args.finetune} frozen), test set {len(full.x_test)} images", flush=True)
-    points = bb_points(args) + baseline_points(args.policies.split(","), epochs=args.search_epochs)
+    training = (("lr", f"{args.lr:g}"), ("schedule", args.schedule))
+    points = bb_points(args) + baseline_points(args.policies.split(","), epochs=args.search_epochs, training=training)
     sweep = run_sweep(model, data, points, verify_samples=args.verify, progress=sys.stderr.isatty(),
                       log=lambda line: print(line, file=sys.stderr, flush=True))
     paths = write_sweep(sweep, Path(args.out), force=True)

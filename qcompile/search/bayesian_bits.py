@@ -16,6 +16,9 @@ calibrated graph. Steps:
    that meet at an add/cat are unified; ``finetune_epochs`` of training then adapt weights and clips;
 5. ``ctx.records["bayesian-bits"]`` keeps, per layer, the bits, kept channels and final gate
    probabilities (the JSON report prints them). ``prune-channels`` then removes the zeroed channels.
+Gates start at log a = ``gate_init`` (default 2, P(z != 0) = 0.97). The paper's +6 sits where the
+hard-concrete sample saturates at 1, so only the regularizer moves a gate (Adam: about gate_lr per step)
+until it nears 0; with budgets of a few epochs nothing would be decided.
 Not handled: per-channel bit-widths, gates on the graph's input and output activations (8-bit).
 """
 
@@ -97,8 +100,8 @@ class BayesianBitsSearch(Search):
     finetune_epochs: int = option(1, "epochs with the gates frozen (0: none)")
     lr: float = option(1e-4, "Adam learning rate of the weights")
     gate_lr: float = option(1e-2, "Adam learning rate of the gates' log a")
-    gate_init: float = option(6.0, "initial log a of the gates up to 8 bits and of the pruning gates (16/32: "
-                                   "-gate_init)")
+    gate_init: float = option(2.0, "initial log a of the gates up to 8 bits and of the pruning gates (16/32: "
+                                   "-gate_init); the paper's 6 suits ~100-epoch runs")
     range_lr: float = option(1e-3, "Adam learning rate of the clip ranges")
     post_training: bool = option(False, "freeze the weights; learn only gates and ranges on a small set")
     samples: int = option(0, "training images used (0: all; post-training: 2048 when 0)")
