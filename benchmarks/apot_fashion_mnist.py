@@ -145,6 +145,8 @@ def main() -> int:
     p.add_argument("--bits", default="3,4", help="weight bit-widths compared (default %(default)s)")
     p.add_argument("--search-epochs", type=int, default=2, help="training epochs of every method (default 2)")
     p.add_argument("--train-subset", type=int, default=20000, help="training images (fixed-seed subset; 0: all)")
+    p.add_argument("--float-train-subset", type=int, default=0,
+                   help="train the float models on this many training images (0: all 60k)")
     p.add_argument("--verify", type=int, default=0, help="test images for the ORT check (0: 500, 100 with --quick)")
     p.add_argument("--apot-variant", default="center=false",
                    help="extra apot options compared too at the lowest bit-width ('' for none; default %(default)s)")
@@ -159,7 +161,7 @@ def main() -> int:
     progress = sys.stderr.isatty()
     start = time.perf_counter()
     full = qcompile.load_data("fashion-mnist")
-    float_data = common.subset(full, train=6000 if args.quick else None)
+    float_data = common.subset(full, train=args.float_train_subset or (6000 if args.quick else None))
     search_data = common.subset(full, train=args.train_subset or None)
     bits = [int(b) for b in args.bits.split(",")]
     todo = [Method(method, b) for b in bits for method in ("apot", "uniform")]
