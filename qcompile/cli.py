@@ -75,7 +75,29 @@ def _ir_dumper(args: argparse.Namespace) -> Any:
     return dump
 
 
-SEARCH_FLAGS = ("epochs", "fraction", "lr", "alpha", "mu", "post_training", "checkpoint", "resume")
+SEARCH_FLAGS = ("epochs", "fraction", "lr", "alpha", "mu", "post_training", "checkpoint", "resume", "bits")
+QUANTIZERS = ("uniform", "apot")
+
+
+def _quantizer(args: argparse.Namespace) -> None:
+    """--quantizer apot [--w-bits N] selects the apot search (and insert-quantizers{scheme=apot})."""
+    from qcompile.passes.base import QCompileError
+    from qcompile.quant.apot import APOT_BITS
+
+    quantizer = args.quantizer or "uniform"
+    if quantizer not in QUANTIZERS:
+        raise QCompileError(f"unknown quantizer '{quantizer}' (known: {', '.join(QUANTIZERS)})")
+    if quantizer == "uniform":
+        if args.bits is not None:
+            raise QCompileError("--w-bits sets APoT weight bits; add --quantizer apot, or give uniform bits with "
+                                "--policy w{N}a{M}")
+        return
+    if args.search not in (None, "apot"):
+        raise QCompileError(f"--quantizer apot trains with the apot search; drop --search {args.search}")
+    if args.bits is not None and args.bits not in APOT_BITS:
+        raise QCompileError(f"--w-bits {args.bits}: APoT weights have {APOT_BITS.start}..{APOT_BITS.stop - 1} bits "
+                            f"(2: ternary); choose one of those")
+    args.search = "apot"
 
 
 def _pipeline(args: argparse.Namespace) -> str | None:
@@ -86,6 +108,7 @@ def _pipeline(args: argparse.Namespace) -> str | None:
     from qcompile.passes.base import QCompileError
     from qcompile.search.base import searches
 
+    _quantizer(args)
     if not args.search:
         return args.pipeline
     if args.pipeline:
@@ -113,9 +136,10 @@ def cmd_compile(args: argparse.Namespace) -> int:
     out, report_path = Path(args.output), Path(args.report) if args.report else None
     _refuse_existing(out, args.force)
     _refuse_existing(report_path, args.force)
+    pipeline = _pipeline(args)  # bad flags are refused before anything loads
     data = qcompile.load_data(args.data, args.input_shape) if args.data else None
     model, example = _model_and_example(args, data)
-    cm = qcompile.compile(model, example, data=data, policy=args.policy or "w8a8", pipeline=_pipeline(args),
+    cm = qcompile.compile(model, example, data=data, policy=args.policy or "w8a8", pipeline=pipeline,
                           calibration_steps=args.calibration_steps, progress=_progress(args),
                           dump=_ir_dumper(args))
     if not distributed.is_main():  # under torchrun every rank compiles the same model; rank 0 writes
@@ -261,7 +285,7 @@ def _sweep_parser(sub: Any) -> None:
                    **flag)
     for name, meaning in [("epochs", "training epochs"), ("fraction", "AQT calibration share of the steps"),
                           ("lr", "learning rate"), ("policy", "bit-width policy"), ("alpha", "BSQ regularizer"),
-                          ("mu", "regularizer weight")]:
+                          ("mu", "regularizer weight"), ("bits", "APoT weight bits")]:
         s.add_argument(f"--{name}", metavar="V[,V]", help=f"{meaning}: the search option '{name}'", **flag)
     s.add_argument("--option", metavar="NAME=V[,V]", help="any other option of the search, e.g. batch_size=32,64",
                    **flag)
@@ -298,7 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
                                   "calibrates, test split measures accuracy")
     c.add_argument("--policy", help="w{N}a{M} | aqt (4-bit, first/last 8-bit) | FILE.json (default w8a8)")
     c.add_argument("--search", help="a bit-width search instead of a fixed policy: aqt (QAT with the AQT recipe), "
-                                    "bsq, bayesian-bits; `qcompile passes` lists every search and its options")
+                                    "bsq, bayesian-bits, apot; `qcompile passes` lists every search and its options")
+    c.add_argument("--quantizer", help="uniform (default) | apot: additive powers-of-two weights lowered to "
+                                       "shift-add integer ops, trained with the apot search")
+    c.add_argument("--w-bits", dest="bits", type=int, help="APoT weight bits, 2..7 (2: ternary; default 3); "
+                                                          "per layer: --policy FILE.json")
     c.add_argument("--epochs", type=int, help="training epochs of a learned search")
     c.add_argument("--fraction", type=float, help="AQT: share of training steps that calibrate activation bounds")
     c.add_argument("--lr", type=float, help="learning rate of a learned search")

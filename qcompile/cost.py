@@ -10,6 +10,10 @@ Relative BOPs = sum BOPs / sum (MACs * 32 * 32), in percent, where the denominat
 model as given (``dense_totals`` of the float graph): a pruned channel lowers BOPs, not the reference.
 Compression against float32 likewise counts the given model's parameters. b_a is the bit-width of the
 layer's input.
+Multiplier use: a layer multiplies (``multiplies`` = MACs_l) unless its weights are APoT power-of-two
+terms; then every product is ``terms`` shifts and adds (``shift_adds`` = terms * MACs_l, terms = the
+level set's additive terms per weight, an upper bound on the non-zero ones) and b_w is the APoT
+bit-width. ``multiplier_free_percent`` = MACs of shift-add layers / all MACs.
 ``COST_MODELS`` names the per-layer models a search can be given (bops, linear-bits, weight-memory,
 activation-memory).
 """
@@ -36,6 +40,15 @@ class LayerCost:
     macs: int
     params: int
     in_elems: int = 0  # elements of the layer's input for one sample
+    terms: int = 0  # additive power-of-two terms per weight of a shift-add (APoT) layer; 0: it multiplies
+
+    @property
+    def multiplies(self) -> int:
+        return 0 if self.terms else self.macs
+
+    @property
+    def shift_adds(self) -> int:
+        return self.terms * self.macs
 
     @property
     def input_bytes(self) -> int:
@@ -56,7 +69,7 @@ class LayerCost:
 
     def as_dict(self) -> dict[str, object]:
         return {**asdict(self), "bops": self.bops, "linear_bits": self.linear_bits, "weight_bytes": self.weight_bytes,
-                "input_bytes": self.input_bytes}
+                "input_bytes": self.input_bytes, "multiplies": self.multiplies, "shift_adds": self.shift_adds}
 
 
 CostModel = Callable[[LayerCost], float]
@@ -96,7 +109,8 @@ def layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
             kind = "Conv2d" if isinstance(mod, ops.IntConv2d) else "Linear"
             name = get_info(node).layer or node.name
             macs, params = _macs(node, mod.weight, kind == "Conv2d"), int(mod.weight.numel())
-            costs.append(LayerCost(name, kind, mod.w_type.bits, mod.inp.bits, macs, params, _input_elems(node)))
+            w_bits, terms = (mod.bits, mod.terms) if isinstance(mod, ops.SHIFT_ADD_OPS) else (mod.w_type.bits, 0)
+            costs.append(LayerCost(name, kind, w_bits, mod.inp.bits, macs, params, _input_elems(node), terms))
     return costs
 
 
@@ -104,6 +118,7 @@ def quant_layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
     """LayerCosts of a quant-stage graph (shapes annotated) from its quantizers' current bits."""
     from qcompile.ir.rewrite import input_node
     from qcompile.quant import graph
+    from qcompile.quant.apot import multiplier_free_terms
     from qcompile.quant.modules import QConv2d
 
     costs = []
@@ -113,7 +128,8 @@ def quant_layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
         is_conv = isinstance(layer, QConv2d)
         macs = _macs(node, layer.weight, is_conv)
         costs.append(LayerCost(str(node.target), "Conv2d" if is_conv else "Linear", layer.weight_quant.bits,
-                               a_bits, macs, int(layer.weight.numel()), _input_elems(node)))
+                               a_bits, macs, int(layer.weight.numel()), _input_elems(node),
+                               multiplier_free_terms(layer.weight_quant)))
     return costs
 
 
@@ -155,4 +171,7 @@ def totals(costs: list[LayerCost], dense: tuple[int, int] | None = None) -> dict
         "weight_bytes": sum(c.weight_bytes for c in costs),
         "input_bytes": sum(c.input_bytes for c in costs),
         "float_weight_bytes": params * 4,
+        "multiplies": sum(c.multiplies for c in costs),
+        "shift_adds": sum(c.shift_adds for c in costs),
+        "multiplier_free_percent": 100.0 * sum(c.macs for c in costs if c.terms) / macs if macs else 0.0,
     }

@@ -59,11 +59,12 @@ def _fmt(v: Any) -> str:
 
 
 def layer_table(report: dict[str, Any]) -> str:
-    keys = ["name", "op", "w_bits", "a_bits", "macs", "bops", "weight_bytes"]
-    rows = [[layer[k] for k in keys] for layer in report["layers"]]
+    keys = ["name", "op", "w_bits", "a_bits", "macs", "bops", "weight_bytes", "multiplies", "shift_adds"]
+    rows = [[layer.get(k, 0) for k in keys] for layer in report["layers"]]
     t = report["totals"]
-    rows.append(["total", "", "", "", t["macs"], t["bops"], t["weight_bytes"]])
-    return format_table(["layer", "op", "w_bits", "a_bits", "MACs", "BOPs", "weight bytes"], rows)
+    rows.append(["total", "", "", "", *(t.get(k, 0) for k in keys[4:])])
+    return format_table(["layer", "op", "w_bits", "a_bits", "MACs", "BOPs", "weight bytes", "multiplies",
+                         "shift-adds"], rows)
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -71,6 +72,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"relative BOPs {t['rel_bops_percent']:.2f} % ({t['bops']} BOPs), linear bits {t['linear_bits']}, "
              f"weights {t['weight_bytes']} bytes ({t['float_weight_bytes'] / max(t['weight_bytes'], 1):.1f}x smaller "
              f"than float32), activations {t['activation_bytes']} bytes per sample"]
+    if t.get("shift_adds"):
+        lines.append(f"multiplier-free: {t['multiplier_free_percent']:.2f} % of the MACs are shift-adds "
+                     f"({t['shift_adds']} shift-adds, {t['multiplies']} multiplies)")
     if "accuracy" in report:
         lines.append("accuracy: " + ", ".join(f"{k} {v:.2f} %" for k, v in report["accuracy"].items()))
     if "verify" in report:

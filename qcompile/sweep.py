@@ -318,7 +318,7 @@ def run_point(model: nn.Module | str | Path, data: Dataset, example: torch.Tenso
     return SweepResult(
         point, report["pipeline"], {k: getattr(search, k) for k, _ in point.options}, report["accuracy"],
         totals["rel_bops_percent"], totals["weight_bytes"], totals["float_weight_bytes"],
-        [{k: layer[k] for k in ("name", "w_bits", "a_bits", "channels", "kept_channels") if k in layer}
+        [{k: layer[k] for k in ("name", "w_bits", "a_bits", "terms", "channels", "kept_channels") if k in layer}
          for layer in report["layers"]],
         report["verify"]["mismatches"] if "verify" in report else None, time.perf_counter() - start)
 

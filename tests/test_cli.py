@@ -275,3 +275,33 @@ def test_search_bsq_with_alpha_from_the_command_line(workdir: Path, capsys: pyte
     code, _, err = run(["compile", "models.py:small", "--data", "digits", "--search", "bsq", "--alpha", "-1",
                         "-o", "x.onnx"], capsys)
     assert_one_line_error(code, err, "alpha must be >= 0")
+
+
+def test_apot_quantizer_from_the_command_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["compile", "models.py:small", "--data", "digits", "--quantizer", "apot", "--w-bits", "3",
+                        "--epochs", "1", "--policy", "w3a8", "-o", "apot.onnx", "--report", "r.json", "--verify",
+                        "--verify-samples", "64"], capsys)
+    assert code == 0
+    report = json.loads((workdir / "r.json").read_text())
+    assert "insert-quantizers{scheme=apot}" in report["pipeline"] and "apot{" in report["pipeline"]
+    assert report["verify"]["mismatches"] == 0
+    assert [(layer["w_bits"], layer["terms"]) for layer in report["layers"]] == [(3, 1), (3, 1)]
+    assert report["totals"]["multiplier_free_percent"] == 100.0 and "multiplier-free: 100.00 %" in out
+    onnx.checker.check_model(onnx.load(str(workdir / "apot.onnx")), full_check=True)
+
+
+APOT_ERRORS = [
+    (["--quantizer", "apot", "--w-bits", "1"], ["--w-bits 1", "2..7 bits"]),
+    (["--quantizer", "apot", "--w-bits", "9"], ["--w-bits 9", "2..7 bits"]),
+    (["--quantizer", "int4"], ["unknown quantizer 'int4'", "uniform, apot"]),
+    (["--w-bits", "3"], ["--w-bits sets APoT weight bits", "--quantizer apot"]),
+    (["--quantizer", "apot", "--search", "bsq"], ["drop --search bsq"]),
+]
+
+
+@pytest.mark.parametrize(("args", "fragments"), APOT_ERRORS, ids=[" ".join(a) for a, _ in APOT_ERRORS])
+def test_apot_bad_input_is_one_line(workdir: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                                    fragments: list[str]) -> None:
+    code, _, err = run(["compile", "models.py:small", "--data", "digits", *args, "-o", "out.onnx"], capsys)
+    assert_one_line_error(code, err, *fragments)
+    assert not (workdir / "out.onnx").exists()

@@ -33,3 +33,22 @@ def test_quant_stage_costs_match_the_integer_graph() -> None:
     integer = [(c.w_bits, c.a_bits, c.macs, c.params, c.in_elems) for c in cm.layer_costs()]
     assert quant == integer
     assert torch.is_tensor(next(cm.quant_graph.parameters()))
+
+
+def test_shift_add_layers_count_additions_not_multiplications() -> None:
+    pipeline = ("canonicalize,fold-batchnorm,insert-quantizers{scheme=apot,weights=6},calibrate,share-scales,"
+                "lower-integer")
+    cm = compile_model(make_model("residual"), pipeline=pipeline)
+    layers = cm.layer_costs()
+    assert layers[0].terms == layers[-1].terms == 0 and layers[0].multiplies == layers[0].macs
+    middle = layers[1:-1]
+    assert middle and all(c.terms == 3 and c.w_bits == 6 for c in middle)  # 5 magnitude bits: 3 terms
+    assert all(c.multiplies == 0 and c.shift_adds == 3 * c.macs and c.bops == c.macs * 6 * c.a_bits for c in middle)
+    totals = cost.totals(layers)
+    assert totals["multiplies"] == layers[0].macs + layers[-1].macs
+    assert totals["shift_adds"] == sum(3 * c.macs for c in middle)
+    assert totals["multiplier_free_percent"] == 100.0 * sum(c.macs for c in middle) / totals["macs"]
+    assert cm.quant_graph is not None
+    quant = [(c.w_bits, c.terms, c.macs) for c in cost.quant_layer_costs(cm.quant_graph)]
+    assert quant == [(c.w_bits, c.terms, c.macs) for c in layers]
+    assert cost.totals([])["multiplier_free_percent"] == 0.0

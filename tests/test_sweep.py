@@ -157,6 +157,20 @@ def test_tiny_sweep_writes_json_png_and_table(tmp_path: Path, capsys: pytest.Cap
     assert "✓" in stdout and "[4/4]" in err
 
 
+def test_apot_points_in_a_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "sweep"
+    code, stdout, err = run(["sweep", TINY, "--data", "digits", "--search", "apot", "--bits", "2,4", "--epochs", "1",
+                             "--baselines", "none", "-o", str(out), "--verify", "--verify-samples", "32"], capsys)
+    assert code == 0, err
+    points = json.loads((out / "sweep.json").read_text())["points"]
+    assert [p["knobs"] for p in points] == [{"bits": 2}, {"bits": 4}]
+    assert "insert-quantizers{scheme=apot}" in points[0]["pipeline"]
+    for p, bits in zip(points, (2, 4), strict=True):
+        assert p["mismatches"] == 0
+        assert [(layer["w_bits"], layer["terms"]) for layer in p["layers"]] == [(8, 0), (bits, bits // 2), (8, 0)]
+    assert "apot{epochs=1}" in stdout
+
+
 # ---------------------------------------------------------------------------------------- bad inputs
 
 BASE = [TINY, "--data", "digits", "-o", "out"]

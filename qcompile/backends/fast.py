@@ -7,7 +7,8 @@ when B < 2^24, so such ops run as one float32 GEMM. Larger bounds split the redu
 channels into chunks that each stay below 2^24 (float32 GEMMs, summed exactly in float64); float64
 GEMMs remain only where no split exists (grouped convs, a single channel above the bound).
 Requantization and clamps run in int64 exactly as ``contract.requantize``. Results are bit-identical
-to the reference executor; the tests check this on random graphs.
+to the reference executor; the tests check this on random graphs. APoT (shift-add) layers run the same
+GEMMs on their combined codes q_w = sum_i s_i 2^(e_i): the same integers as the reference's shift-adds.
 """
 
 from __future__ import annotations
@@ -146,11 +147,13 @@ def conv_accumulator(op: ops.IntConv2d, x: torch.Tensor) -> torch.Tensor:
     return _accumulate(gemm_plan(op), x, conv, 1)
 
 
+@_kernel(ops.IntShiftConv2d)
 @_kernel(ops.IntConv2d)
 def _conv(op: ops.IntConv2d, x: torch.Tensor) -> torch.Tensor:
     return _requant(conv_accumulator(op, x), op, 1)
 
 
+@_kernel(ops.IntShiftLinear)
 @_kernel(ops.IntLinear)
 def _linear(op: ops.IntLinear, x: torch.Tensor) -> torch.Tensor:
     acc = _accumulate(gemm_plan(op), x, F.linear, x.dim() - 1)

@@ -7,6 +7,11 @@ Every integer tensor travels as uint8 holding q + zp (zp = 0 unsigned, 128 signe
 * Conv / Linear: ``ConvInteger`` (a Linear is a 1x1 conv on [N, K, 1, 1]) with weights stored as
   w + zw (zw = 8 for <= 4-bit weights, packed UINT4, or zw = 1 with packed UINT2 for ternary; zw = 128
   in uint8 otherwise) and a ``Cast`` to uint8, then the requantization chain below.
+* APoT (shift-add) Conv / Linear: one ``ConvInteger`` on the combined codes q_w = sum_i s_i 2^(e_i),
+  stored in the narrowest container that holds them (UINT2 ternary, UINT4 up to |k| <= 7, uint8 up to
+  127); 7-bit APoT codes (k_max = 448) are split into lo/hi parts, two ``ConvInteger`` and
+  ``Mul(2^7)`` + ``Add`` in int32 (ONNX_NOTES: one conv on combined codes is fastest on CPUs, and
+  onnxruntime has no shift-add kernel; the integers are the same).
 * Add: ``Cast`` both inputs to int32 and add; the zero points go into the chain's constant.
 * Average pool: a depthwise ``ConvInteger`` with a ones kernel (padding carries the zero point, so it
   contributes 0, as in PyTorch's count_include_pad), then the chain.
@@ -45,6 +50,7 @@ BASE_OPSET = 21
 UINT2_OPSET = 25
 IR_VERSION = {21: 10, 25: 11}
 OFFSET_BITS = 62
+SPLIT_BITS = 7  # APoT codes wider than the uint8 container: k = hi * 2^7 + lo
 
 
 class ExportError(QCompileError):
@@ -146,17 +152,42 @@ def _conv_integer(e: _Emitter, name: str, x: gs.Variable, inp: IntType, w: np.nd
     return e.op("ConvInteger", name, inputs, np.int32, kernel_shape=list(w.shape[2:]), **attrs)
 
 
+def _storage_bits(w: np.ndarray) -> int:
+    """The narrowest signed weight width that holds every value of ``w``."""
+    return max(2, int(np.abs(w).max(initial=0)).bit_length() + 1)
+
+
+def _conv_weights(e: _Emitter, name: str, x: gs.Variable, op: ops.IntConv2d | ops.IntLinear, w: np.ndarray,
+                  **attrs: Any) -> gs.Variable:
+    """ConvInteger on the weight codes; APoT codes beyond the uint8 container are split into lo/hi parts.
+
+    For |k| > 127: k = hi * 2^7 + lo with hi = sign(k) (|k| >> 7), lo = sign(k) (|k| & 127), and
+    acc = ConvInteger(x, hi) * 2^7 + ConvInteger(x, lo); |each part| <= sum |k| |q_x|, the verified bound.
+    """
+    if not isinstance(op, ops.SHIFT_ADD_OPS):
+        return _conv_integer(e, name, x, op.inp, w, op.w_type.bits, **attrs)
+    if _storage_bits(w) <= 8:
+        return _conv_integer(e, name, x, op.inp, w, _storage_bits(w), **attrs)
+    mag, sign = np.abs(w), np.sign(w)
+    lo, hi = sign * (mag & (2**SPLIT_BITS - 1)), sign * (mag >> SPLIT_BITS)
+    acc_lo = _conv_integer(e, f"{name}_lo", x, op.inp, lo, _storage_bits(lo), **attrs)
+    acc_hi = _conv_integer(e, f"{name}_hi", x, op.inp, hi, _storage_bits(hi), **attrs)
+    scaled = e.op("Mul", f"{name}_hi", [acc_hi, e.const(f"{name}_hi_scale", np.array(2**SPLIT_BITS, np.int32))],
+                  np.int32)
+    return e.op("Add", name, [scaled, acc_lo], np.int32)
+
+
 def _export_conv(e: _Emitter, name: str, op: ops.IntConv2d, x: gs.Variable) -> gs.Variable:
     (ph, pw) = op.padding
-    acc = _conv_integer(e, name, x, op.inp, _np(op.weight), op.w_type.bits, strides=list(op.stride),
-                        pads=[ph, pw, ph, pw], dilations=list(op.dilation), group=op.groups)
+    acc = _conv_weights(e, name, x, op, _np(op.weight), strides=list(op.stride), pads=[ph, pw, ph, pw],
+                        dilations=list(op.dilation), group=op.groups)
     return requant_chain(e, name, acc, _np(op.mult), _np(op.shift), _np(op.bias), op.out, op.lo, op.hi, 4)
 
 
 def _export_linear(e: _Emitter, name: str, op: ops.IntLinear, x: gs.Variable) -> gs.Variable:
     x4 = e.op("Unsqueeze", name, [x, e.const(f"{name}_axes", np.array([2, 3], dtype=np.int64))], np.uint8)
     w = _np(op.weight)[:, :, None, None]
-    acc = _conv_integer(e, name, x4, op.inp, w, op.w_type.bits)
+    acc = _conv_weights(e, name, x4, op, w)
     q = requant_chain(e, name, acc, _np(op.mult), _np(op.shift), _np(op.bias), op.out, op.lo, op.hi, 4)
     return e.op("Squeeze", name, [q, e.const(f"{name}_sq", np.array([2, 3], dtype=np.int64))], np.uint8)
 
@@ -219,6 +250,7 @@ def _export_module(e: _Emitter, node: fx.Node, op: torch.nn.Module, args: list[A
     simple: dict[type, Callable[..., gs.Variable]] = {
         ops.Quantize: _export_quantize, ops.Dequantize: _export_dequantize, ops.IntConv2d: _export_conv,
         ops.IntLinear: _export_linear, ops.IntAdd: _export_add, ops.IntMaxPool2d: _export_maxpool,
+        ops.IntShiftConv2d: _export_conv, ops.IntShiftLinear: _export_linear,
     }
     if type(op) in simple:
         return simple[type(op)](e, name, op, *args)

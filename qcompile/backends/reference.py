@@ -2,7 +2,9 @@
 
 Slow and simple on purpose: it is the executable spec that the fast executor and onnxruntime are
 compared with. Convolutions are explicit sliding windows and int64 sums; requantization is
-``contract.requantize``. It refuses to run an accumulator that leaves int32.
+``contract.requantize``. APoT (shift-add) layers are computed as stored: one sum per ternary plane T_p of
+the power-of-two terms, shifted left by p and added (conv(x, K) = sum_p conv(x, T_p) << p). It refuses
+to run an accumulator that leaves int32.
 """
 
 from __future__ import annotations
@@ -58,9 +60,8 @@ def _dequantize(op: ops.Dequantize, q: IntArray) -> torch.Tensor:
     return torch.from_numpy(contract.dequantize(q, op.scale))
 
 
-@kernel(ops.IntConv2d)
-def _conv(op: ops.IntConv2d, x: IntArray) -> IntArray:
-    w = _np(op.weight)
+def _conv_sum(op: ops.IntConv2d, x: IntArray, w: IntArray) -> IntArray:
+    """sum q_x * w over every window (no bias), int64, [N, C_out, H_out, W_out]."""
     win = windows(x, (w.shape[2], w.shape[3]), op.stride, op.padding, op.dilation)
     groups, cin_g, cout_g = op.groups, w.shape[1], w.shape[0] // op.groups
     parts = []
@@ -68,14 +69,41 @@ def _conv(op: ops.IntConv2d, x: IntArray) -> IntArray:
         xg = win[:, g * cin_g : (g + 1) * cin_g]
         wg = w[g * cout_g : (g + 1) * cout_g]
         parts.append(np.einsum("nchwij,ocij->nohw", xg, wg))
-    acc = np.concatenate(parts, axis=1) + _np(op.bias)[None, :, None, None]
+    return np.concatenate(parts, axis=1)
+
+
+def _requant_conv(op: ops.IntConv2d, acc: IntArray) -> IntArray:
+    acc = acc + _np(op.bias)[None, :, None, None]
     shape = (1, -1, 1, 1)
     return contract.requantize(acc, _np(op.mult).reshape(shape), _np(op.shift).reshape(shape), op.lo, op.hi)
+
+
+def shift_add(op: ops.IntShiftConv2d | ops.IntShiftLinear, dot: Callable[[IntArray], IntArray]) -> IntArray:
+    """sum_p dot(T_p) << p over the ternary planes T_p of an APoT op: additions of shifted sums only."""
+    planes = op.planes() or [(0, torch.zeros_like(op.weight))]  # all-zero weights: one empty plane
+    acc = [np.left_shift(dot(_np(plane)), p) for p, plane in planes]
+    return np.sum(acc, axis=0)
+
+
+@kernel(ops.IntConv2d)
+def _conv(op: ops.IntConv2d, x: IntArray) -> IntArray:
+    return _requant_conv(op, _conv_sum(op, x, _np(op.weight)))
+
+
+@kernel(ops.IntShiftConv2d)
+def _shift_conv(op: ops.IntShiftConv2d, x: IntArray) -> IntArray:
+    return _requant_conv(op, shift_add(op, lambda t: _conv_sum(op, x, t)))
 
 
 @kernel(ops.IntLinear)
 def _linear(op: ops.IntLinear, x: IntArray) -> IntArray:
     acc = np.matmul(x, _np(op.weight).T) + _np(op.bias)
+    return contract.requantize(acc, _np(op.mult), _np(op.shift), op.lo, op.hi)
+
+
+@kernel(ops.IntShiftLinear)
+def _shift_linear(op: ops.IntShiftLinear, x: IntArray) -> IntArray:
+    acc = shift_add(op, lambda t: np.matmul(x, t.T)) + _np(op.bias)
     return contract.requantize(acc, _np(op.mult), _np(op.shift), op.lo, op.hi)
 
 

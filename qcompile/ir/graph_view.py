@@ -11,6 +11,7 @@ from pathlib import Path
 import networkx as nx
 import torch.fx as fx
 
+from qcompile.ir.intops import SHIFT_ADD_OPS
 from qcompile.ir.meta import get_info
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
 
@@ -24,6 +25,8 @@ def _bits(gm: fx.GraphModule, node: fx.Node) -> int | None:
         return mod.weight_quant.bits
     if isinstance(mod, ActQuant):
         return mod.bits
+    if isinstance(mod, SHIFT_ADD_OPS):
+        return mod.bits  # the APoT width, not the wider container of its codes
     w_type = getattr(mod, "w_type", None)
     if w_type is not None:
         return int(w_type.bits)

@@ -9,6 +9,10 @@ Math, per op (``rq`` is the contract's requantization, see ``ir/contract.py``):
 * ``Quantize``: q = clamp(rint(x / s), lo, hi) (float in, the only float op going in).
 * ``Dequantize``: x = q * s (the only float op going out).
 * ``IntConv2d`` / ``IntLinear``: q_y = clamp(rq(sum q_x * q_w + q_b, m[c], n[c]), lo, hi).
+* ``IntShiftConv2d`` / ``IntShiftLinear`` (APoT): the same math with weights stored as power-of-two terms,
+  q_w = sum_i s_i * 2^(e_i) (sign s_i in {-1, 0, 1}, exponent e_i, per weight and term i), so
+  sum q_x * q_w = sum_p (sum q_x * T_p) << p with ternary planes T_p = sum_i s_i [e_i = p]: shifts and
+  adds only. ``weight`` holds the combined codes (derived, not saved) for the bound, costs and GEMMs.
 * ``IntAdd``: both inputs share one scale; q_y = clamp(rq(q_a + q_b, m, n), lo, hi).
 * ``IntAvgPool2d``: q_y = clamp(rq(window sum of q_x, m, n), lo, hi), m/2^n ~ s_x / (k * s_y);
   zero padding counts toward k (PyTorch's count_include_pad=True).
@@ -132,6 +136,67 @@ class IntLinear(_Affine):
         return f"{self.inp}x{self.w_type}->{self.out} [{self.lo},{self.hi}], weight={tuple(self.weight.shape)}"
 
 
+def codes_of_terms(signs: torch.Tensor, exps: torch.Tensor) -> torch.Tensor:
+    """q_w = sum over the leading (term) axis of s_i * 2^(e_i), int64."""
+    ones = torch.ones_like(exps, dtype=torch.int64)
+    return (signs.to(torch.int64) * torch.bitwise_left_shift(ones, exps.to(torch.int64))).sum(dim=0)
+
+
+class _ShiftAdd(nn.Module):
+    """Power-of-two term storage of an APoT layer: ``term_sign``/``term_exp`` int8 [terms, *weight shape]."""
+
+    term_sign: torch.Tensor
+    term_exp: torch.Tensor
+    bits: int
+
+    def _set_terms(self, signs: Any, exps: Any, bits: int) -> None:
+        self.register_buffer("term_sign", _int_buffer(signs, torch.int8))
+        self.register_buffer("term_exp", _int_buffer(exps, torch.int8))
+        if not bool((self.term_sign.abs() <= 1).all()) or not bool((self.term_exp >= 0).all()):
+            raise ValueError("term signs must lie in {-1, 0, 1} and exponents be >= 0")
+        # the combined codes, derived from the terms (not part of the state dict)
+        self.register_buffer("weight", codes_of_terms(self.term_sign, self.term_exp).to(torch.int32),
+                               persistent=False)
+        self.bits = bits
+
+    @property
+    def terms(self) -> int:
+        return int(self.term_sign.shape[0])
+
+    def planes(self) -> list[tuple[int, torch.Tensor]]:
+        """(p, T_p) for every exponent in use: ternary planes with q_w = sum_p T_p * 2^p."""
+        out = []
+        for p in sorted(set(self.term_exp[self.term_sign != 0].tolist())):
+            out.append((int(p), ((self.term_exp == p).to(torch.int64) * self.term_sign).sum(dim=0)))
+        return out
+
+
+class IntShiftConv2d(_ShiftAdd, IntConv2d):
+    """IntConv2d whose weights are APoT power-of-two terms (``bits``: the APoT weight bit-width)."""
+
+    def __init__(self, signs: Any, exps: Any, bias: Any, mult: Any, shift: Any, *, bits: int,
+                 **kwargs: Any) -> None:
+        IntConv2d.__init__(self, codes_of_terms(torch.as_tensor(signs), torch.as_tensor(exps)), bias, mult, shift,
+                           **kwargs)
+        self._set_terms(signs, exps, bits)
+
+    def extra_repr(self) -> str:
+        return f"apot{self.bits} {self.terms} terms, " + super().extra_repr()
+
+
+class IntShiftLinear(_ShiftAdd, IntLinear):
+    """IntLinear whose weights are APoT power-of-two terms."""
+
+    def __init__(self, signs: Any, exps: Any, bias: Any, mult: Any, shift: Any, *, bits: int,
+                 **kwargs: Any) -> None:
+        IntLinear.__init__(self, codes_of_terms(torch.as_tensor(signs), torch.as_tensor(exps)), bias, mult, shift,
+                           **kwargs)
+        self._set_terms(signs, exps, bits)
+
+    def extra_repr(self) -> str:
+        return f"apot{self.bits} {self.terms} terms, " + super().extra_repr()
+
+
 class IntAdd(_Requantizing):
     def __init__(self, mult: int, shift: int, *, inp: tuple[IntType, IntType], out: IntType, lo: int, hi: int):
         super().__init__()
@@ -177,7 +242,8 @@ class IntClamp(IntOp):
         return f"{self.inp} [{self.lo},{self.hi}]"
 
 
-REQUANTIZING_OPS = (IntConv2d, IntLinear, IntAdd, IntAvgPool2d)
+REQUANTIZING_OPS = (IntConv2d, IntLinear, IntShiftConv2d, IntShiftLinear, IntAdd, IntAvgPool2d)
+SHIFT_ADD_OPS = (IntShiftConv2d, IntShiftLinear)
 INTEGER_MODULES = (Quantize, Dequantize, *REQUANTIZING_OPS, IntMaxPool2d, IntClamp)
 # call_function targets allowed on integer tensors: they move integers around without arithmetic
 INTEGER_FUNCTIONS = (torch.flatten, torch.reshape, torch.cat)

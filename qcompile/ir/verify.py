@@ -3,6 +3,9 @@
 The integer verifier also proves the absence of int32 overflow: for every convolution and linear op,
 |acc| <= max_c (sum_k |w_ck| * max|q_x| + |b_c|), a bound from the input bit-width, the fan-in (through
 the weights actually stored) and the bias, must not exceed 2^31 - 1. It refuses the graph otherwise.
+APoT (shift-add) ops are covered by the same bound on their combined codes: all terms of a weight share
+its sign, so |k| = sum_p |T_p| 2^p and every partial sum of the shift-add evaluation (and each part of
+the export's lo/hi split) is bounded by sum |k| * max|q_x|.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ from qcompile.passes import (  # noqa: F401 - imported for registration
 from qcompile.passes.base import PASSES, Pass, PassContext, PassError, PassResult, register_pass
 from qcompile.passes.manager import PassManager
 from qcompile.passes.pipeline import Pipeline, parse_pipeline
-from qcompile.search import aqt as _aqt  # noqa: F401 - registers the built-in learned searches
+from qcompile.search import apot as _apot  # noqa: F401 - registers the built-in learned searches
+from qcompile.search import aqt as _aqt  # noqa: F401
 from qcompile.search import bayesian_bits as _bayesian_bits  # noqa: F401
 from qcompile.search import bsq as _bsq  # noqa: F401
 

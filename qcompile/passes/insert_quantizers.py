@@ -10,7 +10,13 @@ With ``scheme=bayesian-bits`` the same places get Bayesian Bits quantizers (``qu
 every weight a gated quantizer (x_max from max|W|, a pruning gate per output channel except on layers
 that produce a graph output), every activation except the graph's inputs and outputs (which stay plain
 8-bit) a gated quantizer that starts from its calibrated range; the ``bayesian-bits`` search trains them.
-Not handled: BSQ and APoT here (their searches swap the weight quantizers themselves).
+With ``scheme=apot`` every layer but the first conv and the last linear gets an APoT weight quantizer
+(``quant/apot.py``) of ``weights`` bits when that width has an APoT level set (2..7; otherwise, as with
+the default 8, they stay uniform and the ``apot`` search picks each layer's quantizer from its bits;
+assign-bitwidths moves an APoT quantizer within 2..7 and refuses other widths for it); alpha starts at
+the least-squares clip of the normalized weights. The first conv and the last linear stay 8-bit
+uniform unless ``apot_first_last=true``. Activations stay uniform. The ``apot`` search trains them.
+Not handled: BSQ here (its search swaps the weight quantizers itself), APoT activations.
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from qcompile.ir.meta import Stage
 from qcompile.ir.rewrite import input_node
 from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, option, register_pass
 from qcompile.quant import graph
+from qcompile.quant.apot import set_weight_quantizer
 from qcompile.quant.bayesian_bits import BayesianBitsActQuant, BayesianBitsWeightQuant
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
 
-SCHEMES = ("uniform", "bayesian-bits")
+SCHEMES = ("uniform", "bayesian-bits", "apot")
 
 
 def _quantize_layers(gm: fx.GraphModule, bits: int) -> None:
@@ -52,6 +59,15 @@ def _use_bayesian_bits(gm: fx.GraphModule) -> None:
             rewrite.set_module(gm, str(node.target), BayesianBitsActQuant(q.bits))
 
 
+def _use_apot(gm: fx.GraphModule, bits: int, first_last: bool) -> None:
+    from qcompile.search.base import first_conv_last_linear, layer_kinds
+
+    kinds = layer_kinds(gm)
+    ends = set(first_conv_last_linear(kinds)) if kinds and not first_last else set()
+    for node, layer in graph.layers(gm):
+        set_weight_quantizer(layer, 8 if str(node.target) in ends else bits)
+
+
 @register_pass
 @dataclass(frozen=True)
 class InsertQuantizers(Pass):
@@ -60,9 +76,11 @@ class InsertQuantizers(Pass):
     requires = (Stage.FLOAT,)
     produces = Stage.QUANT
 
-    scheme: str = option("uniform", "quantizer family: uniform | bayesian-bits")
+    scheme: str = option("uniform", "quantizer family: uniform | bayesian-bits | apot")
     weights: int = option(8, "initial weight bit-width (assign-bitwidths may change it)")
     acts: int = option(8, "initial activation bit-width")
+    apot_first_last: bool = option(False, "scheme=apot: APoT on the first conv and last linear too (else 8-bit "
+                                          "uniform)")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.scheme not in SCHEMES:
@@ -74,4 +92,6 @@ class InsertQuantizers(Pass):
                 rewrite.insert_module_after(gm, end, f"{end.name}_act", ActQuant(self.acts))
         if self.scheme == "bayesian-bits":
             _use_bayesian_bits(gm)
+        elif self.scheme == "apot":
+            _use_apot(gm, self.weights, self.apot_first_last)
         return PassResult(rewrite.finish(gm), True)

@@ -5,6 +5,9 @@ For a layer with input scale s_x, per-channel weight scales s_w[c] and output qu
   M[c] = s_x * s_w[c] / s_y ~ m[c] * 2^-n[c]  (contract.quantize_multiplier),
 and the ReLU/clamps folded into the quantizer become the clamp bounds
   lo = max(type.lo, round(min / s_y)),  hi = min(type.hi, round(max / s_y)).
+APoT layers (quant/apot.py) store their codes k (W_hat = s k, s = std(W) alpha / k_max for the whole
+layer) as power-of-two terms in IntShiftConv2d/IntShiftLinear, with q_b = round(b / (s_x s)) and
+M[c] = s_x s / s_y.
 Residual adds use M = s_in / s_y on q_a + q_b (share-scales made the inputs' scales equal);
 average pools use M = s_x / (k * s_y) on the window sum. Max pooling, reshapes and concatenation act on
 integers. A ReLU/clamp that could not fold becomes an IntClamp. Inputs get a Quantize, outputs a
@@ -30,6 +33,7 @@ from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.ir.shapes import annotate_shapes, pair
 from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, register_pass
 from qcompile.quant import graph
+from qcompile.quant.apot import APoTWeightQuant, terms_of_codes
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
 
 
@@ -101,20 +105,46 @@ def _weights(layer: QConv2d | QLinear, s_x: float) -> tuple[torch.Tensor, torch.
     return q_w, q_b, s_w
 
 
+def _apot_weights(layer: QConv2d | QLinear, q: APoTWeightQuant,
+                  s_x: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """APoT codes k (W_hat = s k), q_b = round(b / (s_x s)), s per channel (one value per layer)."""
+    with torch.no_grad():
+        k, s_w = q.codes(layer.weight), q.scale(layer.weight).double()
+    bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(s_w)
+    return k, torch.round(bias / (s_x * s_w)).to(torch.int64), s_w
+
+
+def _make_op(layer: QConv2d | QLinear, q_w: torch.Tensor, requant: dict[str, Any]) -> nn.Module:
+    """IntConv2d/IntLinear, or their shift-add forms with the codes as power-of-two terms (APoT)."""
+    q = layer.weight_quant
+    kwargs = {**requant, **(_conv_attrs(layer) if isinstance(layer, QConv2d) else {})}
+    if isinstance(q, APoTWeightQuant):
+        signs, exps = terms_of_codes(q_w, q.level_set)
+        shift_op = ops.IntShiftConv2d if isinstance(layer, QConv2d) else ops.IntShiftLinear
+        return shift_op(signs, exps, bits=q.bits, **kwargs)
+    plain = ops.IntConv2d if isinstance(layer, QConv2d) else ops.IntLinear
+    return plain(q_w, **kwargs)
+
+
+def _conv_attrs(layer: QConv2d) -> dict[str, Any]:
+    if isinstance(layer.padding, str):
+        raise PreconditionError(f"conv has padding='{layer.padding}'; give it as numbers")
+    return {"stride": pair(layer.stride), "padding": pair(layer.padding), "dilation": pair(layer.dilation),
+            "groups": layer.groups}
+
+
 def _lower_layer(lw: _Lowering, point: fx.Node, layer: QConv2d | QLinear, out: IntType, s_y: float,
                  bounds: tuple[int, int]) -> Value:
     x = lw.value(input_node(point))
-    q_w, q_b, s_w = _weights(layer, x.scale)
+    q = layer.weight_quant
+    q_w, q_b, s_w = _apot_weights(layer, q, x.scale) if isinstance(q, APoTWeightQuant) else _weights(layer, x.scale)
     mult, shift = contract.quantize_multipliers((x.scale * s_w / s_y).numpy())
-    common: dict[str, Any] = {"inp": x.itype, "w_type": layer.weight_quant.itype, "out": out,
-                              "lo": bounds[0], "hi": bounds[1]}
-    if isinstance(layer, QConv2d):
-        if isinstance(layer.padding, str):
-            raise PreconditionError(f"conv '{point.target}' has padding='{layer.padding}'; give it as numbers")
-        op: nn.Module = ops.IntConv2d(q_w, q_b, mult, shift, stride=pair(layer.stride), padding=pair(layer.padding),
-                                      dilation=pair(layer.dilation), groups=layer.groups, **common)
-    else:
-        op = ops.IntLinear(q_w, q_b, mult, shift, **common)
+    requant: dict[str, Any] = {"bias": q_b, "mult": mult, "shift": shift, "inp": x.itype, "w_type": q.itype,
+                               "out": out, "lo": bounds[0], "hi": bounds[1]}
+    try:
+        op = _make_op(layer, q_w, requant)
+    except PreconditionError as exc:
+        raise PreconditionError(f"layer '{point.target}': {exc}") from None
     return lw.emit(str(point.target), op, (x.node,), out, s_y, point)
 
 

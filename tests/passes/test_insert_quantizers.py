@@ -16,7 +16,9 @@ from qcompile.ir.meta import Stage, get_stage
 from qcompile.passes import PassError
 from qcompile.passes.base import PreconditionError
 from qcompile.passes.insert_quantizers import InsertQuantizers
-from qcompile.quant.modules import ActQuant, QConv2d, QLinear
+from qcompile.quant import graph
+from qcompile.quant.apot import APoTWeightQuant
+from qcompile.quant.modules import ActQuant, QConv2d, QLinear, WeightQuant
 
 FLOAT = "canonicalize,fold-batchnorm"
 
@@ -128,3 +130,15 @@ def test_batchnorm_must_be_folded_first(bn_model: nn.Module) -> None:
     gm = run_pipeline(bn_model, "canonicalize", ctx)
     with pytest.raises(PreconditionError, match="fold-batchnorm"):
         InsertQuantizers()(gm, ctx)
+
+
+def test_apot_scheme_keeps_first_and_last_layers_uniform(residual_model: nn.Module) -> None:
+    gm = quantize(residual_model, "{scheme=apot,weights=4}")
+    quantizers = [layer.weight_quant for _, layer in graph.layers(gm)]
+    assert isinstance(quantizers[0], WeightQuant) and isinstance(quantizers[-1], WeightQuant)
+    assert quantizers[0].bits == quantizers[-1].bits == 8
+    assert all(isinstance(q, APoTWeightQuant) and q.bits == 4 for q in quantizers[1:-1])
+    everywhere = quantize(make_model("residual"), "{scheme=apot,weights=2,apot_first_last=true}")
+    assert all(isinstance(layer.weight_quant, APoTWeightQuant) for _, layer in graph.layers(everywhere))
+    uniform = quantize(make_model("residual"), "{scheme=apot}")  # 8 bits has no APoT set: uniform until a search
+    assert all(type(layer.weight_quant) is WeightQuant for _, layer in graph.layers(uniform))

@@ -199,3 +199,29 @@ def test_compiled_model_reports_integer_layers() -> None:
     # MACs per sample: 8x8 outputs for the convs, 1 row for the linear layer
     assert [c.macs for c in costs] == [4 * 9 * 64, 4 * 4 * 9 * 64, 4 * 4 * 9 * 64, 4 * 3]
     assert np.isclose(sum(c.bops for c in costs), sum(c.macs for c in costs) * 32)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 6])
+def test_apot_layers_lower_to_power_of_two_terms_of_their_codes(bits: int) -> None:
+    from qcompile.quant import graph
+    from qcompile.quant.apot import APoTWeightQuant
+
+    pipeline = (f"canonicalize,fold-batchnorm,insert-quantizers{{scheme=apot,weights={bits}}},calibrate,share-scales,"
+                "lower-integer")
+    cm = compile_model(make_model("residual"), pipeline=pipeline)
+    assert cm.quant_graph is not None
+    layers = {str(n.target): layer for n, layer in graph.layers(cm.quant_graph)}
+    shift = {name: m for name, m in cm.integer_graph.named_modules() if isinstance(m, ops.SHIFT_ADD_OPS)}
+    assert shift and len(shift) == len(layers) - 2  # first conv and last linear stay uniform
+    for name, op in shift.items():
+        layer = layers[name]
+        q = layer.weight_quant
+        assert isinstance(q, APoTWeightQuant) and op.bits == bits
+        with torch.no_grad():
+            codes, simulated = q.codes(layer.weight), q(layer.weight)
+        assert torch.equal(op.weight.to(torch.int64), codes)  # the terms add up to the quantizer's codes
+        scale = q.scale(layer.weight).view(-1, *[1] * (codes.dim() - 1))
+        torch.testing.assert_close(scale * codes.float(), simulated, rtol=1e-5, atol=1e-7)
+        assert int(op.term_sign.ne(0).sum(dim=0).max()) <= q.terms
+    x = torch.randn(16, 1, 8, 8)
+    assert torch.equal(cm(x), cm.reference(x)) and cm.verify(x).mismatches == 0
