@@ -21,7 +21,7 @@ import torch.fx as fx
 from qcompile.passes.base import PassContext, PreconditionError, option, register_pass
 from qcompile.quant import graph
 from qcompile.quant.apot import APOT_BITS, set_weight_quantizer, weight_level_set
-from qcompile.search.base import Search, apply_assignment, first_conv_last_linear, layer_kinds
+from qcompile.search.base import Search, apply_assignment, check_schedule, first_conv_last_linear, layer_kinds
 from qcompile.search.policies import Assignment, LayerBits, policy_assignment
 from qcompile.train.trainer import QuantTrainer, TrainConfig
 
@@ -49,10 +49,12 @@ class APoTSearch(Search):
     range_lr: float = option(1e-3, "Adam learning rate of the clip alphas")
     fraction: float = option(0.2, "share of the steps that calibrate activation bounds (in (0, 1))")
     batch_size: int = option(64, "training batch size")
+    schedule: str = option("constant", "learning-rate schedule of the weights and ranges: constant | cosine")
     checkpoint: str = option("", "checkpoint file written after every epoch")
     resume: bool = option(False, "continue from the checkpoint")
 
     def __post_init__(self) -> None:
+        check_schedule("apot", self.schedule)
         weight_level_set(self.bits)  # refuses widths without an APoT level set
         if self.first_last not in FIRST_LAST:
             raise PreconditionError(f"apot first_last must be one of {', '.join(FIRST_LAST)}, got '{self.first_last}'")
@@ -83,7 +85,7 @@ class APoTSearch(Search):
         apply_assignment(gm, assignment)
         config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, range_lr=self.range_lr,
                              calibration_fraction=self.fraction, seed=ctx.seed, checkpoint=self.checkpoint,
-                             resume=self.resume, progress=ctx.progress)
+                             resume=self.resume, progress=ctx.progress, schedule=self.schedule)
         QuantTrainer(gm, ctx.dataset, config).fit()
         return assignment
 

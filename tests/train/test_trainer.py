@@ -122,7 +122,7 @@ def test_an_unknown_schedule_is_refused_when_the_search_is_built() -> None:
     from qcompile.passes import parse_pipeline
     from qcompile.passes.base import PreconditionError
 
-    for search in ("aqt", "bsq", "bayesian-bits"):
+    for search in ("aqt", "bsq", "bayesian-bits", "apot"):
         with pytest.raises(PreconditionError, match="schedule must be one of constant, cosine"):
             parse_pipeline(f"{search}{{schedule=linear}}").build()
     with pytest.raises(TrainError, match="unknown learning-rate schedule"):
