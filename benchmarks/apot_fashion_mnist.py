@@ -1,13 +1,14 @@
 """APoT vs uniform weights on Fashion-MNIST (LeNet-5, SmallResNet) at 3 and 4 weight bits, same budget.
 
 For each model: a float model (cached training, common.trained), then from the same float weights and with
-the same training budget (``--search-epochs`` epochs over ``--train-subset`` images, Adam lr 1e-3, the
-trainer's seed 0, AQT's activation schedule) and 8-bit activations:
+the same training budget (``--search-epochs`` epochs over ``--train-subset`` images, Adam at ``--lr``
+(default 1e-3) with ``--schedule`` and ``--distill``, the trainer's seed 0, AQT's activation schedule) and
+8-bit activations:
   * apot     ``insert-quantizers{scheme=apot},calibrate,apot{bits=B,epochs=E}``: APoT weights (shift-add
              layers), first conv and last linear 8-bit uniform;
   * uniform  ``insert-quantizers,calibrate,aqt{policy=TABLE,epochs=E}`` with a table giving every layer B-bit
              weights except the first conv and the last linear (8-bit): the same layers, uniform grids.
-  * apot with ``--apot-variant`` options (default ``center=false``: normalization without the mean) at the
+  * apot with ``--apot-variant`` options (default ``center=true``: the method's normalization, mean dropped) at the
              lowest bit-width, as a variant of the method.
 Both end in ``share-scales,lower-integer``. One table per model: integer-graph (fast executor) and onnxruntime
 top-1 on the 10k test images, the drop vs float, relative BOPs, multiplies and shift-adds per sample, the
@@ -43,8 +44,8 @@ import qcompile  # noqa: E402
 from qcompile.data import Dataset  # noqa: E402
 
 SUFFIX = "share-scales,lower-integer"
-HEADERS = ["method", "w bits", "integer-graph acc %", "onnxruntime acc %", "Δ vs float (points)", "rel. BOPs %",
-           "multiplies", "shift-adds", "multiplier-free %", "w bits per layer", "compile s",
+HEADERS = ["method", "w bits", "train seed", "integer-graph acc %", "onnxruntime acc %", "Δ vs float (points)",
+           "rel. BOPs %", "multiplies", "shift-adds", "multiplier-free %", "w bits per layer", "compile s",
            "ORT vs ref mismatching elements"]
 
 
@@ -58,20 +59,23 @@ class Method:
     def label(self) -> str:
         return self.method + (f" {self.options}" if self.options else "")
 
-    def pipeline(self, epochs: int, tables: Path, names: list[str]) -> str:
+    def pipeline(self, epochs: int, tables: Path, names: list[str], training: str = "") -> str:
+        """``training``: options both methods share, e.g. ``,lr=0.0003,schedule=cosine``."""
         if self.method == "apot":
             extra = f",{self.options}" if self.options else ""
             return f"canonicalize,fold-batchnorm,insert-quantizers{{scheme=apot}},calibrate," \
-                   f"apot{{bits={self.bits},epochs={epochs}{extra}}},{SUFFIX}"
+                   f"apot{{bits={self.bits},epochs={epochs}{training}{extra}}},{SUFFIX}"
         table = tables / f"uniform-w{self.bits}.json"
         layers = {n: {"w": self.bits, "a": 8} for n in names[1:-1]}
         table.write_text(json.dumps({**layers, "default": {"w": 8, "a": 8}}))
-        return f"canonicalize,fold-batchnorm,insert-quantizers,calibrate,aqt{{policy={table},epochs={epochs}}},{SUFFIX}"
+        return f"canonicalize,fold-batchnorm,insert-quantizers,calibrate," \
+               f"aqt{{policy={table},epochs={epochs}{training}}},{SUFFIX}"
 
 
 @dataclass
 class Row:
     m: Method
+    seed: int = 0
     report: dict[str, Any] | None = None
     compile_s: float = 0.0
     error: str = ""
@@ -89,13 +93,13 @@ def layer_names(model: nn.Module) -> list[str]:
 
 
 def run_method(model: nn.Module, m: Method, pipeline: str, search_data: Dataset, test: Dataset, verify_n: int,
-               seed: int, progress: bool) -> Row:
+               seed: int, progress: bool, train_seed: int = 0) -> Row:
     common.seed_everything(seed)
-    row = Row(m)
+    row = Row(m, train_seed)
     try:
         with common.Stopwatch() as sw:
             cm = qcompile.compile(model, search_data.x_train[:1], data=search_data, pipeline=pipeline,
-                                  progress=progress)
+                                  progress=progress, seed=train_seed)
         row.compile_s = sw.seconds
         row.report = cm.report(test, verify_inputs=test.x_test[:verify_n], progress=progress)
     except Exception as exc:  # noqa: BLE001 - report the failure and go on
@@ -109,30 +113,42 @@ def table_rows(rows: list[Row]) -> list[list[Any]]:
     out: list[list[Any]] = []
     for r in rows:
         if r.report is None:
-            out.append([r.m.label, r.m.bits, "FAILED", *["-"] * (len(HEADERS) - 3)])
+            out.append([r.m.label, r.m.bits, r.seed, "FAILED", *["-"] * (len(HEADERS) - 4)])
             continue
         acc, t, v = r.report["accuracy"], r.report["totals"], r.report["verify"]
         bits = ",".join(str(layer["w_bits"]) + ("p" if layer["terms"] else "") for layer in r.report["layers"])
-        out.append([r.m.label, r.m.bits, acc["integer"], acc["onnx"], f"{acc['integer'] - acc['float']:+.2f}",
+        out.append([r.m.label, r.m.bits, r.seed, acc["integer"], acc["onnx"], f"{acc['integer'] - acc['float']:+.2f}",
                     t["rel_bops_percent"], t["multiplies"], t["shift_adds"], t["multiplier_free_percent"], bits,
                     round(r.compile_s, 1), f"{v['mismatches']} / {v['compared']}"])
     return out
 
 
+def mean_rows(rows: list[Row]) -> dict[tuple[str, int], list[float]]:
+    """Integer-graph accuracies over the training seeds, per (method label, bits); a failed run counts as nan."""
+    by: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        by.setdefault((r.m.label, r.m.bits), []).append(r.integer)
+    return by
+
+
+def summary_rows(rows: list[Row]) -> list[list[Any]]:
+    return [[label, bits, len(accs), f"{sum(accs) / len(accs):.2f}", f"{min(accs):.2f}", f"{max(accs):.2f}"]
+            for (label, bits), accs in mean_rows(rows).items()]
+
+
 def verdicts(name: str, rows: list[Row]) -> list[str]:
-    by = {(r.m.label, r.m.bits): r for r in rows}
+    by = {key: sum(accs) / len(accs) for key, accs in mean_rows(rows).items()}
     lines = []
     apot3, uni3 = by.get(("apot", 3)), by.get(("uniform", 3))
-    if apot3 and uni3 and apot3.report and uni3.report:
-        met = apot3.integer >= uni3.integer
-        lines.append(f"{name}: APoT 3-bit at least as accurate as uniform 3-bit: {'MET' if met else 'NOT MET'} "
-                     f"({apot3.integer:.2f} % vs {uni3.integer:.2f} %)")
+    if apot3 is not None and uni3 is not None and apot3 == apot3 and uni3 == uni3:
+        met = apot3 >= uni3
+        lines.append(f"{name}: APoT 3-bit at least as accurate as uniform 3-bit (mean over the training seeds): "
+                     f"{'MET' if met else 'NOT MET'} ({apot3:.2f} % vs {uni3:.2f} %)")
     else:
         lines.append(f"{name}: APoT vs uniform at 3 bits: not run or failed")
-    for r in rows:
-        if r.m.options and r.m.bits == 3 and r.report and uni3 and uni3.report:
-            lines.append(f"{name}: variant apot {r.m.options} at 3 bits vs uniform 3-bit: {r.integer:.2f} % vs "
-                         f"{uni3.integer:.2f} %")
+    for (label, bits), acc in by.items():
+        if label != "apot" and label.startswith("apot") and bits == 3 and uni3 is not None:
+            lines.append(f"{name}: variant {label} at 3 bits vs uniform 3-bit: {acc:.2f} % vs {uni3:.2f} %")
     apot = [r for r in rows if r.m.method == "apot"]
     exact = all(r.report is not None and r.report["verify"]["mismatches"] == 0 for r in apot)
     lines.append(f"{name}: every APoT model bit-exact in onnxruntime: {'MET' if exact and apot else 'NOT MET'}")
@@ -148,9 +164,18 @@ def main() -> int:
     p.add_argument("--float-train-subset", type=int, default=0,
                    help="train the float models on this many training images (0: all 60k)")
     p.add_argument("--verify", type=int, default=0, help="test images for the ORT check (0: 500, 100 with --quick)")
-    p.add_argument("--apot-variant", default="center=false",
+    p.add_argument("--apot-variant", default="center=true",
                    help="extra apot options compared too at the lowest bit-width ('' for none; default %(default)s)")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate of both methods (default 1e-3)")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning-rate schedule of both methods (default %(default)s)")
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight of the float model's soft targets in both methods' loss (default 0)")
+    p.add_argument("--train-seeds", default="0",
+                   help="trainer seeds (batch order) every method runs with; the verdict compares means (default 0)")
     args = p.parse_args()
+    train_seeds = [int(v) for v in args.train_seeds.split(",")]
+    training = f",lr={args.lr:g},schedule={args.schedule}" + (f",distill={args.distill:g}" if args.distill else "")
     if args.quick:
         args.epochs, args.search_epochs, args.train_subset = min(args.epochs, 1), 1, 1000
     args.verify = args.verify or (100 if args.quick else 500)
@@ -180,12 +205,16 @@ def main() -> int:
             print(f"{name}: float {args.epochs} epochs on {len(float_data.x_train)} images, "
                   + ("weights from the cache" if cached else f"trained in {seconds:.0f} s"), flush=True)
             names = layer_names(model)
-            rows = [run_method(model, m, m.pipeline(args.search_epochs, Path(tmp), names), search_data, full,
-                               args.verify, args.seed, progress) for m in todo]
+            rows = [run_method(model, m, m.pipeline(args.search_epochs, Path(tmp), names, training), search_data, full,
+                               args.verify, args.seed, progress, train_seed)
+                    for m in todo for train_seed in train_seeds]
             ok = [r for r in rows if r.report is not None]
             float_acc = ok[0].report["accuracy"]["float"] if ok and ok[0].report else float("nan")
             common.table(HEADERS, table_rows(rows), title=f"{name}, Fashion-MNIST test set ({len(full.x_test)} "
                          f"images); float (folded BN) {float_acc:.2f} %")
+            if len(train_seeds) > 1:
+                common.table(["method", "w bits", "seeds", "mean integer acc %", "min", "max"], summary_rows(rows),
+                             title=f"{name}: over training seeds {args.train_seeds}")
             lines += verdicts(name, rows)
     print("targets")
     for line in lines:

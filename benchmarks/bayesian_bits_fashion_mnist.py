@@ -47,6 +47,8 @@ def bb_points(args: Any) -> list[SweepPoint]:
     knobs = {"mu": [f"{float(m):g}" for m in args.mus.split(",")], "epochs": [str(args.search_epochs - args.finetune)],
              "finetune_epochs": [str(args.finetune)], "gate_lr": [f"{args.gate_lr:g}"], "lr": [f"{args.lr:g}"],
              "gate_init": [f"{args.gate_init:g}"], "schedule": [args.schedule]}
+    if args.distill:
+        knobs["distill"] = [f"{args.distill:g}"]
     return grid("bayesian-bits", knobs)
 
 
@@ -106,6 +108,8 @@ def main() -> int:
                    "trained uniform policies (default 3e-4)")
     p.add_argument("--schedule", default="cosine", choices=["constant", "cosine"],
                    help="learning-rate schedule of every trained method (default %(default)s)")
+    p.add_argument("--distill", type=float, default=0.0, help="weight of the float model's soft targets in the "
+                   "loss of every trained method (default 0: labels only)")
     p.add_argument("--policies", default="w8a8,w4a4,aqt", help="uniform references (default %(default)s)")
     p.add_argument("--train-subset", type=int, default=0, help="search on this many training images (0: all)")
     p.add_argument("--verify", type=int, default=1000, help="test images for the ORT-vs-reference check")
@@ -131,6 +135,7 @@ def main() -> int:
           f"images, budget {args.search_epochs} epochs (Bayesian Bits: {args.search_epochs - args.finetune} gated + "
           f"{args.finetune} frozen), test set {len(full.x_test)} images", flush=True)
     training = (("lr", f"{args.lr:g}"), ("schedule", args.schedule))
+    training += (("distill", f"{args.distill:g}"),) if args.distill else ()
     points = bb_points(args) + baseline_points(args.policies.split(","), epochs=args.search_epochs, training=training)
     sweep = run_sweep(model, data, points, verify_samples=args.verify, progress=sys.stderr.isatty(),
                       log=lambda line: print(line, file=sys.stderr, flush=True))

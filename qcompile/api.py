@@ -180,12 +180,14 @@ def compile(  # noqa: A001 - the verb users expect
     progress: bool = False,
     verify_each: bool = True,
     dump: Callable[[int, Pass, fx.GraphModule], None] | None = None,
+    seed: int = 0,
 ) -> CompiledModel:
     """Compile ``model`` (an nn.Module, or the path of a torch.export ``.pt2`` or float ``.onnx``) to an integer graph.
 
     ``data`` supplies calibration batches (a Dataset's training split, or a callable returning batches);
     without it the example inputs are used. ``pipeline`` (text or passes) replaces the default pipeline
-    built from ``policy`` and ``calibration_steps``.
+    built from ``policy`` and ``calibration_steps``. ``seed`` seeds the learned searches' trainers (batch
+    order, gate samples); the same seed and inputs give the same ONNX bytes.
     """
     examples = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     gm = _trace(model, examples)
@@ -193,7 +195,7 @@ def compile(  # noqa: A001 - the verb users expect
     passes = list(pipeline) if pipeline is not None and not isinstance(pipeline, str) else parse_pipeline(text).build()
     calibration = data.calibration() if isinstance(data, Dataset) else data or (lambda: [examples[0]])
     dataset = data if isinstance(data, Dataset) else None
-    ctx = PassContext(examples, calibration, dataset=dataset, progress=progress)
+    ctx = PassContext(examples, calibration, dataset=dataset, progress=progress, seed=seed)
     snapshots: dict[str, fx.GraphModule] = {"float": gm}
 
     def after(index: int, p: Pass, graph: fx.GraphModule) -> None:

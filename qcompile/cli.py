@@ -75,7 +75,7 @@ def _ir_dumper(args: argparse.Namespace) -> Any:
     return dump
 
 
-SEARCH_FLAGS = ("epochs", "fraction", "lr", "alpha", "mu", "post_training", "checkpoint", "resume", "bits")
+SEARCH_FLAGS = ("epochs", "fraction", "lr", "alpha", "mu", "post_training", "checkpoint", "resume", "bits", "distill")
 QUANTIZERS = ("uniform", "apot")
 
 
@@ -285,7 +285,8 @@ def _sweep_parser(sub: Any) -> None:
                    **flag)
     for name, meaning in [("epochs", "training epochs"), ("fraction", "AQT calibration share of the steps"),
                           ("lr", "learning rate"), ("policy", "bit-width policy"), ("alpha", "BSQ regularizer"),
-                          ("mu", "regularizer weight"), ("bits", "APoT weight bits")]:
+                          ("mu", "regularizer weight"), ("bits", "APoT weight bits"),
+                          ("distill", "weight of the float model's soft targets")]:
         s.add_argument(f"--{name}", metavar="V[,V]", help=f"{meaning}: the search option '{name}'", **flag)
     s.add_argument("--option", metavar="NAME=V[,V]", help="any other option of the search, e.g. batch_size=32,64",
                    **flag)
@@ -332,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lr", type=float, help="learning rate of a learned search")
     c.add_argument("--alpha", type=float, help="BSQ: strength of the bit-plane regularizer (>= 0)")
     c.add_argument("--mu", type=float, help="Bayesian Bits: strength of the BOPs regularizer (> 0)")
+    c.add_argument("--distill", type=float, help="a learned search: weight in [0, 1] of the float model's soft "
+                                                 "targets in the loss (knowledge distillation; default 0)")
     c.add_argument("--post-training", action="store_true", help="Bayesian Bits: keep the weights, learn only "
                    "gates and ranges on a small set (minutes)")
     c.add_argument("--checkpoint", help="a learned search's checkpoint file (written after every epoch)")

@@ -51,6 +51,7 @@ class PassContext:
     progress: bool = False
     notes: list[str] = field(default_factory=list)
     records: dict[str, Any] = field(default_factory=dict)  # what searches/passes learned, for the report
+    teacher: fx.GraphModule | None = None  # the float graph insert-quantizers received (for distillation)
 
     def calibration_batches(self) -> Iterator[torch.Tensor]:
         if self.calibration is None:

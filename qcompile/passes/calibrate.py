@@ -60,4 +60,5 @@ class Calibrate(Pass):
                     f"activation '{node.args[0]}' is {what} on the calibration data; check the data and "
                     "weights, or remove the dead layer"
                 )
+        graph.bind_input_scales(gm)  # from here on the layers' biases sit on the int32 accumulator grid
         return PassResult(gm, True)

@@ -85,6 +85,7 @@ class InsertQuantizers(Pass):
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.scheme not in SCHEMES:
             raise PreconditionError(f"unknown scheme '{self.scheme}' (known: {', '.join(SCHEMES)})")
+        ctx.teacher = rewrite.shallow_copy(gm).eval()  # the float function, for searches that distill from it
         _quantize_layers(gm, self.weights)
         for node in list(gm.graph.nodes):
             if graph.is_quant_point(gm, node):

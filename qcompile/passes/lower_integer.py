@@ -263,6 +263,7 @@ class LowerInteger(Pass):
         if uncalibrated:
             raise PreconditionError(f"activation quantizers {uncalibrated} are not calibrated; run calibrate first")
         annotate_shapes(gm, ctx.example_inputs)
+        graph.bind_input_scales(gm)  # the quant graph left behind simulates the biases the lowering stores
         new = lower(gm)
         annotate_shapes(new, ctx.example_inputs)
         return PassResult(new, True)

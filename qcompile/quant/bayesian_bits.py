@@ -344,6 +344,9 @@ class BayesianBitsActQuant(ActQuant):
             return super().forward(x)
         return self.gated(x)
 
+    def fixed_scale(self) -> torch.Tensor | None:
+        return super().fixed_scale() if self.gated is None else None  # gated: the grid is sampled
+
     def finalize(self) -> ActQuant:
         """A plain ActQuant on the chosen grid: bits, signedness, amax = s_b * hi (capped at 8 bits)."""
         assert self.gated is not None

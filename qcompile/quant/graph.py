@@ -4,6 +4,8 @@ A *scale root* is the activation quantizer that defines a tensor's scale; max po
 clamps and concatenation pass scales through unchanged. Residual adds and concatenations need their
 inputs on one scale: ``scale_groups`` returns the groups of roots that must share one (connected
 components of a networkx graph with an edge between the roots of every add/cat's inputs).
+``bind_input_scales`` is the one writer here: it points each layer at the root that defines its input
+scale, so that the layer can put its bias on the integer accumulator grid (quant/modules.py).
 """
 
 from __future__ import annotations
@@ -94,6 +96,19 @@ def roots(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
     if passes and isinstance(node.args[0], fx.Node):
         return roots(gm, node.args[0])
     return []
+
+
+def bind_input_scales(gm: fx.GraphModule) -> int:
+    """Give every layer its input's scale (``fixed_scale`` of the first root); returns how many were bound.
+
+    Call it again after replacing activation quantizers: a layer keeps the method of the module it saw.
+    """
+    bound = 0
+    for node, layer in layers(gm):
+        found = roots(gm, input_node(node))
+        layer.input_scale = act_quant(gm, found[0]).fixed_scale if found else None
+        bound += bool(found)
+    return bound
 
 
 def scale_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:

@@ -9,6 +9,11 @@
   torchrun the statistic is reduced over the ranks first (max, or the mean of the percentiles).
 * Weights, per output channel: ``s_c = max|W_c| / (2^(b-1) - 1)``, recomputed every forward (unless
   pinned: prune-channels pins max|W_c| before it removes input columns).
+* Biases, as the integer contract stores them: once ``quant.graph.bind_input_scales`` has told a layer
+  which quantizer defines its input scale s_x, and that quantizer has a fixed grid (calibrated, not
+  observing, not gated), the layer adds ``b_q = S * round(b / S)`` with ``S = s_x * s_w[c]`` (the int32
+  accumulator's step; rounded in float64 like the lowering, straight-through for b). Without it a layer
+  at 2-4 bits is off the integer graph by up to S / 2 per channel, a sizeable part of an output step.
 
 Not handled: asymmetric (zero-point) activation ranges and per-channel activation scales; the integer
 contract has neither.
@@ -17,6 +22,7 @@ contract has neither.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -68,6 +74,10 @@ class ActQuant(nn.Module):
     @property
     def scale(self) -> torch.Tensor:
         return self.amax / self.itype.hi
+
+    def fixed_scale(self) -> torch.Tensor | None:
+        """The scale of the grid this quantizer rounds to now; None while it passes float values through."""
+        return None if self.observing or not self.calibrated else self.scale.detach()
 
     def _statistic(self, x: torch.Tensor) -> torch.Tensor:
         a = x.detach().abs().flatten().float()
@@ -164,10 +174,24 @@ class WeightQuantizer(Protocol):
     def __call__(self, w: torch.Tensor) -> torch.Tensor: ...
 
 
+def grid_bias(layer: QConv2d | QLinear) -> torch.Tensor | None:
+    """The bias the layer adds: on the accumulator grid s_x * s_w once its input scale is bound and fixed."""
+    b = layer.weight_quant.quant_bias(layer.bias)
+    s_x = layer.input_scale() if b is not None and layer.input_scale is not None else None
+    weight_scale = getattr(layer.weight_quant, "scale", None)
+    if b is None or s_x is None or weight_scale is None:
+        return b
+    step = s_x.double() * weight_scale(layer.weight.detach()).detach().double()
+    exact = b.detach().double()
+    snapped = torch.where(step > 0, torch.round(exact / step) * step, exact).to(b.dtype)
+    return b + (snapped - b).detach()
+
+
 class QConv2d(nn.Conv2d):
-    """Conv2d whose weight passes through a WeightQuant; bias stays float in simulation."""
+    """Conv2d whose weight passes through a WeightQuant and whose bias is snapped to the int32 grid."""
 
     weight_quant: WeightQuantizer
+    input_scale: Callable[[], torch.Tensor | None] | None = None  # set by quant.graph.bind_input_scales
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, bits: int = 8) -> QConv2d:
@@ -181,11 +205,12 @@ class QConv2d(nn.Conv2d):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quant(self.weight), self.weight_quant.quant_bias(self.bias))
+        return self._conv_forward(x, self.weight_quant(self.weight), grid_bias(self))
 
 
 class QLinear(nn.Linear):
     weight_quant: WeightQuantizer
+    input_scale: Callable[[], torch.Tensor | None] | None = None
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int = 8) -> QLinear:
@@ -195,4 +220,4 @@ class QLinear(nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_quant(self.weight), self.weight_quant.quant_bias(self.bias))
+        return F.linear(x, self.weight_quant(self.weight), grid_bias(self))

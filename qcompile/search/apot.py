@@ -21,7 +21,7 @@ import torch.fx as fx
 from qcompile.passes.base import PassContext, PreconditionError, option, register_pass
 from qcompile.quant import graph
 from qcompile.quant.apot import APOT_BITS, set_weight_quantizer, weight_level_set
-from qcompile.search.base import Search, apply_assignment, check_schedule, first_conv_last_linear, layer_kinds
+from qcompile.search.base import TrainedSearch, apply_assignment, check_schedule, first_conv_last_linear, layer_kinds
 from qcompile.search.policies import Assignment, LayerBits, policy_assignment
 from qcompile.train.trainer import QuantTrainer, TrainConfig
 
@@ -31,7 +31,7 @@ NORMALIZE = ("channel", "layer")
 
 @register_pass
 @dataclass(frozen=True)
-class APoTSearch(Search):
+class APoTSearch(TrainedSearch):
     name = "apot"
     summary = "APoT: additive powers-of-two weights (shift-add layers) trained with a learned clip per layer"
     needs_labels = True
@@ -43,7 +43,8 @@ class APoTSearch(Search):
                              "stay uniform)")
     first_last: str = option("uniform8", "first conv and last linear: uniform8 (8-bit uniform) | apot (bits)")
     normalize: str = option("channel", "weight normalization statistics: channel (per output channel) | layer")
-    center: bool = option(True, "subtract the mean in the weight normalization")
+    center: bool = option(False, "subtract each channel's mean in the weight normalization (and lose it, as the "
+                                 "method does)")
     epochs: int = option(3, "training epochs")
     lr: float = option(1e-3, "Adam learning rate of the weights")
     range_lr: float = option(1e-3, "Adam learning rate of the clip alphas")
@@ -54,6 +55,7 @@ class APoTSearch(Search):
     resume: bool = option(False, "continue from the checkpoint")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_schedule("apot", self.schedule)
         weight_level_set(self.bits)  # refuses widths without an APoT level set
         if self.first_last not in FIRST_LAST:
@@ -85,8 +87,9 @@ class APoTSearch(Search):
         apply_assignment(gm, assignment)
         config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, range_lr=self.range_lr,
                              calibration_fraction=self.fraction, seed=ctx.seed, checkpoint=self.checkpoint,
-                             resume=self.resume, progress=ctx.progress, schedule=self.schedule)
-        QuantTrainer(gm, ctx.dataset, config).fit()
+                             resume=self.resume, progress=ctx.progress, schedule=self.schedule,
+                             **self.distillation())
+        QuantTrainer(gm, ctx.dataset, config, teacher=self.teacher(ctx)).fit()
         return assignment
 
     def apply(self, gm: fx.GraphModule, assignment: Assignment) -> None:

@@ -14,14 +14,14 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from qcompile.passes.base import PassContext, PreconditionError, option, register_pass
-from qcompile.search.base import Search, apply_assignment, check_schedule, first_conv_last_linear, layer_kinds
+from qcompile.search.base import TrainedSearch, apply_assignment, check_schedule, first_conv_last_linear, layer_kinds
 from qcompile.search.policies import Assignment, policy_assignment
 from qcompile.train.trainer import QuantTrainer, TrainConfig
 
 
 @register_pass
 @dataclass(frozen=True)
-class AqtRecipe(Search):
+class AqtRecipe(TrainedSearch):
     name = "aqt"
     summary = "AQT recipe: a policy (default 4-bit, first/last 8-bit) trained with frozen EMA activation bounds"
     needs_labels = True
@@ -36,6 +36,7 @@ class AqtRecipe(Search):
     resume: bool = option(False, "continue from the checkpoint")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not 0.0 < self.fraction < 1.0:
             raise PreconditionError(f"aqt fraction must lie in (0, 1), got {self.fraction}")
         if self.epochs <= 0:
@@ -50,6 +51,7 @@ class AqtRecipe(Search):
         apply_assignment(gm, assignment)
         config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                              calibration_fraction=self.fraction, seed=ctx.seed, checkpoint=self.checkpoint,
-                             resume=self.resume, progress=ctx.progress, schedule=self.schedule)
-        QuantTrainer(gm, ctx.dataset, config).fit()
+                             resume=self.resume, progress=ctx.progress, schedule=self.schedule,
+                             **self.distillation())
+        QuantTrainer(gm, ctx.dataset, config, teacher=self.teacher(ctx)).fit()
         return assignment

@@ -14,13 +14,13 @@ activations get the assignment's default; graph inputs and outputs stay 8-bit (t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch.fx as fx
 
 from qcompile.ir.meta import IntType, Stage
 from qcompile.ir.rewrite import input_node
-from qcompile.passes.base import PASSES, Pass, PassContext, PassResult, PreconditionError
+from qcompile.passes.base import PASSES, Pass, PassContext, PassResult, PreconditionError, option
 from qcompile.quant import graph
 from qcompile.quant.modules import QConv2d
 from qcompile.search.policies import Assignment
@@ -88,6 +88,32 @@ class Search(Pass):
             raise PreconditionError(f"search '{self.name}' learns from labelled data; pass --data with labels")
         self.apply(gm, self.search(gm, ctx))
         return PassResult(gm, True)
+
+
+@dataclass(frozen=True)
+class TrainedSearch(Search):
+    """A search that trains the quant graph with QuantTrainer; distillation from the float model is shared.
+
+    Subclasses that define ``__post_init__`` call ``super().__post_init__()``.
+    """
+
+    needs_labels = True
+
+    distill: float = option(0.0, "weight of the float model's soft targets in the loss, in [0, 1] (0: labels only)")
+    temperature: float = option(1.0, "softmax temperature of the distillation (> 0)")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.distill <= 1.0:
+            raise PreconditionError(f"{self.name} distill must lie in [0, 1], got {self.distill}")
+        if not self.temperature > 0.0:
+            raise PreconditionError(f"{self.name} temperature must be positive, got {self.temperature}")
+
+    def distillation(self) -> dict[str, Any]:
+        """Keyword arguments for QuantTrainer (``teacher``) and TrainConfig (``distill``, ``temperature``)."""
+        return {"distill": self.distill, "temperature": self.temperature}
+
+    def teacher(self, ctx: PassContext) -> fx.GraphModule | None:
+        return ctx.teacher if self.distill > 0.0 else None
 
 
 def searches() -> dict[str, type[Search]]:

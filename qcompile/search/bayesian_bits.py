@@ -45,7 +45,7 @@ from qcompile.quant.bayesian_bits import (
     GatedQuantizer,
     RangeWeightQuant,
 )
-from qcompile.search.base import Search, check_schedule
+from qcompile.search.base import TrainedSearch, check_schedule
 from qcompile.search.policies import Assignment, LayerBits
 from qcompile.train.trainer import QuantTrainer, TrainConfig
 
@@ -88,7 +88,7 @@ def _subset(data: Dataset, samples: int) -> Dataset:
 
 @register_pass
 @dataclass(frozen=True)
-class BayesianBitsSearch(Search):
+class BayesianBitsSearch(TrainedSearch):
     name = "bayesian-bits"
     summary = "Bayesian Bits: gated residual bits and channel pruning learned against a BOPs regularizer"
     needs_labels = True
@@ -112,6 +112,7 @@ class BayesianBitsSearch(Search):
     resume: bool = option(False, "continue the gated training from the checkpoint")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.mu > 0.0:
             raise PreconditionError(f"bayesian-bits mu must be a number > 0, got {self.mu}")
         if self.epochs <= 0 or self.finetune_epochs < 0:
@@ -125,7 +126,7 @@ class BayesianBitsSearch(Search):
     def _config(self, ctx: PassContext, epochs: int, checkpoint: str = "", resume: bool = False) -> TrainConfig:
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr, range_lr=self.range_lr,
                            gate_lr=self.gate_lr, calibration_fraction=0.0, seed=ctx.seed, checkpoint=checkpoint,
-                           resume=resume, progress=ctx.progress, schedule=self.schedule)
+                           resume=resume, progress=ctx.progress, schedule=self.schedule, **self.distillation())
 
     def _freeze_weights(self, gm: fx.GraphModule) -> None:
         for _, layer in graph.layers(gm):
@@ -151,14 +152,14 @@ class BayesianBitsSearch(Search):
             return self.mu * sum((w * q.expected_cost() for q, w in pairs), torch.zeros(()))
 
         QuantTrainer(gm, data, self._config(ctx, self.epochs, self.checkpoint, self.resume),
-                     regularizer=regularizer).fit()
+                     regularizer=regularizer, teacher=self.teacher(ctx)).fit()
         record = _decide(gm, weights)
         ctx.records[self.name] = record
         _finalize(gm)
         if self.finetune_epochs:
             for _, layer in graph.layers(gm):
                 layer.weight.requires_grad_(not self.post_training)
-            QuantTrainer(gm, data, self._config(ctx, self.finetune_epochs)).fit()
+            QuantTrainer(gm, data, self._config(ctx, self.finetune_epochs), teacher=self.teacher(ctx)).fit()
         return Assignment({name: LayerBits(v["w_bits"], v["a_bits"]) for name, v in record["layers"].items()},
                           8)
 

@@ -26,9 +26,9 @@ from qcompile.passes.base import PassContext, PreconditionError, option, registe
 from qcompile.quant import graph
 from qcompile.quant.bsq import BitPlaneWeight, bsq_regularizer
 from qcompile.quant.modules import QConv2d, QLinear, WeightQuant
-from qcompile.search.base import Search, apply_assignment, check_schedule, layer_kinds
+from qcompile.search.base import TrainedSearch, apply_assignment, check_schedule, layer_kinds
 from qcompile.search.policies import Assignment, LayerBits, uniform
-from qcompile.train.trainer import QuantTrainer, TrainConfig
+from qcompile.train.trainer import BIT_OPTIMIZERS, QuantTrainer, TrainConfig
 
 MAX_START_BITS = 7
 
@@ -86,7 +86,7 @@ def _freeze_precision(layers: list[QConv2d | QLinear], planes: list[BitPlaneWeig
 
 @register_pass
 @dataclass(frozen=True)
-class BsqSearch(Search):
+class BsqSearch(TrainedSearch):
     name = "bsq"
     summary = "BSQ: bit-plane group-Lasso training finds per-layer weight bits (activations calibrated)"
     needs_labels = True
@@ -98,11 +98,14 @@ class BsqSearch(Search):
     start_bits: int = option(MAX_START_BITS, "starting magnitude bits N (weights start as int{N+1})")
     acts: int = option(8, "activation bits")
     lr: float = option(1e-3, "Adam learning rate of the weights and scales")
-    bit_lr: float = option(1e-2, "Adam learning rate of the bit variables")
+    bit_lr: float = option(1e-2, "learning rate of the bit variables")
+    bit_optimizer: str = option("adam", "optimizer of the bit variables: adam (every plane steps alike) | sgd "
+                                        "(momentum 0.9; a plane's step scales with its place value)")
     batch_size: int = option(64, "training batch size")
     schedule: str = option("constant", "learning-rate schedule of the weights and ranges: constant | cosine")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.alpha >= 0.0:
             raise PreconditionError(f"bsq alpha must be >= 0, got {self.alpha}")
         if self.epochs <= 0 or self.finetune_epochs < 0 or self.requantize_every <= 0:
@@ -110,11 +113,14 @@ class BsqSearch(Search):
         if not 1 <= self.start_bits <= MAX_START_BITS:
             raise PreconditionError(f"bsq start_bits must lie in 1..{MAX_START_BITS}, got {self.start_bits}")
         check_schedule("bsq", self.schedule)
+        if self.bit_optimizer not in BIT_OPTIMIZERS:
+            raise PreconditionError(f"bsq bit_optimizer must be one of {', '.join(BIT_OPTIMIZERS)}, "
+                                    f"got '{self.bit_optimizer}'")
 
     def _config(self, ctx: PassContext, epochs: int, fraction: float) -> TrainConfig:
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr, range_lr=self.lr,
-                           bit_lr=self.bit_lr, calibration_fraction=fraction, seed=ctx.seed, progress=ctx.progress,
-                           schedule=self.schedule)
+                           bit_lr=self.bit_lr, bit_optimizer=self.bit_optimizer, calibration_fraction=fraction,
+                           seed=ctx.seed, progress=ctx.progress, schedule=self.schedule, **self.distillation())
 
     def search(self, gm: fx.GraphModule, ctx: PassContext) -> Assignment:
         assert ctx.dataset is not None
@@ -132,8 +138,9 @@ class BsqSearch(Search):
 
         regularizer = lambda: self.alpha * bsq_regularizer(planes)  # noqa: E731
         QuantTrainer(gm, ctx.dataset, self._config(ctx, self.epochs, 0.2), regularizer=regularizer,
-                     on_epoch_end=requantize).fit()
+                     on_epoch_end=requantize, teacher=self.teacher(ctx)).fit()
         bits = _freeze_precision(layers, planes)
         if self.finetune_epochs:
-            QuantTrainer(gm, ctx.dataset, self._config(ctx, self.finetune_epochs, 0.0)).fit()
+            QuantTrainer(gm, ctx.dataset, self._config(ctx, self.finetune_epochs, 0.0),
+                         teacher=self.teacher(ctx)).fit()
         return Assignment({n: LayerBits(b, self.acts) for n, b in zip(names, bits, strict=True)}, self.acts)

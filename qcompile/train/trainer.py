@@ -1,12 +1,18 @@
 """The quantization-aware trainer every learned search shares.
 
 It trains a quant-stage graph (fake quantizers with straight-through rounding) on a labelled data set:
-* parameters fall into groups with their own Adam optimizers: weights, ranges, gates and bit variables
+* parameters fall into groups with their own optimizers: weights, ranges, gates and bit variables
   (modules expose the last three with ``range_parameters()`` / ``gate_parameters()`` / ``bit_parameters()``;
-  no weight decay on any);
+  no weight decay on any); all Adam, except that the bit variables may take SGD with momentum 0.9
+  (``bit_optimizer="sgd"``), whose steps keep each bit plane's place value;
 * AQT's activation rule: during the first ``calibration_fraction`` of the steps every activation quantizer
   observes (activations stay float, amax <- (1 - c) amax + c max|x|), then all of them freeze once, the
   groups that must share a scale are unified, and the bounds never move again;
+* every layer's bias is bound to its input's scale at the start of ``fit`` (``graph.bind_input_scales``),
+  so that once the input grid is fixed the bias is trained on the int32 grid the lowering will use;
+* distillation (``distill`` = lambda > 0): the loss is (1 - lambda) CE(y) + lambda T^2 KL(p_T || q_T) with
+  p_T, q_T the softmax at temperature T of the float teacher's and of the quant graph's logits (the teacher
+  is a private copy in eval mode, run without gradients);
 * an optional ``regularizer()`` is added to the mean task loss (e.g. a BOPs penalty); modules may define
   ``after_step()`` (called after every optimizer step) and ``on_epoch_end`` may ask for fresh optimizers;
 * fixed seeds: the batch order of epoch e is a permutation drawn from a generator seeded with (seed, e),
@@ -27,6 +33,7 @@ not handled here: warm-up, other schedules, gradient accumulation.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -53,6 +60,7 @@ class TrainError(QCompileError):
 
 
 SCHEDULES = ("constant", "cosine")
+BIT_OPTIMIZERS = ("adam", "sgd")
 DECAYED = ("weights", "ranges")  # gates and bit variables keep their rate: their decisions need it to the end
 
 
@@ -64,6 +72,7 @@ class TrainConfig:
     range_lr: float = 1e-3
     gate_lr: float = 1e-3
     bit_lr: float = 1e-2
+    bit_optimizer: str = "adam"  # or "sgd" (momentum 0.9): steps scale with each bit plane's place value
     calibration_fraction: float = 0.2  # 0: keep the ranges the graph already has
     momentum: float = 0.1
     seed: int = 0
@@ -72,6 +81,8 @@ class TrainConfig:
     progress: bool = False
     device: str = "cpu"  # "cuda": cuda:LOCAL_RANK under torchrun
     schedule: str = "constant"  # or "cosine": weights and ranges decay as (1 + cos(pi t / T)) / 2 over the run
+    distill: float = 0.0  # weight lambda of the soft targets of the float teacher, in [0, 1]
+    temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.device not in ("cpu", "cuda"):
@@ -82,6 +93,12 @@ class TrainConfig:
             raise TrainError(f"epochs must be positive, got {self.epochs}")
         if self.schedule not in SCHEDULES:
             raise TrainError(f"unknown learning-rate schedule '{self.schedule}' (known: {', '.join(SCHEDULES)})")
+        if not 0.0 <= self.distill <= 1.0:
+            raise TrainError(f"the distillation weight must lie in [0, 1], got {self.distill}")
+        if not self.temperature > 0.0:
+            raise TrainError(f"the distillation temperature must be positive, got {self.temperature}")
+        if self.bit_optimizer not in BIT_OPTIMIZERS:
+            raise TrainError(f"unknown bit optimizer '{self.bit_optimizer}' (known: {', '.join(BIT_OPTIMIZERS)})")
         if not 0.0 <= self.calibration_fraction < 1.0:
             raise TrainError(f"the calibration fraction must lie in [0, 1), got {self.calibration_fraction}")
 
@@ -151,6 +168,7 @@ class QuantTrainer:
     regularizer: Callable[[], torch.Tensor] | None = None
     on_step: Callable[[int, fx.GraphModule], None] | None = None
     on_epoch_end: Callable[[int, fx.GraphModule], bool] | None = None  # True: reset the optimizers' state
+    teacher: nn.Module | None = None  # the float model, needed when config.distill > 0
     history: list[EpochLog] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -160,6 +178,7 @@ class QuantTrainer:
         annotate_shapes(self.gm, (self.data.x_train[:1],))
         self.device = _device(self.config)
         self.gm.to(self.device)
+        self._teacher = self._make_teacher()
         self.optimizers = self._make_optimizers()
         per_rank = len(self.data.x_train) // distributed.world_size()
         if per_rank == 0:
@@ -171,11 +190,38 @@ class QuantTrainer:
         self.quantizers = [q for _, q in graph.act_quants(self.gm)]
         self.model = self._wrap()
 
+    def _make_teacher(self) -> nn.Module | None:
+        if self.config.distill == 0.0:
+            return None
+        if self.teacher is None:
+            raise TrainError("distillation needs the float model as teacher; run insert-quantizers in the same "
+                             "pipeline or set distill=0")
+        teacher = copy.deepcopy(self.teacher).to(self.device).eval()  # private: the student shares no module
+        teacher.requires_grad_(False)
+        return teacher
+
+    def _loss(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        task = F.cross_entropy(logits, y)
+        if self._teacher is None:
+            return task
+        lam, t = self.config.distill, self.config.temperature
+        with torch.no_grad():
+            soft = F.softmax(self._teacher(x) / t, dim=1)
+        kl = F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean")
+        return (1.0 - lam) * task + lam * t * t * kl
+
     def _make_optimizers(self) -> dict[str, torch.optim.Optimizer]:
         groups = parameter_groups(self.gm)
         c = self.config
         lrs = {"weights": c.lr, "ranges": c.range_lr, "gates": c.gate_lr, "bits": c.bit_lr}
-        return {k: torch.optim.Adam(v, lr=lrs[k]) for k, v in groups.items() if v}
+        made: dict[str, torch.optim.Optimizer] = {}
+        for kind, params in groups.items():
+            if not params:
+                continue
+            sgd = kind == "bits" and c.bit_optimizer == "sgd"
+            made[kind] = torch.optim.SGD(params, lr=lrs[kind], momentum=0.9) if sgd else \
+                torch.optim.Adam(params, lr=lrs[kind])
+        return made
 
     def _set_learning_rates(self, step: int) -> None:
         """The cosine schedule as a function of the global step (so a resumed run continues it)."""
@@ -232,7 +278,7 @@ class QuantTrainer:
         if step == self.freeze_step and self.freeze_step > 0:
             self._freeze()
         logits, penalty = self.model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = self._loss(x, logits, y)
         self._set_learning_rates(step)
         for opt in self.optimizers.values():
             opt.zero_grad()
@@ -262,6 +308,7 @@ class QuantTrainer:
     def fit(self) -> list[EpochLog]:
         """Train for the configured epochs (from the checkpoint when resuming); the graph ends on the CPU."""
         start = self._resume()
+        graph.bind_input_scales(self.gm)
         if start > 0 and start * self.steps_per_epoch <= self.freeze_step:
             raise TrainError("cannot resume inside the calibration phase; restart without --resume")
         with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was

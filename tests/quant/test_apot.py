@@ -96,29 +96,31 @@ def test_weight_gradient_is_straight_through_inside_the_clip() -> None:
 def test_quantizer_normalizes_weights_and_deploys_scale_times_code() -> None:
     torch.manual_seed(0)
     w = torch.randn(6, 3, 3, 3) * 0.2 + 0.05
-    q = APoTWeightQuant(4, w)
+    q = APoTWeightQuant(4, w, center=True)
     out = q(w)
     k, s = q.codes(w), q.scale(w)
     assert s.shape == (6,) and torch.allclose(s, w.std(dim=(1, 2, 3)) * q.alpha.detach() / 10)
     assert torch.allclose(out, s.view(-1, 1, 1, 1) * k.float(), atol=1e-6)  # what the integer graph uses
     assert set(k.abs().unique().tolist()) <= set(level_set(3).codes)
     shift = torch.arange(6.0).view(-1, 1, 1, 1)
-    assert torch.allclose(q(w + shift), out, atol=1e-5)  # each channel's mean is removed before quantizing
+    assert torch.allclose(q(w + shift), out, atol=1e-5)  # centered: each channel's mean is removed
     assert torch.allclose(q(2.0 * w), 2.0 * out, atol=1e-5)  # std folds into the scale
     centered = w - w.mean(dim=(1, 2, 3), keepdim=True)
     assert float((out.detach() - centered).pow(2).mean()) < 0.1 * float(w.var())  # the init alpha fits
 
 
-def test_per_layer_and_uncentered_normalization() -> None:
+def test_per_layer_normalization_and_the_default_keeps_the_mean() -> None:
     torch.manual_seed(1)
     w = torch.randn(4, 8) + 0.5
     per_layer = APoTWeightQuant(5, w, per_channel=False)
     s = per_layer.scale(w)
     assert torch.allclose(s, s[0].expand(4)) and torch.allclose(s[0], w.std() * per_layer.alpha.detach() / 48)
-    uncentered = APoTWeightQuant(5, w, center=False)
+    uncentered = APoTWeightQuant(5, w)
+    assert not uncentered.center
     assert torch.allclose(uncentered(w), uncentered.scale(w)[:, None] * uncentered.codes(w).float(), atol=1e-6)
     with torch.no_grad():
-        assert float((uncentered(w) - w).abs().mean()) < float((APoTWeightQuant(5, w)(w) - w).abs().mean())
+        centered = APoTWeightQuant(5, w, center=True)
+        assert float((uncentered(w) - w).abs().mean()) < float((centered(w) - w).abs().mean())
     zero = torch.zeros(3, 5)
     assert torch.equal(APoTWeightQuant(3, zero)(zero), zero) and bool((APoTWeightQuant(3, zero).scale(zero) > 0).all())
 

@@ -38,6 +38,7 @@ def test_bits_go_down_as_alpha_grows_and_the_graph_stays_bit_exact(trained: tupl
     ("alpha=-0.1", "alpha must be >= 0"),
     ("epochs=0", "must be positive"),
     ("start_bits=8", r"start_bits must lie in 1\.\.7"),
+    ("bit_optimizer=lion", "bit_optimizer must be one of adam, sgd, got 'lion'"),
 ])
 def test_bad_options_are_refused(options: str, message: str) -> None:
     with pytest.raises(PreconditionError, match=message):
