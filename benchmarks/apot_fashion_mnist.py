@@ -181,7 +181,7 @@ def main() -> int:
     args.verify = args.verify or (100 if args.quick else 500)
     common.quiet_warnings()
     common.seed_everything(args.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     common.header("Fashion-MNIST: APoT (shift-add) vs uniform weights at the same training budget", args)
     progress = sys.stderr.isatty()
     start = time.perf_counter()

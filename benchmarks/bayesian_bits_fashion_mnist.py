@@ -53,7 +53,8 @@ def bb_points(args: Any) -> list[SweepPoint]:
 
 
 def epoch_ratio(model: torch.nn.Module, data: Dataset, args: Any) -> tuple[float, float]:
-    """Seconds of one float training epoch and of one gated Bayesian Bits epoch on the same images."""
+    """Seconds of one float training epoch and of one gated Bayesian Bits epoch (with ``--distill``) on the
+    same images."""
     assert data.y_train is not None
     float_s = float("inf")
     for _ in range(2):  # the faster of two runs (the first also warms the thread pool up)
@@ -61,7 +62,9 @@ def epoch_ratio(model: torch.nn.Module, data: Dataset, args: Any) -> tuple[float
         with common.Stopwatch() as float_sw:
             train_float(LeNet5().train(), data.x_train, data.y_train, epochs=1, seed=args.seed)
         float_s = min(float_s, float_sw.seconds)
-    spec = f"bayesian-bits{{mu=0.01,epochs=1,finetune_epochs=0,gate_lr={args.gate_lr:g},gate_init={args.gate_init:g}}}"
+    distill = f",distill={args.distill:g}" if args.distill else ""
+    spec = f"bayesian-bits{{mu=0.01,epochs=1,finetune_epochs=0,gate_lr={args.gate_lr:g},gate_init={args.gate_init:g}" \
+           f"{distill}}}"
     cm = qcompile.compile(model, data.x_train[:1], data=data, pipeline=search_pipeline(spec))
     search_s = sum(t.seconds for t in cm.timings if t.name == "bayesian-bits")
     return float_s, search_s
@@ -74,6 +77,13 @@ def layer_rows(sweep: Sweep) -> list[list[Any]]:
         kept = " ".join(f"{x['kept_channels']}/{x['channels']}" if "channels" in x else "-" for x in r.layers)
         rows.append([r.point.method, r.point.knob_label, bits, kept, round(r.seconds, 1)])
     return rows
+
+
+def ratio_line(float_s: float, search_s: float) -> str:
+    ratio = search_s / float_s
+    met = "MET" if ratio <= TARGET_EPOCH_RATIO else "NOT MET"
+    return f"one search epoch <= {TARGET_EPOCH_RATIO}x one float epoch: {met} ({search_s:.1f} s vs {float_s:.1f} s = " \
+           f"{ratio:.2f}x)"
 
 
 def verdicts(sweep: Sweep, float_s: float, search_s: float) -> list[str]:
@@ -90,10 +100,7 @@ def verdicts(sweep: Sweep, float_s: float, search_s: float) -> list[str]:
                  if u.rel_bops_percent <= r.rel_bops_percent and u.integer_accuracy >= r.integer_accuracy]
     lines.append("no Bayesian Bits point dominated by a uniform policy: "
                  + ("MET" if not dominated else "NOT MET (" + "; ".join(dominated) + ")"))
-    ratio = search_s / float_s
-    met = "MET" if ratio <= TARGET_EPOCH_RATIO else "NOT MET"
-    lines.append(f"one search epoch <= {TARGET_EPOCH_RATIO}x one float epoch: {met} "
-                 f"({search_s:.1f} s vs {float_s:.1f} s = {ratio:.2f}x)")
+    lines.append(ratio_line(float_s, search_s))
     return lines
 
 
@@ -113,6 +120,8 @@ def main() -> int:
     p.add_argument("--policies", default="w8a8,w4a4,aqt", help="uniform references (default %(default)s)")
     p.add_argument("--train-subset", type=int, default=0, help="search on this many training images (0: all)")
     p.add_argument("--verify", type=int, default=1000, help="test images for the ORT-vs-reference check")
+    p.add_argument("--epoch-ratio-only", action="store_true",
+                   help="only time one float epoch against one gated epoch (run it with the CPU to itself)")
     p.add_argument("--out", default=str(common.CACHE_DIR / "bayesian-bits-sweep"), help="sweep.json/png folder")
     args = p.parse_args()
     if args.quick:
@@ -122,7 +131,7 @@ def main() -> int:
         p.error("--finetune must lie in [0, --search-epochs)")
     common.quiet_warnings()
     common.seed_everything(args.seed)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     common.header("Fashion-MNIST LeNet-5: Bayesian Bits mu sweep vs uniform policies (same training budget)", args)
     start = time.perf_counter()
     full = qcompile.load_data("fashion-mnist")
@@ -134,6 +143,10 @@ def main() -> int:
           + ("(cached)" if cached else f"(trained in {seconds:.0f} s)") + f"; searches on {len(data.x_train)} "
           f"images, budget {args.search_epochs} epochs (Bayesian Bits: {args.search_epochs - args.finetune} gated + "
           f"{args.finetune} frozen), test set {len(full.x_test)} images", flush=True)
+    if args.epoch_ratio_only:
+        float_s, search_s = epoch_ratio(model, data, args)
+        print(ratio_line(float_s, search_s))
+        return 0
     training = (("lr", f"{args.lr:g}"), ("schedule", args.schedule))
     training += (("distill", f"{args.distill:g}"),) if args.distill else ()
     points = bb_points(args) + baseline_points(args.policies.split(","), epochs=args.search_epochs, training=training)

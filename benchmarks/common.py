@@ -44,6 +44,8 @@ def parser(description: str, epochs: int | None = None, repeats: int = 20) -> ar
     if epochs is not None:
         p.add_argument("--epochs", type=int, default=epochs, help="float training epochs (default %(default)s)")
         p.add_argument("--retrain", action="store_true", help="ignore the cached float weights and train again")
+        p.add_argument("--threads", type=int, default=0,
+                       help="torch threads for training (default 0: every core; 1 when runs share the machine)")
     return p
 
 

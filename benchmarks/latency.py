@@ -250,7 +250,7 @@ def main() -> int:
     ort_rows, fast_rows = [], []
     with tempfile.TemporaryDirectory() as d:
         for name in args.models.split(","):
-            torch.set_num_threads(os.cpu_count() or 1)  # training (if not cached) uses every core
+            torch.set_num_threads(args.threads or os.cpu_count() or 1)  # training, if not cached
             case = builders[name](args)
             rows, fast = run_case(case, args, Path(d))
             ort_rows += rows

@@ -36,7 +36,7 @@ def main() -> int:
     args = p.parse_args()
     common.quiet_warnings()
     common.seed_everything(args.seed)
-    torch.set_num_threads(os.cpu_count() or 1)  # nothing here is timed; use every core
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)  # nothing here is timed
     common.header("LeNet-5 / Fashion-MNIST: post-training compilation", args)
 
     data = qcompile.load_data("fashion-mnist")

@@ -19,10 +19,9 @@ reference-executor mismatches on the first ``--verify`` test images. Then the is
 Nothing is asserted; a method that fails is reported (traceback on stderr) and the run goes on.
 
 ``--lr`` sets the weights' Adam learning rate of every learned method (default: each search's 1e-3) and
-``--bsq-bit-lr`` BSQ's bit-variable learning rate (default 1e-2), ``--bsq-bit-optimizer`` their optimizer
-(adam or sgd with momentum), ``--schedule`` the learning-rate schedule of every learned method (constant
-or cosine) and ``--distill`` their weight of the float model's soft targets; all start from a converged
-float model.
+``--bsq-bit-lr`` BSQ's bit-variable learning rate (default 1e-2), ``--schedule`` the learning-rate
+schedule of every learned method (constant or cosine) and ``--distill`` their weight of the float model's
+soft targets; all start from a converged float model.
 The float models are trained on ``--float-train-subset`` images (default all 60k; cached in .cache/).
 
 Seeds: ``--seed`` seeds torch/numpy/random before the float training and before every method; the
@@ -104,7 +103,6 @@ def methods(args: Any) -> list[Method]:
     if "bsq" in chosen:
         for a in args.alphas.split(","):
             bit_lr = f",bit_lr={args.bsq_bit_lr:g}" if args.bsq_bit_lr else ""
-            bit_lr += f",bit_optimizer={args.bsq_bit_optimizer}" if args.bsq_bit_optimizer != "adam" else ""
             opts = f"alpha={float(a):g},epochs={e - ft},finetune_epochs={ft}{lr}{bit_lr}"
             out.append(Method("bsq", f"alpha={float(a):g}", f"bsq{{{opts}}}"))
     if "aqt" in chosen:
@@ -192,9 +190,7 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=0.0,
                    help="Adam learning rate of every learned method's weights (0: each search's default, 1e-3)")
     p.add_argument("--bsq-bit-lr", type=float, default=0.0,
-                   help="learning rate of BSQ's bit variables (0: the search's default, 1e-2)")
-    p.add_argument("--bsq-bit-optimizer", choices=("adam", "sgd"), default="adam",
-                   help="optimizer of BSQ's bit variables (default %(default)s; sgd: momentum 0.9)")
+                   help="Adam learning rate of BSQ's bit variables (0: the search's default, 1e-2)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                    help="learning-rate schedule of every learned method's weights (default %(default)s)")
     p.add_argument("--distill", type=float, default=0.0,
@@ -215,7 +211,7 @@ def main() -> int:
         p.error("--search-epochs must be positive")
     common.quiet_warnings()
     common.seed_everything(args.seed)
-    torch.set_num_threads(os.cpu_count() or 1)  # nothing here is a latency benchmark; use every core
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)  # nothing here is a latency benchmark
     common.header("Fashion-MNIST: learned bit-width searches (BSQ, AQT) vs uniform baselines", args)
     progress = sys.stderr.isatty()
     start = time.perf_counter()

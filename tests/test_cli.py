@@ -249,6 +249,8 @@ SEARCH_ERRORS = [
     (["--search", "aqt", "--epochs", "0"], ["epochs must be positive"]),
     (["--search", "assign-bitwidths", "--epochs", "2"], ["has no option --epochs"]),
     (["--search", "aqt", "--pipeline", "canonicalize"], ["give one of them"]),
+    (["--search", "aqt", "--distill", "1.5"], ["aqt distill must lie in [0, 1], got 1.5"]),
+    (["--search", "assign-bitwidths", "--distill", "0.5"], ["has no option --distill"]),
 ]
 
 
@@ -257,6 +259,15 @@ def test_search_bad_input_is_one_line(workdir: Path, capsys: pytest.CaptureFixtu
                                       fragments: list[str]) -> None:
     code, _, err = run(["compile", "models.py:small", "--data", "digits", *args, "-o", "out.onnx"], capsys)
     assert_one_line_error(code, err, *fragments)
+
+
+def test_search_with_distillation_from_the_command_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, _ = run(["compile", "models.py:small", "--data", "digits", "--search", "aqt", "--epochs", "1",
+                      "--distill", "0.5", "-o", "kd.onnx", "--report", "r.json", "--verify", "--verify-samples", "32"],
+                     capsys)
+    assert code == 0
+    report = json.loads((workdir / "r.json").read_text())
+    assert "aqt{epochs=1,distill=0.5}" in report["pipeline"] and report["verify"]["mismatches"] == 0
 
 
 def test_learned_search_needs_labels(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:

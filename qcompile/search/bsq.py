@@ -5,8 +5,8 @@ w~ = sum_b (pos_b - neg_b) 2^(N-1-b) / (2^N - 1), starting at N = ``start_bits``
 minimizes task loss + alpha * R with the bit-plane group Lasso R = (1/P) sum_l P_l N_l sum_b ||plane_l,b||_2,
 clamps the bit variables to [0, 2] after every step, and every ``requantize_every`` epochs rounds the planes
 back to exact 0/1 codes, drops empty MSB/LSB planes (values kept) and resets the optimizer state. Then the
-precision is frozen: each layer keeps signed (N+1)-bit weights (per output channel, like every other
-search) and fine-tunes for ``finetune_epochs``. Activations use the project's static calibrated quantizers
+precision is frozen: each layer keeps signed (N+1)-bit weights on BSQ's own grid (its per-layer step,
+with a learned clip) and fine-tunes for ``finetune_epochs``. Activations use the project's static calibrated quantizers
 at ``acts`` bits (AQT rule: EMA of max|x| in the first 20 % of the regularized steps, then frozen), not
 BSQ's per-batch dynamic scale, which cannot be lowered.
 
@@ -24,11 +24,12 @@ from torch import nn
 
 from qcompile.passes.base import PassContext, PreconditionError, option, register_pass
 from qcompile.quant import graph
+from qcompile.quant.bayesian_bits import RangeWeightQuant
 from qcompile.quant.bsq import BitPlaneWeight, bsq_regularizer
-from qcompile.quant.modules import QConv2d, QLinear, WeightQuant
+from qcompile.quant.modules import QConv2d, QLinear
 from qcompile.search.base import TrainedSearch, apply_assignment, check_schedule, layer_kinds
 from qcompile.search.policies import Assignment, LayerBits, uniform
-from qcompile.train.trainer import BIT_OPTIMIZERS, QuantTrainer, TrainConfig
+from qcompile.train.trainer import QuantTrainer, TrainConfig
 
 MAX_START_BITS = 7
 
@@ -72,15 +73,22 @@ def _attach_planes(layers: list[QConv2d | QLinear], start_bits: int) -> list[Bit
 
 
 def _freeze_precision(layers: list[QConv2d | QLinear], planes: list[BitPlaneWeight]) -> list[int]:
-    """Write each layer's BSQ weights back as float weights with a uniform quantizer at N + 1 bits."""
+    """Write each layer's BSQ weights back as float weights on the grid BSQ found (N + 1 bits, its step).
+
+    The quantizer keeps BSQ's per-layer step delta with a learned clip (x_max = delta (2^(N+1) - 1) / 2, so
+    the codes stay in [-(2^N - 1), 2^N - 1]): the fine-tune starts from exactly the weights BSQ found. A
+    per-channel max|W| grid would not keep them, and at 2 bits it puts every weight under max|W_c| / 2 at 0.
+    """
     bits = []
     for layer, p in zip(layers, planes, strict=True):
         p.requantize_()
+        _, step, width = p.integer_weights()
         with torch.no_grad():
             layer.weight.copy_(p().detach())
         layer.weight.requires_grad_(True)
-        layer.weight_quant = WeightQuant(p.itype.bits)
-        bits.append(p.itype.bits)
+        keep = torch.ones(layer.weight.shape[0])
+        layer.weight_quant = RangeWeightQuant(width, step * (2**width - 1) / 2, keep)  # type: ignore[assignment]
+        bits.append(width)
     return bits
 
 
@@ -98,9 +106,7 @@ class BsqSearch(TrainedSearch):
     start_bits: int = option(MAX_START_BITS, "starting magnitude bits N (weights start as int{N+1})")
     acts: int = option(8, "activation bits")
     lr: float = option(1e-3, "Adam learning rate of the weights and scales")
-    bit_lr: float = option(1e-2, "learning rate of the bit variables")
-    bit_optimizer: str = option("adam", "optimizer of the bit variables: adam (every plane steps alike) | sgd "
-                                        "(momentum 0.9; a plane's step scales with its place value)")
+    bit_lr: float = option(1e-2, "Adam learning rate of the bit variables")
     batch_size: int = option(64, "training batch size")
     schedule: str = option("constant", "learning-rate schedule of the weights and ranges: constant | cosine")
 
@@ -113,13 +119,10 @@ class BsqSearch(TrainedSearch):
         if not 1 <= self.start_bits <= MAX_START_BITS:
             raise PreconditionError(f"bsq start_bits must lie in 1..{MAX_START_BITS}, got {self.start_bits}")
         check_schedule("bsq", self.schedule)
-        if self.bit_optimizer not in BIT_OPTIMIZERS:
-            raise PreconditionError(f"bsq bit_optimizer must be one of {', '.join(BIT_OPTIMIZERS)}, "
-                                    f"got '{self.bit_optimizer}'")
 
     def _config(self, ctx: PassContext, epochs: int, fraction: float) -> TrainConfig:
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr, range_lr=self.lr,
-                           bit_lr=self.bit_lr, bit_optimizer=self.bit_optimizer, calibration_fraction=fraction,
+                           bit_lr=self.bit_lr, calibration_fraction=fraction,
                            seed=ctx.seed, progress=ctx.progress, schedule=self.schedule, **self.distillation())
 
     def search(self, gm: fx.GraphModule, ctx: PassContext) -> Assignment:

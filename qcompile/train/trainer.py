@@ -3,8 +3,7 @@
 It trains a quant-stage graph (fake quantizers with straight-through rounding) on a labelled data set:
 * parameters fall into groups with their own optimizers: weights, ranges, gates and bit variables
   (modules expose the last three with ``range_parameters()`` / ``gate_parameters()`` / ``bit_parameters()``;
-  no weight decay on any); all Adam, except that the bit variables may take SGD with momentum 0.9
-  (``bit_optimizer="sgd"``), whose steps keep each bit plane's place value;
+  no weight decay on any), all Adam;
 * AQT's activation rule: during the first ``calibration_fraction`` of the steps every activation quantizer
   observes (activations stay float, amax <- (1 - c) amax + c max|x|), then all of them freeze once, the
   groups that must share a scale are unified, and the bounds never move again;
@@ -60,7 +59,6 @@ class TrainError(QCompileError):
 
 
 SCHEDULES = ("constant", "cosine")
-BIT_OPTIMIZERS = ("adam", "sgd")
 DECAYED = ("weights", "ranges")  # gates and bit variables keep their rate: their decisions need it to the end
 
 
@@ -72,7 +70,6 @@ class TrainConfig:
     range_lr: float = 1e-3
     gate_lr: float = 1e-3
     bit_lr: float = 1e-2
-    bit_optimizer: str = "adam"  # or "sgd" (momentum 0.9): steps scale with each bit plane's place value
     calibration_fraction: float = 0.2  # 0: keep the ranges the graph already has
     momentum: float = 0.1
     seed: int = 0
@@ -97,8 +94,6 @@ class TrainConfig:
             raise TrainError(f"the distillation weight must lie in [0, 1], got {self.distill}")
         if not self.temperature > 0.0:
             raise TrainError(f"the distillation temperature must be positive, got {self.temperature}")
-        if self.bit_optimizer not in BIT_OPTIMIZERS:
-            raise TrainError(f"unknown bit optimizer '{self.bit_optimizer}' (known: {', '.join(BIT_OPTIMIZERS)})")
         if not 0.0 <= self.calibration_fraction < 1.0:
             raise TrainError(f"the calibration fraction must lie in [0, 1), got {self.calibration_fraction}")
 
@@ -214,14 +209,7 @@ class QuantTrainer:
         groups = parameter_groups(self.gm)
         c = self.config
         lrs = {"weights": c.lr, "ranges": c.range_lr, "gates": c.gate_lr, "bits": c.bit_lr}
-        made: dict[str, torch.optim.Optimizer] = {}
-        for kind, params in groups.items():
-            if not params:
-                continue
-            sgd = kind == "bits" and c.bit_optimizer == "sgd"
-            made[kind] = torch.optim.SGD(params, lr=lrs[kind], momentum=0.9) if sgd else \
-                torch.optim.Adam(params, lr=lrs[kind])
-        return made
+        return {k: torch.optim.Adam(v, lr=lrs[k]) for k, v in groups.items() if v}
 
     def _set_learning_rates(self, step: int) -> None:
         """The cosine schedule as a function of the global step (so a resumed run continues it)."""

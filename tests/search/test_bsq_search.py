@@ -38,8 +38,25 @@ def test_bits_go_down_as_alpha_grows_and_the_graph_stays_bit_exact(trained: tupl
     ("alpha=-0.1", "alpha must be >= 0"),
     ("epochs=0", "must be positive"),
     ("start_bits=8", r"start_bits must lie in 1\.\.7"),
-    ("bit_optimizer=lion", "bit_optimizer must be one of adam, sgd, got 'lion'"),
 ])
 def test_bad_options_are_refused(options: str, message: str) -> None:
     with pytest.raises(PreconditionError, match=message):
         parse_pipeline(f"bsq{{{options}}}").build()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 7])
+def test_freezing_the_precision_keeps_the_weights_bsq_found(bits: int) -> None:
+    """The fine-tune's quantizer reproduces BSQ's values exactly (a per-channel max|W| grid would not)."""
+    from qcompile.quant.bsq import BitPlaneWeight
+    from qcompile.quant.modules import QLinear
+    from qcompile.search.bsq import _freeze_precision
+
+    torch.manual_seed(bits)
+    layer = QLinear.from_float(torch.nn.Linear(16, 6))
+    planes = BitPlaneWeight(layer.weight.detach() * torch.linspace(0.2, 1.0, 6)[:, None], bits=bits)
+    found = planes().detach().clone()
+    assert _freeze_precision([layer], [planes]) == [bits + 1]
+    with torch.no_grad():
+        assert torch.allclose(layer.weight_quant(layer.weight), found, rtol=0, atol=1e-7)
+        q = torch.round(found / layer.weight_quant.scale(layer.weight)[:, None])
+        assert int(q.abs().max()) <= 2**bits - 1  # the codes fit the signed (bits + 1)-bit narrow type

@@ -90,7 +90,6 @@ def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
     ({"epochs": 0}, "epochs must be positive"),
     ({"calibration_fraction": 1.0}, r"\[0, 1\)"),
     ({"calibration_fraction": -0.1}, r"\[0, 1\)"),
-    ({"bit_optimizer": "rmsprop"}, "unknown bit optimizer 'rmsprop' \\(known: adam, sgd\\)"),
 ])
 def test_bad_configs_are_refused(kwargs: dict[str, float], message: str) -> None:
     with pytest.raises(TrainError, match=message):
