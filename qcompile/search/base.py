@@ -109,7 +109,7 @@ class TrainedSearch(Search):
             raise PreconditionError(f"{self.name} temperature must be positive, got {self.temperature}")
 
     def distillation(self) -> dict[str, Any]:
-        """Keyword arguments for QuantTrainer (``teacher``) and TrainConfig (``distill``, ``temperature``)."""
+        """The TrainConfig keyword arguments ``distill`` and ``temperature``; ``teacher`` gives the model."""
         return {"distill": self.distill, "temperature": self.temperature}
 
     def teacher(self, ctx: PassContext) -> fx.GraphModule | None:

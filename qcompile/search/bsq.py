@@ -6,9 +6,9 @@ minimizes task loss + alpha * R with the bit-plane group Lasso R = (1/P) sum_l P
 clamps the bit variables to [0, 2] after every step, and every ``requantize_every`` epochs rounds the planes
 back to exact 0/1 codes, drops empty MSB/LSB planes (values kept) and resets the optimizer state. Then the
 precision is frozen: each layer keeps signed (N+1)-bit weights on BSQ's own grid (its per-layer step,
-with a learned clip) and fine-tunes for ``finetune_epochs``. Activations use the project's static calibrated quantizers
-at ``acts`` bits (AQT rule: EMA of max|x| in the first 20 % of the regularized steps, then frozen), not
-BSQ's per-batch dynamic scale, which cannot be lowered.
+with a learned clip) and fine-tunes for ``finetune_epochs``. Activations use the project's static
+calibrated quantizers at ``acts`` bits (AQT rule: EMA of max|x| in the first 20 % of the regularized
+steps, then frozen), not BSQ's per-batch dynamic scale, which cannot be lowered.
 
 Not handled: starting above 7 magnitude bits (an int9 weight does not fit the export's uint8 container),
 per-channel bit-widths, checkpoints (the plane shapes change while training).
