@@ -250,6 +250,7 @@ SEARCH_ERRORS = [
     (["--search", "assign-bitwidths", "--epochs", "2"], ["has no option --epochs"]),
     (["--search", "aqt", "--pipeline", "canonicalize"], ["give one of them"]),
     (["--search", "aqt", "--distill", "1.5"], ["aqt distill must lie in [0, 1], got 1.5"]),
+    (["--search", "bsq", "--alpha", "-1"], ["alpha must be >= 0"]),
     (["--search", "assign-bitwidths", "--distill", "0.5"], ["has no option --distill"]),
 ]
 
@@ -261,31 +262,23 @@ def test_search_bad_input_is_one_line(workdir: Path, capsys: pytest.CaptureFixtu
     assert_one_line_error(code, err, *fragments)
 
 
-def test_search_with_distillation_from_the_command_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, _ = run(["compile", "models.py:small", "--data", "digits", "--search", "aqt", "--epochs", "1",
-                      "--distill", "0.5", "-o", "kd.onnx", "--report", "r.json", "--verify", "--verify-samples", "32"],
-                     capsys)
-    assert code == 0
-    report = json.loads((workdir / "r.json").read_text())
-    assert "aqt{epochs=1,distill=0.5}" in report["pipeline"] and report["verify"]["mismatches"] == 0
-
-
 def test_learned_search_needs_labels(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run(["compile", "models.py:small", "--data", "random", "--input-shape", "1,8,8", "--search", "aqt",
                         "-o", "out.onnx"], capsys)
     assert_one_line_error(code, err, "learns from labelled data")
 
 
-def test_search_bsq_with_alpha_from_the_command_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, _ = run(["compile", "models.py:small", "--data", "digits", "--search", "bsq", "--alpha", "0.5",
-                      "--epochs", "1", "-o", "bsq.onnx", "--report", "r.json", "--verify", "--verify-samples", "32"],
-                     capsys)
+@pytest.mark.parametrize(("flags", "spec"), [
+    (["--search", "bsq", "--alpha", "0.5"], "bsq{epochs=1,alpha=0.5}"),
+    (["--search", "aqt", "--distill", "0.5"], "aqt{epochs=1,distill=0.5}"),
+], ids=["bsq-alpha", "aqt-distill"])
+def test_search_options_from_the_command_line(workdir: Path, capsys: pytest.CaptureFixture[str], flags: list[str],
+                                              spec: str) -> None:
+    code, _, _ = run(["compile", "models.py:small", "--data", "digits", *flags, "--epochs", "1", "-o", "s.onnx",
+                      "--report", "r.json", "--verify", "--verify-samples", "32"], capsys)
     assert code == 0
     report = json.loads((workdir / "r.json").read_text())
-    assert "bsq{epochs=1,alpha=0.5}" in report["pipeline"] and report["verify"]["mismatches"] == 0
-    code, _, err = run(["compile", "models.py:small", "--data", "digits", "--search", "bsq", "--alpha", "-1",
-                        "-o", "x.onnx"], capsys)
-    assert_one_line_error(code, err, "alpha must be >= 0")
+    assert spec in report["pipeline"] and report["verify"]["mismatches"] == 0
 
 
 def test_apot_quantizer_from_the_command_line(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
