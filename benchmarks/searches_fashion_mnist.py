@@ -103,6 +103,8 @@ def methods(args: Any) -> list[Method]:
     if "bsq" in chosen:
         for a in args.alphas.split(","):
             bit_lr = f",bit_lr={args.bsq_bit_lr:g}" if args.bsq_bit_lr else ""
+            bit_lr += f",finetune_from={args.bsq_from}" if args.bsq_from != "float" else ""
+            bit_lr += f",finetune_grid={args.bsq_grid}" if args.bsq_grid != "channel" else ""
             opts = f"alpha={float(a):g},epochs={e - ft},finetune_epochs={ft}{lr}{bit_lr}"
             out.append(Method("bsq", f"alpha={float(a):g}", f"bsq{{{opts}}}"))
     if "aqt" in chosen:
@@ -191,6 +193,12 @@ def main() -> int:
                    help="Adam learning rate of every learned method's weights (0: each search's default, 1e-3)")
     p.add_argument("--bsq-bit-lr", type=float, default=0.0,
                    help="Adam learning rate of BSQ's bit variables (0: the search's default, 1e-2)")
+    p.add_argument("--bsq-from", choices=("float", "bsq"), default="float",
+                   help="where BSQ's fine-tune starts: the float weights at the found bits, or BSQ's "
+                   "(default %(default)s)")
+    p.add_argument("--bsq-grid", choices=("channel", "layer"), default="channel",
+                   help="with --bsq-from bsq, the fine-tune's weight step: one learned per output channel or BSQ's "
+                   "per layer (default %(default)s)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                    help="learning-rate schedule of every learned method's weights (default %(default)s)")
     p.add_argument("--distill", type=float, default=0.0,

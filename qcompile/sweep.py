@@ -24,6 +24,7 @@ import itertools
 import json
 import re
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -374,8 +375,28 @@ def write_sweep(sweep: Sweep, folder: Path, force: bool = False) -> list[Path]:
     return [json_path, png_path]
 
 
+LEGEND_WRAP = 48
+"""Legend labels longer than this many characters wrap onto further lines."""
+
+
+def legend_columns(labels: list[str], width_in: float, max_columns: int = 6) -> int:
+    """Columns of a fontsize-8 legend whose longest label still fits the figure's width.
+
+    A character of the 8-point font is about 0.075 in wide and a marker with its padding about 0.45 in.
+    """
+    widest = max((len(line) for label in labels for line in label.splitlines()), default=1)
+    fit = int(width_in // (0.075 * widest + 0.45))
+    return max(1, min(len(labels), max_columns, fit))
+
+
 def plot_sweep(sweep: Sweep, path: Path) -> None:
-    """Two panels, integer accuracy vs relative BOPs and vs weight bytes (log x), fronts connected."""
+    """Save ``sweep_figure(sweep)`` as a PNG."""
+    sweep_figure(sweep).savefig(path, dpi=110)
+
+
+def sweep_figure(sweep: Sweep) -> Any:
+    """Two panels, integer accuracy vs relative BOPs and vs weight bytes (log x), fronts connected; the
+    legend below them, in as many columns as its longest (wrapped) label allows."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -386,9 +407,11 @@ def plot_sweep(sweep: Sweep, path: Path) -> None:
         _panel(ax, sweep, axis)
     axes[0].set_ylabel("integer-graph top-1 accuracy (%)")
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 6), fontsize=8)
+    labels = [textwrap.fill(label, LEGEND_WRAP) for label in labels]
+    fig.legend(handles, labels, loc="outside lower center", ncol=legend_columns(labels, fig.get_figwidth()),
+               fontsize=8)
     fig.suptitle(f"accuracy vs cost on {sweep.data}")
-    fig.savefig(path, dpi=110)
+    return fig
 
 
 SEARCH_MARKERS, BASELINE_MARKERS = "o^vP*Xph", "sDd<>"

@@ -17,12 +17,17 @@ from qcompile.passes.base import PASSES, PassContext, option, register_pass
 from qcompile.search.base import Search, layer_kinds
 from qcompile.search.policies import Assignment, LayerBits
 from qcompile.sweep import (
+    Sweep,
     SweepError,
+    SweepPoint,
+    SweepResult,
     baseline_points,
     grid,
+    legend_columns,
     pareto_front,
     points_from_flags,
     run_sweep,
+    sweep_figure,
     write_sweep,
 )
 
@@ -126,6 +131,22 @@ def test_python_api_sweep_of_baselines(tmp_path: Path, user_search: str) -> None
     assert [p.name for p in written] == ["sweep.json", "sweep.png"]
     with pytest.raises(SweepError, match="already exists"):
         write_sweep(sweep, tmp_path / "new" / "folder")
+
+
+@pytest.mark.parametrize("label_chars", [8, 40, 90])
+def test_the_legend_stays_inside_the_figure(label_chars: int) -> None:
+    """Long method labels wrap and take fewer columns instead of running past the figure's edges."""
+    results = []
+    for i in range(6):
+        point = SweepPoint(f"m{i}-" + "x" * label_chars, "aqt", (("fraction", "0.2"),), ("fraction",))
+        results.append(SweepResult(point, "", {"fraction": 0.2}, {"float": 90.0, "integer": 80.0 + i}, 1.0 + i,
+                                   1000 * (i + 1), 4000, [], 0, 0.0))
+    fig = sweep_figure(Sweep("digits", results, 90.0, 4000))
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    box = fig.legends[0].get_window_extent(renderer)
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y0 >= 0
+    assert legend_columns(["a" * 200], 13.0) == 1 and legend_columns(["ab"] * 9, 13.0) == 6
 
 
 def test_tiny_sweep_writes_json_png_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -367,40 +367,53 @@ class BayesianBitsActQuant(ActQuant):
 
 
 class RangeWeightQuant(nn.Module):
-    """Uniform signed weight quantizer with a learned per-tensor clip x_max and a fixed channel mask.
+    """Uniform signed weight quantizer with a learned clip x_max (per tensor or per output channel) and a
+    fixed channel mask.
 
-    W_q = mask_c * s * clamp(round(W / s), -(2^(b-1)-1), 2^(b-1)-1), s = 2 x_max / (2^b - 1): the grid Bayesian
-    Bits chose, kept for the fine-tune with frozen gates. ``select_channels`` follows channel pruning.
+    W_q = mask_c * s_c * clamp(round(W / s_c), -(2^(b-1)-1), 2^(b-1)-1), s_c = 2 x_max_c / (2^b - 1): the grid
+    Bayesian Bits chose (one x_max), kept for the fine-tune with frozen gates, or BSQ's grid refined per
+    channel (``x_max`` of shape ``[C]``). ``select_channels`` follows channel pruning.
     """
 
     mask: torch.Tensor
 
-    def __init__(self, bits: int, x_max: float, mask: torch.Tensor) -> None:
+    def __init__(self, bits: int, x_max: float | torch.Tensor, mask: torch.Tensor) -> None:
         super().__init__()
         self.bits = bits
-        self.x_max = nn.Parameter(torch.tensor(float(x_max)))
+        x = torch.as_tensor(x_max, dtype=torch.float32).detach().clone()
+        if x.dim() > 1 or (x.dim() == 1 and x.numel() != mask.numel()):
+            raise ValueError(f"x_max must be a scalar or one value per channel ({mask.numel()}), got {tuple(x.shape)}")
+        self.x_max = nn.Parameter(x)
         self.register_buffer("mask", mask.to(torch.float32).clone())
 
     @property
     def itype(self) -> IntType:
         return IntType(self.bits, True)
 
+    def _per_channel(self, v: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return v.view(-1, *[1] * (w.dim() - 1)) if v.dim() else v
+
     def scale(self, w: torch.Tensor) -> torch.Tensor:
         return grid_scale(self.x_max.detach().abs() + 1e-12, self.bits, True).expand(w.shape[0]).clone()
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        x_max = self.x_max.abs() + 1e-12
+        x_max = self._per_channel(self.x_max.abs() + 1e-12, w)
         wc = torch.minimum(torch.maximum(w, -x_max), x_max)
-        return quantize_on_grid(wc, x_max, self.bits, True) * self.mask.view(-1, *[1] * (w.dim() - 1))
+        return quantize_on_grid(wc, x_max, self.bits, True) * self._per_channel(self.mask, w)
 
     def quant_bias(self, b: torch.Tensor | None) -> torch.Tensor | None:
         return None if b is None else b * self.mask
 
     def select_channels(self, keep: torch.Tensor) -> None:
         self.mask = self.mask[keep].clone()
+        if self.x_max.dim():
+            self.x_max = nn.Parameter(self.x_max.detach()[keep].clone())
 
     def range_parameters(self) -> list[nn.Parameter]:
         return [self.x_max]
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, x_max={float(self.x_max.detach().abs()):.4g}, kept={int(self.mask.sum())}"
+        x = self.x_max.detach().abs()
+        shown = (f"{float(x):.4g}" if x.dim() == 0
+                 else f"[{x.numel()} channels, {float(x.min()):.4g}..{float(x.max()):.4g}]")
+        return f"bits={self.bits}, x_max={shown}, kept={int(self.mask.sum())}"

@@ -21,7 +21,14 @@ import torch.fx as fx
 from qcompile.passes.base import PassContext, PreconditionError, option, register_pass
 from qcompile.quant import graph
 from qcompile.quant.apot import APOT_BITS, set_weight_quantizer, weight_level_set
-from qcompile.search.base import TrainedSearch, apply_assignment, check_schedule, first_conv_last_linear, layer_kinds
+from qcompile.search.base import (
+    TrainedSearch,
+    apply_assignment,
+    check_choice,
+    check_schedule,
+    first_conv_last_linear,
+    layer_kinds,
+)
 from qcompile.search.policies import Assignment, LayerBits, policy_assignment
 from qcompile.train.trainer import QuantTrainer, TrainConfig
 
@@ -58,10 +65,8 @@ class APoTSearch(TrainedSearch):
         super().__post_init__()
         check_schedule("apot", self.schedule)
         weight_level_set(self.bits)  # refuses widths without an APoT level set
-        if self.first_last not in FIRST_LAST:
-            raise PreconditionError(f"apot first_last must be one of {', '.join(FIRST_LAST)}, got '{self.first_last}'")
-        if self.normalize not in NORMALIZE:
-            raise PreconditionError(f"apot normalize must be one of {', '.join(NORMALIZE)}, got '{self.normalize}'")
+        check_choice("apot", "first_last", self.first_last, FIRST_LAST)
+        check_choice("apot", "normalize", self.normalize, NORMALIZE)
         if not 0.0 < self.fraction < 1.0:
             raise PreconditionError(f"apot fraction must lie in (0, 1), got {self.fraction}")
         if self.epochs <= 0:

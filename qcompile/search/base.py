@@ -13,6 +13,7 @@ activations get the assignment's default; graph inputs and outputs stay 8-bit (t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,12 +29,17 @@ from qcompile.search.policies import Assignment
 IO_BITS = 8
 
 
+def check_choice(search: str, option_name: str, value: str, choices: Sequence[str]) -> None:
+    """Refuse an option value outside ``choices`` when the search is built (not after the model loaded)."""
+    if value not in choices:
+        raise PreconditionError(f"{search} {option_name} must be one of {', '.join(choices)}, got '{value}'")
+
+
 def check_schedule(search: str, schedule: str) -> None:
-    """Refuse an unknown learning-rate schedule when the search is built (not after the model loaded)."""
+    """Refuse an unknown learning-rate schedule."""
     from qcompile.train.trainer import SCHEDULES
 
-    if schedule not in SCHEDULES:
-        raise PreconditionError(f"{search} schedule must be one of {', '.join(SCHEDULES)}, got '{schedule}'")
+    check_choice(search, "schedule", schedule, SCHEDULES)
 
 
 def layer_kinds(gm: fx.GraphModule) -> list[tuple[str, str]]:

@@ -169,6 +169,19 @@ def test_range_weight_quant_follows_channel_selection() -> None:
     assert math.isclose(float(q.scale(w[:2])[0]), 1 / 3, rel_tol=1e-6)
 
 
+def test_range_weight_quant_per_channel_clip_learns_each_channel() -> None:
+    q = RangeWeightQuant(2, torch.tensor([0.5, 1.5]), torch.ones(2))
+    w = torch.tensor([[0.3, -0.1], [0.9, -2.0]])
+    assert torch.allclose(q(w), torch.tensor([[1 / 3, 0.0], [1.0, -1.0]]), atol=1e-6)  # steps 1/3 and 1
+    assert torch.allclose(q.scale(w), torch.tensor([1 / 3, 1.0]), atol=1e-6)
+    q(w * 1.0).sum().backward()
+    assert q.x_max.grad is not None and q.x_max.grad.shape == (2,) and bool((q.x_max.grad != 0).all())
+    q.select_channels(torch.tensor([False, True]))
+    assert q.x_max.shape == (1,) and math.isclose(float(q.x_max), 1.5)
+    with pytest.raises(ValueError, match="one value per channel"):
+        RangeWeightQuant(2, torch.ones(3), torch.ones(2))
+
+
 def _composed(q: GatedQuantizer, x: torch.Tensor) -> torch.Tensor:
     """The definition, composed from the residual decomposition with autograd (the spec GatedGrid follows)."""
     x_max = q.x_max.abs() + 1e-12
