@@ -124,6 +124,14 @@ def _pipeline(args: argparse.Namespace) -> str | None:
     if extra:
         raise QCompileError(f"search '{args.search}' has no option {', '.join('--' + e for e in extra)} "
                             f"(its options: {', '.join(fields) or 'none'})")
+    for item in getattr(args, "option", None) or []:
+        name, eq, value = item.partition("=")
+        if not eq or not value or name not in fields:
+            raise QCompileError(f"--option {item}: expected NAME=VALUE with NAME an option of search "
+                                f"'{args.search}' ({', '.join(fields) or 'none'})")
+        if name in given:
+            raise QCompileError(f"--option {item}: {name} is also given as --{name}; give it once")
+        given[name] = value
     opts = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in given.items())
     spec = args.search + ("{" + opts + "}" if opts else "")
     return search_pipeline(spec, args.calibration_steps)
@@ -337,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "targets in the loss (knowledge distillation; default 0)")
     c.add_argument("--post-training", action="store_true", help="Bayesian Bits: keep the weights, learn only "
                    "gates and ranges on a small set (minutes)")
+    c.add_argument("--option", action="append", metavar="NAME=V", help="any other option of the search, e.g. "
+                   "finetune_from=bsq (repeatable; `qcompile passes` lists them)")
     c.add_argument("--checkpoint", help="a learned search's checkpoint file (written after every epoch)")
     c.add_argument("--resume", action="store_true", help="continue a learned search from --checkpoint")
     c.add_argument("--pipeline", help="a pass pipeline replacing the default (see `qcompile passes`)")

@@ -252,6 +252,10 @@ SEARCH_ERRORS = [
     (["--search", "aqt", "--distill", "1.5"], ["aqt distill must lie in [0, 1], got 1.5"]),
     (["--search", "bsq", "--alpha", "-1"], ["alpha must be >= 0"]),
     (["--search", "assign-bitwidths", "--distill", "0.5"], ["has no option --distill"]),
+    (["--search", "bsq", "--option", "finetune_from"], ["--option finetune_from: expected NAME=VALUE", "alpha"]),
+    (["--search", "bsq", "--option", "colour=red"], ["--option colour=red: expected NAME=VALUE"]),
+    (["--search", "bsq", "--alpha", "1", "--option", "alpha=2"], ["alpha is also given as --alpha"]),
+    (["--search", "bsq", "--option", "finetune_from=scratch"], ["finetune_from must be one of float, bsq"]),
 ]
 
 
@@ -271,7 +275,9 @@ def test_learned_search_needs_labels(workdir: Path, capsys: pytest.CaptureFixtur
 @pytest.mark.parametrize(("flags", "spec"), [
     (["--search", "bsq", "--alpha", "0.5"], "bsq{epochs=1,alpha=0.5}"),
     (["--search", "aqt", "--distill", "0.5"], "aqt{epochs=1,distill=0.5}"),
-], ids=["bsq-alpha", "aqt-distill"])
+    (["--search", "bsq", "--option", "finetune_from=bsq", "--option", "finetune_grid=layer"],
+     "bsq{epochs=1,finetune_from=bsq,finetune_grid=layer}"),
+], ids=["bsq-alpha", "aqt-distill", "bsq-option"])
 def test_search_options_from_the_command_line(workdir: Path, capsys: pytest.CaptureFixture[str], flags: list[str],
                                               spec: str) -> None:
     code, _, _ = run(["compile", "models.py:small", "--data", "digits", *flags, "--epochs", "1", "-o", "s.onnx",
