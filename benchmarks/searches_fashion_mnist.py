@@ -19,7 +19,9 @@ reference-executor mismatches on the first ``--verify`` test images. Then the is
 Nothing is asserted; a method that fails is reported (traceback on stderr) and the run goes on.
 
 ``--lr`` sets the weights' Adam learning rate of every learned method (default: each search's 1e-3) and
-``--bsq-bit-lr`` BSQ's bit-variable learning rate (default 1e-2), ``--schedule`` the learning-rate
+``--bsq-bit-lr`` BSQ's bit-variable learning rate (default 1e-2), ``--bsq-from`` where BSQ's fine-tune starts
+(``float``: the float weights at the found bits, the search's default; ``bsq``: BSQ's own weights, as in the
+paper, with ``--bsq-grid`` choosing their learned step per channel or per layer), ``--schedule`` the learning-rate
 schedule of every learned method (constant or cosine) and ``--distill`` their weight of the float model's
 soft targets; all start from a converged float model.
 The float models are trained on ``--float-train-subset`` images (default all 60k; cached in .cache/).
@@ -28,6 +30,9 @@ Seeds: ``--seed`` seeds torch/numpy/random before the float training and before 
 searches' trainers use the PassContext seed (0: ``qcompile.compile`` takes no seed).
 
     python benchmarks/searches_fashion_mnist.py --train-subset 30000 --search-epochs 3   # ~22 min on 2 cores
+    # the RESULTS.md run (LeNet-5 ~32 min with one thread; SmallResNet with --lr 1e-3 ~45 min):
+    python benchmarks/searches_fashion_mnist.py --models lenet5 --alphas 0.015,0.03,0.05 --search-epochs 10 \\
+        --bsq-finetune 7 --lr 3e-4 --schedule cosine --distill 0.5 --verify 500 --threads 1
     python benchmarks/searches_fashion_mnist.py --quick     # float 1 epoch on 6k, searches 1 epoch on 1k, verify 100
 """
 
