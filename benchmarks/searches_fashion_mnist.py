@@ -21,13 +21,13 @@ Nothing is asserted; a method that fails is reported (traceback on stderr) and t
 ``--lr`` sets the weights' Adam learning rate of every learned method (default: each search's 1e-3) and
 ``--bsq-bit-lr`` BSQ's bit-variable learning rate (default 1e-2), ``--bsq-from`` where BSQ's fine-tune starts
 (``float``: the float weights at the found bits, the search's default; ``bsq``: BSQ's own weights, as in the
-paper, with ``--bsq-grid`` choosing their learned step per channel or per layer), ``--schedule`` the learning-rate
+paper, with ``--bsq-grid`` choosing their learned step per layer or per channel), ``--schedule`` the learning-rate
 schedule of every learned method (constant or cosine) and ``--distill`` their weight of the float model's
 soft targets; all start from a converged float model.
 The float models are trained on ``--float-train-subset`` images (default all 60k; cached in .cache/).
 
 Seeds: ``--seed`` seeds torch/numpy/random before the float training and before every method; the
-searches' trainers use the PassContext seed (0: ``qcompile.compile`` takes no seed).
+searches' trainers use ``--train-seed`` (``qcompile.compile(seed=...)``, default 0).
 
     python benchmarks/searches_fashion_mnist.py --train-subset 30000 --search-epochs 3   # ~22 min on 2 cores
     # the RESULTS.md run (LeNet-5 ~32 min with one thread; SmallResNet with --lr 1e-3 ~45 min):
@@ -109,7 +109,7 @@ def methods(args: Any) -> list[Method]:
         for a in args.alphas.split(","):
             bit_lr = f",bit_lr={args.bsq_bit_lr:g}" if args.bsq_bit_lr else ""
             bit_lr += f",finetune_from={args.bsq_from}" if args.bsq_from != "float" else ""
-            bit_lr += f",finetune_grid={args.bsq_grid}" if args.bsq_grid != "channel" else ""
+            bit_lr += f",finetune_grid={args.bsq_grid}" if args.bsq_grid != "layer" else ""
             opts = f"alpha={float(a):g},epochs={e - ft},finetune_epochs={ft}{lr}{bit_lr}"
             out.append(Method("bsq", f"alpha={float(a):g}", f"bsq{{{opts}}}"))
     if "aqt" in chosen:
@@ -124,14 +124,14 @@ def methods(args: Any) -> list[Method]:
 
 
 def run_method(model: nn.Module, m: Method, search_data: Dataset, test: Dataset, verify_n: int, seed: int,
-               progress: bool) -> Row:
+               progress: bool, train_seed: int = 0) -> Row:
     common.seed_everything(seed)
     pipeline = f"{PREFIX},{m.search},{SUFFIX}"
     row = Row(m)
     try:
         with common.Stopwatch() as sw:
             cm = qcompile.compile(model, search_data.x_train[:1], data=search_data, pipeline=pipeline,
-                                  progress=progress)
+                                  progress=progress, seed=train_seed)
         row.compile_s = sw.seconds
         search_name = m.search.split("{", 1)[0]
         row.search_s = sum(t.seconds for t in cm.timings if t.name == search_name)
@@ -201,13 +201,15 @@ def main() -> int:
     p.add_argument("--bsq-from", choices=("float", "bsq"), default="float",
                    help="where BSQ's fine-tune starts: the float weights at the found bits, or BSQ's "
                    "(default %(default)s)")
-    p.add_argument("--bsq-grid", choices=("channel", "layer"), default="channel",
+    p.add_argument("--bsq-grid", choices=("layer", "channel"), default="layer",
                    help="with --bsq-from bsq, the fine-tune's weight step: one learned per output channel or BSQ's "
                    "per layer (default %(default)s)")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                    help="learning-rate schedule of every learned method's weights (default %(default)s)")
     p.add_argument("--distill", type=float, default=0.0,
                    help="weight of the float model's soft targets in every learned method's loss (default 0)")
+    p.add_argument("--train-seed", type=int, default=0,
+                   help="seed of the searches' trainers (batch order), the float model unchanged (default 0)")
     p.add_argument("--train-subset", type=int, default=0,
                    help="train/search on this many training images (a fixed-seed subset; 0: all 60k)")
     p.add_argument("--float-train-subset", type=int, default=0,
@@ -251,7 +253,7 @@ def main() -> int:
                                                        f"trained in {seconds:.0f} s"), flush=True)
         rows = []
         for m in todo:
-            rows.append(run_method(model, m, search_data, full, args.verify, args.seed, progress))
+            rows.append(run_method(model, m, search_data, full, args.verify, args.seed, progress, args.train_seed))
             r = rows[-1]
             if progress:
                 status = f"{r.acc['integer']:.2f} %, compile {r.compile_s:.0f} s" if r.report else r.error

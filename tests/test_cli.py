@@ -275,8 +275,8 @@ def test_learned_search_needs_labels(workdir: Path, capsys: pytest.CaptureFixtur
 @pytest.mark.parametrize(("flags", "spec"), [
     (["--search", "bsq", "--alpha", "0.5"], "bsq{epochs=1,alpha=0.5}"),
     (["--search", "aqt", "--distill", "0.5"], "aqt{epochs=1,distill=0.5}"),
-    (["--search", "bsq", "--option", "finetune_from=bsq", "--option", "finetune_grid=layer"],
-     "bsq{epochs=1,finetune_from=bsq,finetune_grid=layer}"),
+    (["--search", "bsq", "--option", "finetune_from=bsq", "--option", "finetune_grid=channel"],
+     "bsq{epochs=1,finetune_from=bsq,finetune_grid=channel}"),
 ], ids=["bsq-alpha", "aqt-distill", "bsq-option"])
 def test_search_options_from_the_command_line(workdir: Path, capsys: pytest.CaptureFixture[str], flags: list[str],
                                               spec: str) -> None:

@@ -40,7 +40,7 @@ def test_bits_go_down_as_alpha_grows_and_the_graph_stays_bit_exact(trained: tupl
     ("epochs=0", "must be positive"),
     ("start_bits=8", r"start_bits must lie in 1\.\.7"),
     ("finetune_from=scratch", "finetune_from must be one of float, bsq"),
-    ("finetune_grid=row", "finetune_grid must be one of channel, layer"),
+    ("finetune_grid=row", "finetune_grid must be one of layer, channel"),
 ])
 def test_bad_options_are_refused(options: str, message: str) -> None:
     with pytest.raises(PreconditionError, match=message):
