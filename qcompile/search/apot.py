@@ -41,7 +41,6 @@ NORMALIZE = ("channel", "layer")
 class APoTSearch(TrainedSearch):
     name = "apot"
     summary = "APoT: additive powers-of-two weights (shift-add layers) trained with a learned clip per layer"
-    needs_labels = True
     scheme = "apot"
 
     bits: int = option(3, f"APoT weight bits, {APOT_BITS.start}..{APOT_BITS.stop - 1} (2: ternary)")

@@ -24,7 +24,6 @@ from qcompile.train.trainer import QuantTrainer, TrainConfig
 class AqtRecipe(TrainedSearch):
     name = "aqt"
     summary = "AQT recipe: a policy (default 4-bit, first/last 8-bit) trained with frozen EMA activation bounds"
-    needs_labels = True
 
     epochs: int = option(3, "training epochs")
     lr: float = option(1e-3, "Adam learning rate of the weights")

@@ -91,7 +91,6 @@ def _subset(data: Dataset, samples: int) -> Dataset:
 class BayesianBitsSearch(TrainedSearch):
     name = "bayesian-bits"
     summary = "Bayesian Bits: gated residual bits and channel pruning learned against a BOPs regularizer"
-    needs_labels = True
     scheme = "bayesian-bits"
     followed_by = ("prune-channels",)
 

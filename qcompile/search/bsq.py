@@ -90,7 +90,7 @@ FINETUNE_STARTS = ("float", "bsq")
 
 def _freeze_precision(layers: list[QConv2d | QLinear], planes: list[BitPlaneWeight],
                       grid: str = "layer") -> list[int]:
-    """Write each layer's BSQ weights back as float weights on the grid BSQ found (N + 1 bits, its step).
+    """Write each layer's (re-quantized) BSQ weights back as float weights on the grid BSQ found (N + 1 bits, its step).
 
     The quantizer starts at BSQ's per-layer step delta with a learned clip (x_max = delta (2^(N+1) - 1) / 2,
     so the codes stay in [-(2^N - 1), 2^N - 1]): the fine-tune starts from exactly the weights BSQ found.
@@ -98,11 +98,8 @@ def _freeze_precision(layers: list[QConv2d | QLinear], planes: list[BitPlaneWeig
     integer contract's per-channel weight scales lower as they are; ``"layer"`` keeps one. A per-channel
     max|W| grid would not keep BSQ's weights, and at 2 bits it puts every weight under max|W_c| / 2 at 0.
     """
-    if grid not in FINETUNE_GRIDS:
-        raise ValueError(f"unknown fine-tune grid {grid!r}; use one of {', '.join(FINETUNE_GRIDS)}")
     bits = []
     for layer, p in zip(layers, planes, strict=True):
-        p.requantize_()
         _, step, width = p.integer_weights()
         with torch.no_grad():
             layer.weight.copy_(p().detach())
@@ -116,13 +113,12 @@ def _freeze_precision(layers: list[QConv2d | QLinear], planes: list[BitPlaneWeig
 
 def _restart_from_float(layers: list[QConv2d | QLinear], planes: list[BitPlaneWeight],
                         start: list[tuple[torch.Tensor, WeightQuantizer]]) -> list[int]:
-    """Keep only BSQ's precision: put back each layer's float weight and its per-channel max|W| quantizer.
+    """Keep only BSQ's (re-quantized) precision: put back each layer's float weight and max|W| quantizer.
 
     The caller writes the found widths into those quantizers (``apply_assignment``) and re-trains.
     """
     bits = []
     for layer, p, (weight, quant) in zip(layers, planes, start, strict=True):
-        p.requantize_()
         bits.append(p.itype.bits)
         with torch.no_grad():
             layer.weight.copy_(weight)
@@ -136,7 +132,6 @@ def _restart_from_float(layers: list[QConv2d | QLinear], planes: list[BitPlaneWe
 class BsqSearch(TrainedSearch):
     name = "bsq"
     summary = "BSQ: bit-plane group-Lasso training finds per-layer weight bits (activations calibrated)"
-    needs_labels = True
 
     alpha: float = option(0.005, "regularizer strength (>= 0); larger gives fewer bits")
     epochs: int = option(3, "regularized training epochs")
@@ -188,6 +183,8 @@ class BsqSearch(TrainedSearch):
         regularizer = lambda: self.alpha * bsq_regularizer(planes)  # noqa: E731
         QuantTrainer(gm, ctx.dataset, self._config(ctx, self.epochs, 0.2), regularizer=regularizer,
                      on_epoch_end=requantize, teacher=self.teacher(ctx)).fit()
+        for p in planes:
+            p.requantize_()  # exact 0/1 planes, empty MSB/LSB planes dropped: the precision BSQ found
         if self.finetune_epochs and self.finetune_from == "float":
             bits = _restart_from_float(layers, planes, start)
             fraction = 0.2

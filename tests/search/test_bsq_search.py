@@ -81,6 +81,7 @@ def test_restarting_from_float_keeps_only_the_precision() -> None:
     with torch.no_grad():
         planes.pos[0].zero_()
         planes.neg[0].zero_()  # an empty MSB plane: the precision drops from 4 to 3 magnitude bits
+    planes.requantize_()  # as the search does before it restarts
     assert _restart_from_float([layer], [planes], [(weight, quant)]) == [4]
     assert layer.weight_quant is quant and isinstance(quant, WeightQuant)
     assert torch.equal(layer.weight.detach(), weight) and layer.weight.requires_grad
