@@ -6,7 +6,8 @@ integer verifier, B = max_c (sum |w_c| * max|q_x| + |b_c|), keeps every partial 
 when B < 2^24, so such ops run as one float32 GEMM. Larger bounds split the reduction over input
 channels into chunks that each stay below 2^24 (float32 GEMMs, summed exactly in float64); float64
 GEMMs remain only where no split exists (grouped convs, a single channel above the bound).
-Requantization and clamps run in int64 exactly as ``contract.requantize``. Results are bit-identical
+Requantization and clamps run in int64 exactly as ``contract.requantize`` (``integer`` target), or as one
+float32 multiply and round-half-even exactly as ``contract.requantize_f32`` (``ort`` target). Results are bit-identical
 to the reference executor; the tests check this on random graphs. APoT (shift-add) layers run the same
 GEMMs on their combined codes q_w = sum_i s_i 2^(e_i): the same integers as the reference's shift-adds.
 """
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from qcompile.ir import intops as ops
+from qcompile.ir.contract import Target
 from qcompile.ir.rewrite import input_node
 
 _F32_EXACT = 2**24
@@ -47,11 +49,14 @@ def accumulator_bound(op: ops.IntConv2d | ops.IntLinear) -> int:
 
 
 def _requant(acc: torch.Tensor, op: Any, channel_dim: int) -> torch.Tensor:
-    """``clamp((acc * m + 2^(n-1)) >> n)`` in int64, in place, with scalar m/n/rounding where they allow."""
-    out = acc.to(torch.int64)
+    """The op's requantization under its target (``contract``), on exact integer values held as floats."""
     shape = [1] * acc.dim()
     if op.mult.numel() > 1:
         shape[channel_dim] = -1
+    if op.target is Target.ORT:  # float32(acc): IEEE round to nearest even, as int32 -> float32
+        v = acc.to(torch.float32).mul_(op.fmult.view(shape))
+        return v.round_().clamp_(op.lo, op.hi)
+    out = acc.to(torch.int64)
     out.mul_(op.mult.view(shape))
     shift = op.shift.view(shape)
     if bool((op.shift == op.shift.flatten()[0]).all()):

@@ -42,7 +42,8 @@ import torch
 import torch.fx as fx
 
 from qcompile.ir import intops as ops
-from qcompile.ir.meta import IntType, get_info
+from qcompile.ir.contract import Target
+from qcompile.ir.meta import IntType, get_info, get_target
 from qcompile.ir.rewrite import input_node
 from qcompile.passes.base import QCompileError
 
@@ -77,12 +78,13 @@ def weight_storage(bits: int) -> WeightStorage:
 
 
 class _Emitter:
-    """Builds the onnx-graphsurgeon graph; every constant gets a unique name."""
+    """Builds the onnx-graphsurgeon graph for one target; every constant gets a unique name."""
 
-    def __init__(self) -> None:
+    def __init__(self, target: Target = Target.INTEGER, ort_cpu: str = "any") -> None:
         self.nodes: list[gs.Node] = []
         self.names: set[str] = set()
         self.opset = BASE_OPSET
+        self.target, self.ort_cpu = target, ort_cpu
 
     def _unique(self, name: str) -> str:
         base, i = name, 1
@@ -242,25 +244,51 @@ def _check_bits(op: ops.IntOp) -> None:
             raise ExportError(f"{type(op).__name__} uses {t.bits}-bit values; the ONNX export supports at most 8")
 
 
+Emitter = Callable[["_Emitter", fx.Node, Any, list[Any]], gs.Variable]
+
+
+def _channels(node: fx.Node) -> int:
+    shape = get_info(input_node(node)).shape
+    assert shape is not None, f"'{node.name}' has no recorded input shape"
+    return int(shape[1])
+
+
+# target-independent ops: the integers move or clamp, nothing is requantized
+SHARED_EMITTERS: dict[type, Emitter] = {
+    ops.Quantize: lambda e, n, op, a: _export_quantize(e, n.name, op, *a),
+    ops.Dequantize: lambda e, n, op, a: _export_dequantize(e, n.name, op, *a),
+    ops.IntMaxPool2d: lambda e, n, op, a: _export_maxpool(e, n.name, op, *a),
+    ops.IntClamp: lambda e, n, op, a: _clip(e, n.name, a[0], op.inp, op.lo, op.hi),
+}
+# the ``integer`` target: ConvInteger and the exact uint64 requantization chain
+INTEGER_EMITTERS: dict[type, Emitter] = {
+    **SHARED_EMITTERS,
+    ops.IntConv2d: lambda e, n, op, a: _export_conv(e, n.name, op, *a),
+    ops.IntShiftConv2d: lambda e, n, op, a: _export_conv(e, n.name, op, *a),
+    ops.IntLinear: lambda e, n, op, a: _export_linear(e, n.name, op, *a),
+    ops.IntShiftLinear: lambda e, n, op, a: _export_linear(e, n.name, op, *a),
+    ops.IntAdd: lambda e, n, op, a: _export_add(e, n.name, op, *a),
+    ops.IntAvgPool2d: lambda e, n, op, a: _export_avgpool(e, n.name, op, a[0], _channels(n)),
+}
+
+
+def emitters(target: Target) -> dict[type, Emitter]:
+    """The ONNX emitter of every integer op for ``target`` (a test checks every op has one per target)."""
+    if target is Target.INTEGER:
+        return INTEGER_EMITTERS
+    from qcompile.backends.onnx_ort import ORT_EMITTERS
+
+    return ORT_EMITTERS
+
+
 def _export_module(e: _Emitter, node: fx.Node, op: torch.nn.Module, args: list[Any]) -> gs.Variable:
     if not isinstance(op, ops.IntOp):
         raise ExportError(f"no ONNX lowering for {type(op).__name__}")
     _check_bits(op)
-    name = node.name
-    simple: dict[type, Callable[..., gs.Variable]] = {
-        ops.Quantize: _export_quantize, ops.Dequantize: _export_dequantize, ops.IntConv2d: _export_conv,
-        ops.IntLinear: _export_linear, ops.IntAdd: _export_add, ops.IntMaxPool2d: _export_maxpool,
-        ops.IntShiftConv2d: _export_conv, ops.IntShiftLinear: _export_linear,
-    }
-    if type(op) in simple:
-        return simple[type(op)](e, name, op, *args)
-    if isinstance(op, ops.IntAvgPool2d):
-        shape = get_info(input_node(node)).shape
-        assert shape is not None
-        return _export_avgpool(e, name, op, args[0], shape[1])
-    if isinstance(op, ops.IntClamp):
-        return _clip(e, name, args[0], op.inp, op.lo, op.hi)
-    raise ExportError(f"no ONNX lowering for {type(op).__name__}")
+    emit = emitters(e.target).get(type(op))
+    if emit is None:
+        raise ExportError(f"no ONNX lowering for {type(op).__name__} under target '{e.target.value}'")
+    return emit(e, node, op, args)
 
 
 def _int_const(node: fx.Node, v: fx.node.Argument) -> int:
@@ -287,8 +315,8 @@ def _batch_shape(node: fx.Node) -> list[Any]:
     return ["batch", *shape[1:]]
 
 
-def build_graph(gm: fx.GraphModule) -> gs.Graph:
-    e = _Emitter()
+def build_graph(gm: fx.GraphModule, ort_cpu: str = "any") -> gs.Graph:
+    e = _Emitter(get_target(gm), ort_cpu)
     values: dict[fx.Node, Any] = {}
     inputs, outputs = [], []
     for node in gm.graph.nodes:
@@ -310,9 +338,20 @@ def build_graph(gm: fx.GraphModule) -> gs.Graph:
                     producer_name="qcompile", ir_version=IR_VERSION[e.opset])
 
 
-def export_onnx(gm: fx.GraphModule) -> onnx.ModelProto:
-    """The integer graph as an ONNX model that passes onnx.checker's full check."""
-    graph = build_graph(gm)
+ORT_CPUS = ("any", "vnni")
+
+
+def export_onnx(gm: fx.GraphModule, ort_cpu: str = "any") -> onnx.ModelProto:
+    """The integer graph as an ONNX model that passes onnx.checker's full check.
+
+    ``ort_cpu`` (``ort`` target only): ``any`` keeps every layer exact on every x86 CPU (8-bit weights
+    take onnxruntime's u8 x u8 path); ``vnni`` stores every weight as int8 (u8 x s8, faster), exact on CPUs
+    with VNNI but not on AVX2-only CPUs, whose u8 x s8 kernels saturate 16-bit pair sums (ONNX_NOTES).
+    The metadata records the target and this choice.
+    """
+    if ort_cpu not in ORT_CPUS:
+        raise ExportError(f"unknown --ort-cpu '{ort_cpu}' (valid: {', '.join(ORT_CPUS)})")
+    graph = build_graph(gm, ort_cpu)
     for i, out in enumerate(graph.outputs):
         out.name = "output" if len(graph.outputs) == 1 else f"output_{i}"
     for i, inp in enumerate(graph.inputs):
@@ -320,5 +359,8 @@ def export_onnx(gm: fx.GraphModule) -> onnx.ModelProto:
     model = gs.export_onnx(graph, do_type_check=True)
     model.ir_version = IR_VERSION[graph.opset]
     model.opset_import[0].version = graph.opset
+    target = get_target(gm)
+    onnx.helper.set_model_props(model, {"qcompile.target": target.value,
+                                        **({"qcompile.ort_cpu": ort_cpu} if target is Target.ORT else {})})
     onnx.checker.check_model(model, full_check=True)
     return model

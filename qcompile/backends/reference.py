@@ -4,7 +4,8 @@ Slow and simple on purpose: it is the executable spec that the fast executor and
 compared with. Convolutions are explicit sliding windows and int64 sums; requantization is
 ``contract.requantize``. APoT (shift-add) layers are computed as stored: one sum per ternary plane T_p of
 the power-of-two terms, shifted left by p and added (conv(x, K) = sum_p conv(x, T_p) << p). It refuses
-to run an accumulator that leaves int32.
+to run an accumulator that leaves int32. Every requantization goes through ``requantize_op``, which applies
+the op's target: the dyadic form (``contract.requantize``) or the float32 form (``contract.requantize_f32``).
 """
 
 from __future__ import annotations
@@ -72,10 +73,17 @@ def _conv_sum(op: ops.IntConv2d, x: IntArray, w: IntArray) -> IntArray:
     return np.concatenate(parts, axis=1)
 
 
+def requantize_op(op: Any, acc: IntArray, shape: tuple[int, ...] = (-1,)) -> IntArray:
+    """The op's requantization of ``acc`` under its target; per-channel parameters reshaped to ``shape``."""
+    if op.target is contract.Target.ORT:
+        fmult = op.fmult.detach().cpu().numpy().astype(np.float32).reshape(shape)
+        return contract.requantize_f32(acc, fmult, op.lo, op.hi)
+    return contract.requantize(acc, _np(op.mult).reshape(shape), _np(op.shift).reshape(shape), op.lo, op.hi)
+
+
 def _requant_conv(op: ops.IntConv2d, acc: IntArray) -> IntArray:
     acc = acc + _np(op.bias)[None, :, None, None]
-    shape = (1, -1, 1, 1)
-    return contract.requantize(acc, _np(op.mult).reshape(shape), _np(op.shift).reshape(shape), op.lo, op.hi)
+    return requantize_op(op, acc, (1, -1, 1, 1))
 
 
 def shift_add(op: ops.IntShiftConv2d | ops.IntShiftLinear, dot: Callable[[IntArray], IntArray]) -> IntArray:
@@ -98,24 +106,24 @@ def _shift_conv(op: ops.IntShiftConv2d, x: IntArray) -> IntArray:
 @kernel(ops.IntLinear)
 def _linear(op: ops.IntLinear, x: IntArray) -> IntArray:
     acc = np.matmul(x, _np(op.weight).T) + _np(op.bias)
-    return contract.requantize(acc, _np(op.mult), _np(op.shift), op.lo, op.hi)
+    return requantize_op(op, acc)
 
 
 @kernel(ops.IntShiftLinear)
 def _shift_linear(op: ops.IntShiftLinear, x: IntArray) -> IntArray:
     acc = shift_add(op, lambda t: np.matmul(x, t.T)) + _np(op.bias)
-    return contract.requantize(acc, _np(op.mult), _np(op.shift), op.lo, op.hi)
+    return requantize_op(op, acc)
 
 
 @kernel(ops.IntAdd)
 def _add(op: ops.IntAdd, a: IntArray, b: IntArray) -> IntArray:
-    return contract.requantize(a + b, _np(op.mult), _np(op.shift), op.lo, op.hi)
+    return requantize_op(op, a + b)
 
 
 @kernel(ops.IntAvgPool2d)
 def _avgpool(op: ops.IntAvgPool2d, x: IntArray) -> IntArray:
     acc = windows(x, op.kernel, op.stride, op.padding).sum(axis=(-2, -1))
-    return contract.requantize(acc, _np(op.mult), _np(op.shift), op.lo, op.hi)
+    return requantize_op(op, acc)
 
 
 def pool_extra(size: int, k: int, s: int, p: int, d: int, ceil_mode: bool) -> int:

@@ -18,6 +18,10 @@ Math, per op (``rq`` is the contract's requantization, see ``ir/contract.py``):
   zero padding counts toward k (PyTorch's count_include_pad=True).
 * ``IntMaxPool2d``, ``IntClamp``: act on integers directly, scale unchanged.
 
+Every requantizing op carries both forms of its multiplier M: the dyadic ``mult``/``shift`` and
+``fmult = float32(M)``, and its ``target`` says which one ``rq`` uses (``contract.Target``: ``integer`` =
+dyadic, ``ort`` = float32 multiply with round half to even). ``requant_target(op)`` reads it.
+
 Not handled here: average pooling with count_include_pad=False or ceil_mode (their divisor varies per
 window), and non-zero real-domain zero points.
 """
@@ -29,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from qcompile.ir.contract import Target
 from qcompile.ir.meta import IntType
 
 
@@ -71,13 +76,21 @@ class _Requantizing(IntOp):
 
     mult: torch.Tensor
     shift: torch.Tensor
+    fmult: torch.Tensor
+    target: Target
 
-    def _set_requant(self, mult: Any, shift: Any, out: IntType, lo: int, hi: int) -> None:
+    def _set_requant(self, mult: Any, shift: Any, out: IntType, lo: int, hi: int, fmult: Any = None,
+                     target: Target | str = Target.INTEGER) -> None:
+        """Dyadic ``mult``/``shift``; ``fmult`` (float32 M) defaults to the dyadic value in float32."""
         self.register_buffer("mult", _int_buffer(mult))
         self.register_buffer("shift", _int_buffer(shift))
+        if fmult is None:
+            fmult = self.mult.double() * torch.pow(2.0, -self.shift.double())
+        self.register_buffer("fmult", torch.as_tensor(fmult, dtype=torch.float32).clone().reshape(self.mult.shape))
         if not out.lo <= lo <= hi <= out.hi:
             raise ValueError(f"clamp [{lo}, {hi}] outside the output type {out} [{out.lo}, {out.hi}]")
         self.out, self.lo, self.hi = out, int(lo), int(hi)
+        self.target = Target.parse(target)
 
 
 class _Affine(_Requantizing):
@@ -110,10 +123,12 @@ class IntConv2d(_Affine):
         padding: tuple[int, int] = (0, 0),
         dilation: tuple[int, int] = (1, 1),
         groups: int = 1,
+        fmult: Any = None,
+        target: Target | str = Target.INTEGER,
     ) -> None:
         super().__init__()
         self._set_affine(weight, bias, inp, w_type)
-        self._set_requant(mult, shift, out, lo, hi)
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
 
     def extra_repr(self) -> str:
@@ -126,11 +141,11 @@ class IntConv2d(_Affine):
 class IntLinear(_Affine):
     def __init__(
         self, weight: Any, bias: Any, mult: Any, shift: Any, *, inp: IntType, w_type: IntType, out: IntType,
-        lo: int, hi: int,
+        lo: int, hi: int, fmult: Any = None, target: Target | str = Target.INTEGER,
     ) -> None:
         super().__init__()
         self._set_affine(weight, bias, inp, w_type)
-        self._set_requant(mult, shift, out, lo, hi)
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
 
     def extra_repr(self) -> str:
         return f"{self.inp}x{self.w_type}->{self.out} [{self.lo},{self.hi}], weight={tuple(self.weight.shape)}"
@@ -198,9 +213,10 @@ class IntShiftLinear(_ShiftAdd, IntLinear):
 
 
 class IntAdd(_Requantizing):
-    def __init__(self, mult: int, shift: int, *, inp: tuple[IntType, IntType], out: IntType, lo: int, hi: int):
+    def __init__(self, mult: int, shift: int, *, inp: tuple[IntType, IntType], out: IntType, lo: int, hi: int,
+                 fmult: Any = None, target: Target | str = Target.INTEGER) -> None:
         super().__init__()
-        self._set_requant(mult, shift, out, lo, hi)
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
         self.inp = inp
 
     def extra_repr(self) -> str:
@@ -210,10 +226,11 @@ class IntAdd(_Requantizing):
 class IntAvgPool2d(_Requantizing):
     def __init__(
         self, mult: int, shift: int, *, kernel: tuple[int, int], stride: tuple[int, int],
-        padding: tuple[int, int], inp: IntType, out: IntType, lo: int, hi: int,
+        padding: tuple[int, int], inp: IntType, out: IntType, lo: int, hi: int, fmult: Any = None,
+        target: Target | str = Target.INTEGER,
     ) -> None:
         super().__init__()
-        self._set_requant(mult, shift, out, lo, hi)
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
         self.kernel, self.stride, self.padding, self.inp = kernel, stride, padding, inp
 
     def extra_repr(self) -> str:

@@ -12,8 +12,11 @@ from dataclasses import dataclass, replace
 
 import torch.fx as fx
 
+from qcompile.ir.contract import Target
+
 META_KEY = "qc"
 STAGE_KEY = "qc_stage"
+TARGET_KEY = "qc_target"
 
 
 class Stage(enum.Enum):
@@ -91,3 +94,12 @@ def get_stage(gm: fx.GraphModule) -> Stage:
 
 def set_stage(gm: fx.GraphModule, stage: Stage) -> None:
     gm.meta[STAGE_KEY] = stage
+
+
+def get_target(gm: fx.GraphModule) -> Target:
+    """The requantization contract an integer graph follows (``integer`` for graphs lowered without one)."""
+    return Target.parse(gm.meta.get(TARGET_KEY, Target.INTEGER))
+
+
+def set_target(gm: fx.GraphModule, target: Target) -> None:
+    gm.meta[TARGET_KEY] = target

@@ -22,16 +22,17 @@ import operator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
 
 from qcompile.ir import contract
 from qcompile.ir import intops as ops
-from qcompile.ir.meta import IntType, NodeInfo, Stage, get_info, set_info
+from qcompile.ir.meta import IntType, NodeInfo, Stage, get_info, set_info, set_target
 from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.ir.shapes import annotate_shapes, pair
-from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, register_pass
+from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, option, register_pass
 from qcompile.quant import graph
 from qcompile.quant.apot import APoTWeightQuant, terms_of_codes
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
@@ -67,11 +68,18 @@ def _clamp_bounds(clamps: list[fx.Node], itype: IntType, scale: float) -> tuple[
 
 
 class _Lowering:
-    """State of one lowering: the new graph, its root module and the map old node -> Value."""
+    """State of one lowering: the new graph, its root module, the map old node -> Value, and the target."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, target: contract.Target) -> None:
         self.old, self.graph, self.root = gm, fx.Graph(), nn.Module()
         self.values: dict[fx.Node, Value | fx.Node] = {}
+        self.target = target
+
+    def requant(self, real: Any) -> dict[str, Any]:
+        """Both forms of the real multiplier(s) M and the target: the requantizing ops' keyword arguments."""
+        reals = np.asarray(real, dtype=np.float64)
+        mult, shift = contract.quantize_multipliers(reals)
+        return {"mult": mult, "shift": shift, "fmult": contract.float_multipliers(reals), "target": self.target}
 
     def emit(self, name: str, op: nn.Module, args: tuple[Any, ...], out: IntType, scale: float,
              origin: fx.Node | None = None) -> Value:
@@ -138,9 +146,8 @@ def _lower_layer(lw: _Lowering, point: fx.Node, layer: QConv2d | QLinear, out: I
     x = lw.value(input_node(point))
     q = layer.weight_quant
     q_w, q_b, s_w = _apot_weights(layer, q, x.scale) if isinstance(q, APoTWeightQuant) else _weights(layer, x.scale)
-    mult, shift = contract.quantize_multipliers((x.scale * s_w / s_y).numpy())
-    requant: dict[str, Any] = {"bias": q_b, "mult": mult, "shift": shift, "inp": x.itype, "w_type": q.itype,
-                               "out": out, "lo": bounds[0], "hi": bounds[1]}
+    requant: dict[str, Any] = {"bias": q_b, **lw.requant((x.scale * s_w / s_y).numpy()), "inp": x.itype,
+                               "w_type": q.itype, "out": out, "lo": bounds[0], "hi": bounds[1]}
     try:
         op = _make_op(layer, q_w, requant)
     except PreconditionError as exc:
@@ -152,8 +159,7 @@ def _lower_add(lw: _Lowering, point: fx.Node, out: IntType, s_y: float, bounds: 
     a, b = lw.value(input_node(point, 0)), lw.value(input_node(point, 1))
     if not math.isclose(a.scale, b.scale, rel_tol=1e-9):
         raise PreconditionError(f"inputs of add '{point.name}' have different scales; run share-scales first")
-    m, n = contract.quantize_multiplier(a.scale / s_y)
-    op = ops.IntAdd(m, n, inp=(a.itype, b.itype), out=out, lo=bounds[0], hi=bounds[1])
+    op = ops.IntAdd(**lw.requant(a.scale / s_y), inp=(a.itype, b.itype), out=out, lo=bounds[0], hi=bounds[1])
     return lw.emit(point.name, op, (a.node, b.node), out, s_y, point)
 
 
@@ -167,9 +173,8 @@ def _lower_avgpool(lw: _Lowering, point: fx.Node, pool: nn.AvgPool2d | nn.Adapti
         kernel, stride, padding = (shape[2], shape[3]), (1, 1), (0, 0)
     else:
         kernel, stride, padding = pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)
-    m, n = contract.quantize_multiplier(x.scale / (kernel[0] * kernel[1] * s_y))
-    op = ops.IntAvgPool2d(m, n, kernel=kernel, stride=stride, padding=padding, inp=x.itype, out=out,
-                          lo=bounds[0], hi=bounds[1])
+    op = ops.IntAvgPool2d(**lw.requant(x.scale / (kernel[0] * kernel[1] * s_y)), kernel=kernel, stride=stride,
+                          padding=padding, inp=x.itype, out=out, lo=bounds[0], hi=bounds[1])
     return lw.emit(point.name, op, (x.node,), out, s_y, point)
 
 
@@ -228,9 +233,9 @@ def _lower_output(lw: _Lowering, node: fx.Node) -> None:
     lw.graph.output(fx.node.map_arg(node.args[0], dequantize))
 
 
-def lower(gm: fx.GraphModule) -> fx.GraphModule:
+def lower(gm: fx.GraphModule, target: contract.Target = contract.Target.INTEGER) -> fx.GraphModule:
     gm.eval()  # learned quantizers lower their deterministic (eval) behaviour
-    lw = _Lowering(gm)
+    lw = _Lowering(gm, target)
     consumed = set()
     for qnode, _ in graph.act_quants(gm):
         point, clamps = graph.chain_start(gm, qnode)
@@ -247,16 +252,26 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
         else:
             lw.values[node] = _lower_pass_through(lw, node)
     lw.graph.set_codegen(gm.graph._codegen)  # same inputs and outputs: keep the model's calling convention
-    return fx.GraphModule(lw.root, lw.graph, "IntegerGraph")
+    new = fx.GraphModule(lw.root, lw.graph, "IntegerGraph")
+    set_target(new, target)
+    return new
 
 
 @register_pass
 @dataclass(frozen=True)
 class LowerInteger(Pass):
     name = "lower-integer"
-    summary = "lower the quant graph to integer ops (dyadic requantization, int32 bias, folded ReLU)"
+    summary = "lower the quant graph to integer ops (int32 bias, folded ReLU; ort or dyadic requantization)"
     requires = (Stage.QUANT,)
     produces = Stage.INTEGER
+    target: str = option("ort", "requantization contract: ort (float32, onnxruntime's fused kernels) or "
+                                "integer (dyadic, integer-only hardware)")
+
+    def __post_init__(self) -> None:
+        try:
+            contract.Target.parse(self.target)
+        except ValueError as exc:
+            raise PreconditionError(f"lower-integer: {exc}") from None
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         uncalibrated = [n.name for n, q in graph.act_quants(gm) if not q.calibrated]
@@ -264,6 +279,6 @@ class LowerInteger(Pass):
             raise PreconditionError(f"activation quantizers {uncalibrated} are not calibrated; run calibrate first")
         annotate_shapes(gm, ctx.example_inputs)
         graph.bind_input_scales(gm)  # the quant graph left behind simulates the biases the lowering stores
-        new = lower(gm)
+        new = lower(gm, contract.Target.parse(self.target))
         annotate_shapes(new, ctx.example_inputs)
         return PassResult(new, True)
