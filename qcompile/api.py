@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,8 @@ from qcompile.backends.ort import VerifyResult, run_onnx, session, verify
 from qcompile.backends.reference import run_reference
 from qcompile.data import Dataset
 from qcompile.frontends.torch_fx import load_pt2, trace_module
-from qcompile.ir.meta import Stage, get_stage
+from qcompile.ir.contract import Target
+from qcompile.ir.meta import Stage, get_stage, get_target
 from qcompile.ir.rewrite import shallow_copy
 from qcompile.passes import DEFAULT_PIPELINE, PassContext, PassManager, parse_pipeline
 from qcompile.passes.base import Pass, QCompileError
@@ -32,13 +34,34 @@ class ModelError(QCompileError):
     pass
 
 
-def default_pipeline(policy: str = "w8a8", steps: int = 32) -> str:
+def default_pipeline(policy: str = "w8a8", steps: int = 32, target: str | None = None) -> str:
     text = DEFAULT_PIPELINE.replace("calibrate", f"calibrate{{steps={steps}}}" if steps != 32 else "calibrate")
     assign = f"assign-bitwidths{{policy={policy}}}" if policy != "w8a8" else "assign-bitwidths"
-    return text.replace("assign-bitwidths", assign)
+    return with_target(text.replace("assign-bitwidths", assign), target)
 
 
-def search_pipeline(spec: str, steps: int = 32) -> str:
+def with_target(text: str, target: str | None) -> str:
+    """Pipeline ``text`` with ``lower-integer`` lowering to ``target`` (None: as the text says, default ort)."""
+    if target is None:
+        return text
+    try:
+        t = Target.parse(target)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
+    named = re.search(r"lower-integer\{[^}]*target=([a-z]+)", text)
+    if named is not None:
+        if named.group(1) != t.value:
+            raise ModelError(f"the pipeline lowers to target '{named.group(1)}' but target '{t.value}' was asked "
+                             "for; give the target once")
+        return text
+    if t is Target.ORT:  # lower-integer's default
+        return text
+    if "lower-integer{" in text:
+        return text.replace("lower-integer{", f"lower-integer{{target={t.value},", 1)
+    return re.sub(r"lower-integer(?![-\w{])", f"lower-integer{{target={t.value}}}", text, count=1)
+
+
+def search_pipeline(spec: str, steps: int = 32, target: str | None = None) -> str:
     """The default pipeline with the search ``spec`` (``name{options}``) choosing the bits.
 
     The search's quantizer scheme goes to insert-quantizers and the passes it asks for follow it.
@@ -48,7 +71,7 @@ def search_pipeline(spec: str, steps: int = 32) -> str:
     name = spec.split("{", 1)[0]
     cls = searches().get(name)
     scheme, after = (cls.scheme, cls.followed_by) if cls is not None else ("uniform", ())
-    text = default_pipeline("w8a8", steps).replace("assign-bitwidths", ",".join([spec, *after]))
+    text = default_pipeline("w8a8", steps, target).replace("assign-bitwidths", ",".join([spec, *after]))
     return text if scheme == "uniform" else text.replace("insert-quantizers", f"insert-quantizers{{scheme={scheme}}}")
 
 
@@ -92,6 +115,7 @@ class CompiledModel:
     pipeline: str
     timings: list[PassTiming] = field(default_factory=list)
     records: dict[str, Any] = field(default_factory=dict)  # what searches and passes learned (PassContext.records)
+    ort_cpu: str = "any"  # ort target: "any" (exact on every x86 CPU) or "vnni" (int8 weights everywhere)
     _onnx: onnx.ModelProto | None = None
     _fast: fx.GraphModule | None = None
 
@@ -111,9 +135,14 @@ class CompiledModel:
         with torch.no_grad():
             return self.quant_graph.eval()(x)
 
+    @property
+    def target(self) -> Target:
+        """The requantization contract the integer graph follows (``ort`` or ``integer``)."""
+        return get_target(self.integer_graph)
+
     def to_onnx(self) -> onnx.ModelProto:
         if self._onnx is None:
-            self._onnx = export_onnx(self.integer_graph)
+            self._onnx = export_onnx(self.integer_graph, self.ort_cpu)
         return self._onnx
 
     def save_onnx(self, path: str | Path, force: bool = False) -> Path:
@@ -128,8 +157,8 @@ class CompiledModel:
         tmp.replace(path)
         return path
 
-    def verify(self, inputs: torch.Tensor) -> VerifyResult:
-        return verify(self.integer_graph, self.to_onnx(), inputs)
+    def verify(self, inputs: torch.Tensor, progress: bool = False) -> VerifyResult:
+        return verify(self.integer_graph, self.to_onnx(), inputs, progress=progress)
 
     def layer_costs(self) -> list[cost.LayerCost]:
         return cost.layer_costs(self.integer_graph)
@@ -181,17 +210,24 @@ def compile(  # noqa: A001 - the verb users expect
     verify_each: bool = True,
     dump: Callable[[int, Pass, fx.GraphModule], None] | None = None,
     seed: int = 0,
+    target: str | None = None,
+    ort_cpu: str = "any",
 ) -> CompiledModel:
     """Compile ``model`` (an nn.Module, or the path of a torch.export ``.pt2`` or float ``.onnx``) to an integer graph.
 
     ``data`` supplies calibration batches (a Dataset's training split, or a callable returning batches);
     without it the example inputs are used. ``pipeline`` (text or passes) replaces the default pipeline
     built from ``policy`` and ``calibration_steps``. ``seed`` seeds the learned searches' trainers (batch
-    order, gate samples); the same seed and inputs give the same ONNX bytes.
+    order, gate samples); the same seed and inputs give the same ONNX bytes. ``target`` is the
+    requantization contract of the integer graph: ``ort`` (float32, exported on onnxruntime's fused
+    QLinearConv kernels; the default) or ``integer`` (dyadic, for integer-only hardware), None for what the
+    pipeline text says; ``ort_cpu`` chooses the ort
+    export's weight form (``any``: exact on every x86 CPU; ``vnni``: int8 weights, exact on VNNI CPUs).
     """
     examples = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     gm = _trace(model, examples)
-    text = pipeline if isinstance(pipeline, str) else default_pipeline(policy, calibration_steps)
+    text = with_target(pipeline, target) if isinstance(pipeline, str) else default_pipeline(policy, calibration_steps,
+                                                                                             target)
     passes = list(pipeline) if pipeline is not None and not isinstance(pipeline, str) else parse_pipeline(text).build()
     calibration = data.calibration() if isinstance(data, Dataset) else data or (lambda: [examples[0]])
     dataset = data if isinstance(data, Dataset) else None
@@ -213,5 +249,5 @@ def compile(  # noqa: A001 - the verb users expect
         raise ModelError(f"the pipeline '{text}' did not end in an integer graph; finish it with lower-integer")
     spec = ",".join(p.spec() for p in passes) if not isinstance(pipeline, str) else text
     return CompiledModel(snapshots["float"], snapshots.get("quant"), result, examples, spec, manager.timings,
-                         ctx.records)
+                         ctx.records, ort_cpu)
 

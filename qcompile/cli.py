@@ -149,7 +149,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     model, example = _model_and_example(args, data)
     cm = qcompile.compile(model, example, data=data, policy=args.policy or "w8a8", pipeline=pipeline,
                           calibration_steps=args.calibration_steps, progress=_progress(args),
-                          dump=_ir_dumper(args))
+                          dump=_ir_dumper(args), target=args.target, ort_cpu=args.ort_cpu)
     if not distributed.is_main():  # under torchrun every rank compiles the same model; rank 0 writes
         return 0
     verify_inputs = data.x_test[: args.verify_samples] if args.verify and data else (example if args.verify else None)
@@ -351,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--resume", action="store_true", help="continue a learned search from --checkpoint")
     c.add_argument("--pipeline", help="a pass pipeline replacing the default (see `qcompile passes`)")
     c.add_argument("--calibration-steps", type=int, default=32, help="calibration batches (default 32)")
+    c.add_argument("--target", choices=("ort", "integer"), help="requantization contract: ort (default; float32, "
+                   "exported on onnxruntime's fused QLinearConv kernels, fast and exact) or integer (dyadic, for "
+                   "integer-only hardware)")
+    c.add_argument("--ort-cpu", choices=("any", "vnni"), default="any", help="target ort: any (default; exact on "
+                   "every x86 CPU: 8-bit weights take the u8 x u8 kernels) or vnni (int8 weights everywhere: faster, "
+                   "exact on CPUs with VNNI, not on AVX2-only CPUs)")
     c.add_argument("--report", help="write the JSON report here")
     c.add_argument("--verify", action="store_true", help="run the export in onnxruntime and count mismatches")
     c.add_argument("--verify-samples", type=int, default=1024, help="test samples to verify (default 1024)")

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from qcompile import cost
+from qcompile.ir.contract import Target
 
 if TYPE_CHECKING:
     from qcompile.api import CompiledModel
@@ -19,6 +20,8 @@ def build_report(cm: CompiledModel, data: Dataset | None, verify_inputs: torch.T
     learned = cm.records.get("bayesian-bits", {}).get("layers", {})
     report: dict[str, Any] = {
         "pipeline": cm.pipeline,
+        "target": cm.target.value,
+        **({"ort_cpu": cm.ort_cpu} if cm.target is Target.ORT else {}),
         "layers": [{**c.as_dict(), **_learned(learned.get(c.name))} for c in costs],
         "totals": {**cost.totals(costs, cost.dense_totals(cm.float_graph, cm.example_inputs)),
                    "activation_bytes": cost.activation_bytes(cm.integer_graph)},
@@ -29,8 +32,9 @@ def build_report(cm: CompiledModel, data: Dataset | None, verify_inputs: torch.T
     if data is not None and data.labelled:
         report["accuracy"] = cm.accuracies(data, progress)
     if verify_inputs is not None:
-        v = cm.verify(verify_inputs)
-        report["verify"] = {"mismatches": v.mismatches, "compared": v.compared}
+        v = cm.verify(verify_inputs, progress)
+        report["verify"] = {"mismatches": v.mismatches, "compared": v.compared,
+                            **({"cause": v.cause} if v.cause else {})}
     return report
 
 
@@ -69,7 +73,10 @@ def layer_table(report: dict[str, Any]) -> str:
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     t = report["totals"]
-    lines = [f"relative BOPs {t['rel_bops_percent']:.2f} % ({t['bops']} BOPs), linear bits {t['linear_bits']}, "
+    lines = [f"target {report['target']}" + (f" (ort-cpu {report['ort_cpu']})" if "ort_cpu" in report else "")
+             + (": float32 requantization, onnxruntime's fused QLinearConv kernels" if report["target"] == "ort"
+                else ": dyadic requantization, integer ops only"),
+             f"relative BOPs {t['rel_bops_percent']:.2f} % ({t['bops']} BOPs), linear bits {t['linear_bits']}, "
              f"weights {t['weight_bytes']} bytes ({t['float_weight_bytes'] / max(t['weight_bytes'], 1):.1f}x smaller "
              f"than float32), activations {t['activation_bytes']} bytes per sample"]
     if t.get("shift_adds"):
@@ -79,5 +86,6 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append("accuracy: " + ", ".join(f"{k} {v:.2f} %" for k, v in report["accuracy"].items()))
     if "verify" in report:
         v = report["verify"]
-        lines.append(f"onnxruntime vs reference: {v['mismatches']} mismatching of {v['compared']} output elements")
+        lines.append(f"onnxruntime vs reference: {v['mismatches']} mismatching of {v['compared']} output elements"
+                     + (f" ({v['cause']})" if v.get("cause") else ""))
     return lines

@@ -60,7 +60,7 @@ def _weight(e: ox._Emitter, name: str, w: np.ndarray) -> tuple[gs.Tensor, gs.Con
         raise ox.ExportError(f"layer '{name}' has weight codes up to {wmax}; QLinearConv holds at most 127")
     if wmax > S8_SAFE and e.ort_cpu != "vnni":
         return e.const(f"{name}_w", (w + 128).astype(np.uint8)), e.const(f"{name}_wzp", ox._u8(128))
-    zp = e.const(f"{name}_wzp", np.zeros(w.shape[0], dtype=np.int8))
+    zp = e.const(f"{name}_wzp", np.array(0, dtype=np.int8))
     if wmax > 7:
         return e.const(f"{name}_w", w.astype(np.int8)), zp
     packed_type = ml_dtypes.int2 if wmax <= 1 else ml_dtypes.int4

@@ -1,11 +1,14 @@
 """Reference executor: the integer contract run literally, in int64 numpy.
 
-Slow and simple on purpose: it is the executable spec that the fast executor and onnxruntime are
-compared with. Convolutions are explicit sliding windows and int64 sums; requantization is
-``contract.requantize``. APoT (shift-add) layers are computed as stored: one sum per ternary plane T_p of
+Simple on purpose: it is the executable spec that the fast executor and onnxruntime are compared with.
+Integers travel as int64 numpy arrays between ops. Convolutions and matmuls are computed as float64 GEMMs
+of the integer operands and converted back to int64: every product and partial sum is an integer of
+magnitude at most the verified accumulator bound (< 2^31, ``ir/verify.py``), far below 2^53, so float64
+represents each one exactly and the result is the exact integer sum (``exact_gemm`` asserts the bound). APoT (shift-add) layers are computed as stored: one sum per ternary plane T_p of
 the power-of-two terms, shifted left by p and added (conv(x, K) = sum_p conv(x, T_p) << p). It refuses
-to run an accumulator that leaves int32. Every requantization goes through ``requantize_op``, which applies
-the op's target: the dyadic form (``contract.requantize``) or the float32 form (``contract.requantize_f32``).
+to run an accumulator that leaves int32. Every requantization goes through ``requantize_op``, which
+applies the op's target: the dyadic form (``contract.requantize``) or the float32 form
+(``contract.requantize_f32``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
 from qcompile.ir import contract
@@ -61,16 +65,29 @@ def _dequantize(op: ops.Dequantize, q: IntArray) -> torch.Tensor:
     return torch.from_numpy(contract.dequantize(q, op.scale))
 
 
+_F64_EXACT = 2**53
+
+
+def exact_gemm(x: IntArray, w: IntArray, gemm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> IntArray:
+    """An integer GEMM-shaped sum (conv or matmul) of int64 operands, exactly, via float64.
+
+    sum |x| * |w| over any reduction is at most max|x| * sum|w| per output; below 2^53 every partial sum
+    is an exactly representable integer, so the float64 result is the exact sum.
+    """
+    fan = np.abs(w).reshape(w.shape[0], -1).sum(axis=1).max(initial=0)
+    assert int(fan) * int(np.abs(x).max(initial=0)) < _F64_EXACT, "reduction beyond float64's exact integers"
+    out = gemm(torch.from_numpy(x.astype(np.float64)), torch.from_numpy(w.astype(np.float64)))
+    return out.numpy().astype(np.int64)
+
+
 def _conv_sum(op: ops.IntConv2d, x: IntArray, w: IntArray) -> IntArray:
     """sum q_x * w over every window (no bias), int64, [N, C_out, H_out, W_out]."""
-    win = windows(x, (w.shape[2], w.shape[3]), op.stride, op.padding, op.dilation)
-    groups, cin_g, cout_g = op.groups, w.shape[1], w.shape[0] // op.groups
-    parts = []
-    for g in range(groups):
-        xg = win[:, g * cin_g : (g + 1) * cin_g]
-        wg = w[g * cout_g : (g + 1) * cout_g]
-        parts.append(np.einsum("nchwij,ocij->nohw", xg, wg))
-    return np.concatenate(parts, axis=1)
+    return exact_gemm(x, w, lambda xf, wf: F.conv2d(xf, wf, None, op.stride, op.padding, op.dilation, op.groups))
+
+
+def _matmul(x: IntArray, w: IntArray) -> IntArray:
+    """x @ w.T, exactly (w: [out, in])."""
+    return exact_gemm(x, w, lambda xf, wf: xf @ wf.T)
 
 
 def requantize_op(op: Any, acc: IntArray, shape: tuple[int, ...] = (-1,)) -> IntArray:
@@ -105,13 +122,13 @@ def _shift_conv(op: ops.IntShiftConv2d, x: IntArray) -> IntArray:
 
 @kernel(ops.IntLinear)
 def _linear(op: ops.IntLinear, x: IntArray) -> IntArray:
-    acc = np.matmul(x, _np(op.weight).T) + _np(op.bias)
+    acc = _matmul(x, _np(op.weight)) + _np(op.bias)
     return requantize_op(op, acc)
 
 
 @kernel(ops.IntShiftLinear)
 def _shift_linear(op: ops.IntShiftLinear, x: IntArray) -> IntArray:
-    acc = shift_add(op, lambda t: np.matmul(x, t.T)) + _np(op.bias)
+    acc = shift_add(op, lambda t: _matmul(x, t)) + _np(op.bias)
     return requantize_op(op, acc)
 
 

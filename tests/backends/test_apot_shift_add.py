@@ -51,11 +51,12 @@ def _apot_pipeline(bits: int) -> str:
 
 
 @cache
-def compiled_conv(index: int, bits: int) -> tuple[qcompile.CompiledModel, tuple[int, ...]]:
+def compiled_conv(index: int, bits: int, target: str = "ort") -> tuple[qcompile.CompiledModel, tuple[int, ...]]:
     torch.manual_seed(index)
     cin = CONVS[index][0]
     shape = (cin, SIDE, SIDE)
-    return compile_model(OneConv(*CONVS[index]).eval(), pipeline=_apot_pipeline(bits), shape=shape), shape
+    cm = compile_model(OneConv(*CONVS[index]).eval(), pipeline=_apot_pipeline(bits), shape=shape, target=target)
+    return cm, shape
 
 
 def _shift_ops(cm: qcompile.CompiledModel) -> list[ops.IntShiftConv2d | ops.IntShiftLinear]:
@@ -63,7 +64,8 @@ def _shift_ops(cm: qcompile.CompiledModel) -> list[ops.IntShiftConv2d | ops.IntS
 
 
 def _plain(op: ops.IntShiftConv2d | ops.IntShiftLinear) -> ops.IntConv2d | ops.IntLinear:
-    common = {"inp": op.inp, "w_type": op.w_type, "out": op.out, "lo": op.lo, "hi": op.hi}
+    common = {"inp": op.inp, "w_type": op.w_type, "out": op.out, "lo": op.lo, "hi": op.hi, "fmult": op.fmult,
+              "target": op.target}
     if isinstance(op, ops.IntShiftConv2d):
         return ops.IntConv2d(op.weight, op.bias, op.mult, op.shift, stride=op.stride, padding=op.padding,
                              dilation=op.dilation, groups=op.groups, **common)
@@ -75,10 +77,11 @@ def _int_input(op: ops.IntShiftConv2d | ops.IntShiftLinear, shape: tuple[int, ..
     return rng.integers(op.inp.lo, op.inp.hi + 1, size=shape).astype(np.int64)
 
 
+@pytest.mark.parametrize("target", ["ort", "integer"])
 @pytest.mark.parametrize("bits", [2, 3, 5, 7])
 @pytest.mark.parametrize("index", range(len(CONVS)))
-def test_shift_add_conv_equals_plain_conv_fast_and_onnxruntime(index: int, bits: int) -> None:
-    cm, shape = compiled_conv(index, bits)
+def test_shift_add_conv_equals_plain_conv_fast_and_onnxruntime(index: int, bits: int, target: str) -> None:
+    cm, shape = compiled_conv(index, bits, target)
     (op,) = [m for m in _shift_ops(cm) if isinstance(m, ops.IntShiftConv2d)]
     assert op.bits == bits and op.terms == (bits) // 2  # terms of the (bits-1)-bit magnitude set
     q = _int_input(op, (3, *shape))
@@ -127,15 +130,18 @@ def _initializer_types(model: onnx.ModelProto) -> dict[str, int]:
     return {t.name: t.data_type for t in model.graph.initializer}
 
 
-def test_export_storage_follows_the_codes() -> None:
-    cm3, _ = compiled_conv(0, 3)  # codes +-4: packed UINT4
+@pytest.mark.parametrize(("target", "four", "two"), [
+    ("integer", onnx.TensorProto.UINT4, onnx.TensorProto.UINT2), ("ort", onnx.TensorProto.INT4, onnx.TensorProto.INT2),
+])
+def test_export_storage_follows_the_codes(target: str, four: int, two: int) -> None:
+    cm3, _ = compiled_conv(0, 3, target)  # codes +-4: packed 4-bit
     types3 = _initializer_types(cm3.to_onnx())
-    assert any(k.startswith("conv_w_packed") and v == onnx.TensorProto.UINT4 for k, v in types3.items())
-    cm2, _ = compiled_conv(0, 2)  # ternary: UINT2, opset 25
+    assert any(k.startswith("conv_w_packed") and v == four for k, v in types3.items())
+    cm2, _ = compiled_conv(0, 2, target)  # ternary: 2-bit, opset 25
     model2 = cm2.to_onnx()
     assert model2.opset_import[0].version == 25
-    assert any(v == onnx.TensorProto.UINT2 for v in _initializer_types(model2).values())
-    cm7, _ = compiled_conv(0, 7)  # codes up to 448: lo/hi split, two ConvInteger for the conv
+    assert any(v == two for v in _initializer_types(model2).values())
+    cm7, _ = compiled_conv(0, 7, target)  # codes up to 448: lo/hi split, two ConvInteger for the conv
     model7 = cm7.to_onnx()
     convs = [n for n in model7.graph.node if n.op_type == "ConvInteger" and n.name.startswith("conv")]
     assert sorted(n.name for n in convs) == ["conv_hi/ConvInteger", "conv_lo/ConvInteger"]

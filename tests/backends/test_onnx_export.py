@@ -20,12 +20,13 @@ from qcompile.ir import intops as ops
 
 MODELS = ["residual", "depthwise", "concat", "mlp"]
 POLICIES = ["w8a8", "w4a4", "w4a8", "aqt", "w2a8", "w3a5"]
+TARGETS = ["ort", "integer"]
 
 
 @cache
-def compiled(name: str, policy: str, signed: bool) -> qcompile.CompiledModel:
-    """One compile per (model, policy, input sign) and worker process; tests must not mutate it."""
-    return compile_model(make_model(name), policy, signed=signed)
+def compiled(name: str, policy: str, signed: bool, target: str = "ort") -> qcompile.CompiledModel:
+    """One compile per (model, policy, input sign, target) and worker process; tests must not mutate it."""
+    return compile_model(make_model(name), policy, signed=signed, target=target)
 
 
 def wide_inputs(signed: bool) -> torch.Tensor:
@@ -49,11 +50,13 @@ def layer_ops(cm: qcompile.CompiledModel) -> list[ops.IntConv2d | ops.IntLinear]
     return [m for m in cm.integer_graph.modules() if isinstance(m, (ops.IntConv2d, ops.IntLinear))]
 
 
+@pytest.mark.parametrize("target", TARGETS)
 @pytest.mark.parametrize("signed", [True, False], ids=["signed-input", "positive-input"])
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("name", MODELS)
-def test_onnxruntime_is_bit_exact(name: str, policy: str, signed: bool) -> None:
-    cm = compiled(name, policy, signed)
+def test_onnxruntime_is_bit_exact(name: str, policy: str, signed: bool, target: str) -> None:
+    cm = compiled(name, policy, signed, target)
+    assert cm.target.value == target
     quantize = next(m for m in cm.integer_graph.modules() if isinstance(m, ops.Quantize))
     assert quantize.out.signed is signed  # the input quantizer follows the calibration data's sign
     model = cm.to_onnx()
@@ -77,52 +80,73 @@ def test_boundary_quantize_ties_match_onnxruntime(name: str) -> None:
     assert_bit_exact(cm, x)
 
 
-@pytest.mark.parametrize(("policy", "storage", "zero_point"), [
-    ("w4a8", onnx.TensorProto.UINT4, 8), ("w3a5", onnx.TensorProto.UINT4, 8), ("w2a8", onnx.TensorProto.UINT2, 1),
-])
-@pytest.mark.parametrize("name", ["residual", "mlp"])
-def test_sub_8_bit_weights_are_stored_packed(name: str, policy: str, storage: int, zero_point: int) -> None:
-    cm = compiled(name, policy, True)
-    model = cm.to_onnx()
+WEIGHT_INPUT = {"ConvInteger": 1, "QLinearConv": 3}  # where each layer op takes its weight
+
+
+def stored_weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """The weight initializer of every conv/linear (through its Cast when packed); pool kernels skipped."""
     inits = {init.name: init for init in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
     weights = []
     for node in model.graph.node:
-        if node.op_type != "ConvInteger" or node.input[1] in inits:  # avg-pool "ones" kernels are plain uint8
+        if node.op_type not in WEIGHT_INPUT or "pool" in node.name:
             continue
-        cast = producers[node.input[1]]
-        assert cast.op_type == "Cast"
-        weights.append(inits[cast.input[0]])
-    layers = layer_ops(cm)
+        src = node.input[WEIGHT_INPUT[node.op_type]]
+        weights.append(inits[src] if src in inits else inits[producers[src].input[0]])
+    return weights
+
+
+PACKED = {  # target -> policy -> (storage type, zero point)
+    "integer": {"w4a8": (onnx.TensorProto.UINT4, 8), "w3a5": (onnx.TensorProto.UINT4, 8),
+                "w2a8": (onnx.TensorProto.UINT2, 1)},
+    "ort": {"w4a8": (onnx.TensorProto.INT4, 0), "w3a5": (onnx.TensorProto.INT4, 0),
+            "w2a8": (onnx.TensorProto.INT2, 0)},
+}
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("policy", ["w4a8", "w3a5", "w2a8"])
+@pytest.mark.parametrize("name", ["residual", "mlp"])
+def test_sub_8_bit_weights_are_stored_packed(name: str, policy: str, target: str) -> None:
+    storage, zero_point = PACKED[target][policy]
+    cm = compiled(name, policy, True, target)
+    model = cm.to_onnx()
+    weights, layers = stored_weights(model), layer_ops(cm)
     assert len(weights) == len(layers)
     for init, layer in zip(weights, layers, strict=True):
         assert init.data_type == storage
         stored = numpy_helper.to_array(init).astype(np.int64) - zero_point
         expected = layer.weight.to(torch.int64).numpy()
         assert np.array_equal(stored.reshape(expected.shape[0], -1), expected.reshape(expected.shape[0], -1))
-    if storage == onnx.TensorProto.UINT2:
-        assert model.opset_import[0].version >= 25  # UINT2 needs opset 25
+    if policy == "w2a8":
+        assert model.opset_import[0].version >= 25  # 2-bit types need opset 25
         assert {int(v) for layer in layers for v in layer.weight.unique()} <= {-1, 0, 1}  # ternary
 
 
-def test_eight_bit_weights_use_uint8_with_zero_point_128() -> None:
-    cm = compiled("mlp", "w8a8", True)
+@pytest.mark.parametrize(("target", "ort_cpu", "op_type", "dtype", "zero_point"), [
+    ("integer", "any", "ConvInteger", onnx.TensorProto.UINT8, 128),
+    ("ort", "any", "QLinearConv", onnx.TensorProto.UINT8, 128),  # u8 x u8: exact on AVX2 without VNNI
+    ("ort", "vnni", "QLinearConv", onnx.TensorProto.INT8, 0),
+])
+def test_eight_bit_weights_storage(target: str, ort_cpu: str, op_type: str, dtype: int, zero_point: int) -> None:
+    cm = compile_model(make_model("mlp"), "w8a8", target=target, ort_cpu=ort_cpu)
     model = cm.to_onnx()
     inits = {init.name: init for init in model.graph.initializer}
-    convs = [n for n in model.graph.node if n.op_type == "ConvInteger"]
-    assert len(convs) == 2
+    convs = [n for n in model.graph.node if n.op_type == op_type]
+    assert len(convs) == 2  # the weights below are initializers: no Cast in front of them
     for conv, layer in zip(convs, layer_ops(cm), strict=True):
-        w, wzp = inits[conv.input[1]], inits[conv.input[3]]
-        assert w.data_type == wzp.data_type == onnx.TensorProto.UINT8
-        assert numpy_helper.to_array(wzp).tolist() in (128, [128])  # scalar (or one-element) zero point
-        stored = numpy_helper.to_array(w).astype(np.int64) - 128
+        w, wzp = inits[conv.input[WEIGHT_INPUT[op_type]]], inits[conv.input[WEIGHT_INPUT[op_type] + 2]]
+        assert w.data_type == wzp.data_type == dtype
+        assert set(numpy_helper.to_array(wzp).reshape(-1).tolist()) == {zero_point}
+        stored = numpy_helper.to_array(w).astype(np.int64) - zero_point
         assert np.array_equal(stored.reshape(layer.weight.shape), layer.weight.to(torch.int64).numpy())
     assert model.opset_import[0].version == 21
 
 
-def test_packed_files_are_smaller() -> None:
-    sizes = {p: len(compiled("mlp", p, True).to_onnx().SerializeToString()) for p in ("w8a8", "w4a8", "w2a8")}
-    weights = sum(layer.weight.numel() for layer in layer_ops(compiled("mlp", "w8a8", True)))
+@pytest.mark.parametrize("target", TARGETS)
+def test_packed_files_are_smaller(target: str) -> None:
+    sizes = {p: len(compiled("mlp", p, True, target).to_onnx().SerializeToString()) for p in ("w8a8", "w4a8", "w2a8")}
+    weights = sum(layer.weight.numel() for layer in layer_ops(compiled("mlp", "w8a8", True, target)))
     # 4-bit storage saves half a byte per weight, 2-bit storage three quarters (minus a Cast node per layer)
     assert sizes["w4a8"] < sizes["w8a8"] - weights // 2 + 200
     assert sizes["w2a8"] < sizes["w4a8"] - weights // 4 + 200

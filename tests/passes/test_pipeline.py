@@ -58,8 +58,8 @@ def test_unknown_option_lists_the_options() -> None:
 
 
 def test_option_of_a_pass_without_options() -> None:
-    err = parse_error("lower-integer{fast=true}")
-    assert err.pos == len("lower-integer{")
+    err = parse_error("share-scales{fast=true}")
+    assert err.pos == len("share-scales{")
     assert "options: none" in str(err)
 
 
