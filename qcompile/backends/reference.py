@@ -5,8 +5,9 @@ Integers travel as int64 numpy arrays between ops. Convolutions and matmuls are 
 of the integer operands and converted back to int64: every product and partial sum is an integer of
 magnitude at most the verified accumulator bound (< 2^31, ``ir/verify.py``), far below 2^53, so float64
 represents each one exactly and the result is the exact integer sum (``exact_gemm`` asserts the bound).
-APoT (shift-add) layers are computed as stored: one sum per ternary plane T_p of the power-of-two terms, shifted left by p and added (conv(x, K) = sum_p conv(x, T_p) << p). It refuses
-to run an accumulator that leaves int32. Every requantization goes through ``requantize_op``, which
+APoT (shift-add) layers are computed as stored: one sum per ternary plane T_p of the power-of-two terms,
+shifted left by p and added (conv(x, K) = sum_p conv(x, T_p) << p). It refuses to run an accumulator that
+leaves int32. Every requantization goes through ``requantize_op``, which
 applies the op's target: the dyadic form (``contract.requantize``) or the float32 form
 (``contract.requantize_f32``).
 """
