@@ -94,6 +94,24 @@ def measure(fn: Callable[[], Any], repeats: int = 20, warmup: int = 3) -> Timing
     return Timing(statistics.median(times), min(times), len(times))
 
 
+def measure_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 20, warmup: int = 3) -> dict[str, Timing]:
+    """Median (and min) wall time of each ``fns[k]()``, the calls interleaved round by round.
+
+    Every round runs each function once in turn, so a change in machine load touches all of them alike
+    and the ratios between them hold even on a busy machine.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(max(1, repeats)):
+        for k, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return {k: Timing(statistics.median(v), min(v), len(v)) for k, v in times.items()}
+
+
 class Stopwatch:
     """``with Stopwatch() as t: ...`` then ``t.seconds``."""
 

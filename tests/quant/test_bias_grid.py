@@ -24,10 +24,12 @@ def _output_steps(cm: object, x: torch.Tensor) -> torch.Tensor:
         return (cm.quant_graph.eval()(x) - cm(x)).abs() / scale  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize("target", ["ort", "integer"])
 @pytest.mark.parametrize("policy", ["w2a2", "w3a3", "w4a4", "w8a8"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_simulation_equals_the_integer_graph_at_every_width(name: str, policy: str) -> None:
-    cm = compile_model(make_model(name), policy)
+def test_simulation_equals_the_integer_graph_at_every_width(name: str, policy: str, target: str) -> None:
+    cm = compile_model(make_model(name), policy, target=target)
+    assert cm.target.value == target
     x = torch.randn(256, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     assert float(_output_steps(cm, x).max()) == 0.0
 
