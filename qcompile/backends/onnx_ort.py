@@ -7,8 +7,9 @@ when ``x_scale = y_scale = 1`` and ``w_scale[c] = f[c]``: its per-channel scale 
 clamps to the uint8 container and rounds half to even (ONNX_NOTES, "Fast AND exact"). Integers travel as
 uint8 holding q + zp (zp = 0 unsigned, 128 signed), the zero points being QLinearConv's own. Per op:
 
-* Conv / Linear: one ``QLinearConv`` (a Linear is a 1x1 conv on [N, K, 1, 1]) with the int32 bias.
-  Weights are int8 (u8 x s8) when every |q_w| <= 63: then no two products of a pair exceed 2 * 255 * 63 <
+* Conv: one ``QLinearConv`` with the int32 bias. Linear: ``MatMulInteger`` + ``Add`` (int32 bias) and
+  the requantization below (measured 1.7-1.9x faster than a 1x1 ``QLinearConv`` on [64, 1024] x [1024, 512],
+  both exact; ``QLinearMatMul`` has no bias input). Weights are int8 (u8 x s8) when every |q_w| <= 63: then no two products of a pair exceed 2 * 255 * 63 <
   2^15 and the AVX2 kernels' saturating 16-bit pair sums are exact on every x86 CPU. Wider (8-bit)
   weights are stored as uint8 q_w + 128 with zero point 128 (u8 x u8, exact everywhere, ~1.4x the time on
   AVX2) unless ``ort_cpu=vnni`` asks for int8 (exact on VNNI CPUs only). Weights of <= 4 bits stay packed
@@ -54,7 +55,8 @@ def _f32(t: Any) -> np.ndarray:
 
 
 def _weight(e: ox._Emitter, name: str, w: np.ndarray) -> tuple[gs.Tensor, gs.Constant]:
-    """The weight input of QLinearConv and its zero point: packed int4/int2 + Cast, int8, or uint8 + 128."""
+    """The weight input of QLinearConv/MatMulInteger and its zero point: packed int4/int2 + Cast, int8, or
+    uint8 + 128 (scalar zero points: onnxruntime rejects per-channel ones for u8 x u8)."""
     wmax = int(np.abs(w).max(initial=0))
     if wmax > 127:
         raise ox.ExportError(f"layer '{name}' has weight codes up to {wmax}; QLinearConv holds at most 127")
@@ -118,7 +120,15 @@ def _export_conv(e: ox._Emitter, node: fx.Node, op: ops.IntConv2d, args: list[An
 
 
 def _export_linear(e: ox._Emitter, node: fx.Node, op: ops.IntLinear, args: list[Any]) -> gs.Variable:
-    name = node.name
+    name, w = node.name, ox._np(op.weight)
+    if int(np.abs(w).max(initial=0)) <= 127:
+        weight, wzp = _weight(e, name, np.ascontiguousarray(w.T))
+        inputs = [args[0], weight, e.const(f"{name}_xzp", ox._u8(op.inp.zero_point)), wzp]
+        acc = e.op("MatMulInteger", name, inputs, np.int32)
+        bias = ox._np(op.bias).astype(np.int64)
+        if np.any(bias != 0):
+            acc = e.op("Add", name, [acc, e.const(f"{name}_b", bias.astype(np.int32))], np.int32)
+        return requantize(e, name, acc, _f32(op.fmult), op.out, op.lo, op.hi)
     x4 = e.op("Unsqueeze", name, [args[0], e.const(f"{name}_axes", np.array([2, 3], dtype=np.int64))], np.uint8)
     q = _affine(e, name, op, x4, ox._np(op.weight)[:, :, None, None], {})
     return e.op("Squeeze", name, [q, e.const(f"{name}_sq", np.array([2, 3], dtype=np.int64))], np.uint8)

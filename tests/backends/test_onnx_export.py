@@ -80,11 +80,11 @@ def test_boundary_quantize_ties_match_onnxruntime(name: str) -> None:
     assert_bit_exact(cm, x)
 
 
-WEIGHT_INPUT = {"ConvInteger": 1, "QLinearConv": 3}  # where each layer op takes its weight
+WEIGHT_INPUT = {"ConvInteger": 1, "QLinearConv": 3, "MatMulInteger": 1}  # where each layer op takes its weight
 
 
-def stored_weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """The weight initializer of every conv/linear (through its Cast when packed); pool kernels skipped."""
+def stored_weights(model: onnx.ModelProto) -> list[tuple[onnx.TensorProto, bool]]:
+    """(weight initializer, stored transposed) of every conv/linear, through its Cast when packed; pools skipped."""
     inits = {init.name: init for init in model.graph.initializer}
     producers = {out: node for node in model.graph.node for out in node.output}
     weights = []
@@ -92,8 +92,14 @@ def stored_weights(model: onnx.ModelProto) -> list[onnx.TensorProto]:
         if node.op_type not in WEIGHT_INPUT or "pool" in node.name:
             continue
         src = node.input[WEIGHT_INPUT[node.op_type]]
-        weights.append(inits[src] if src in inits else inits[producers[src].input[0]])
+        init = inits[src] if src in inits else inits[producers[src].input[0]]
+        weights.append((init, node.op_type == "MatMulInteger"))  # MatMulInteger holds W^T: [in, out]
     return weights
+
+
+def stored_values(init: onnx.TensorProto, transposed: bool, zero_point: int) -> np.ndarray:
+    values = numpy_helper.to_array(init).astype(np.int64) - zero_point
+    return values.T if transposed else values
 
 
 PACKED = {  # target -> policy -> (storage type, zero point)
@@ -113,9 +119,9 @@ def test_sub_8_bit_weights_are_stored_packed(name: str, policy: str, target: str
     model = cm.to_onnx()
     weights, layers = stored_weights(model), layer_ops(cm)
     assert len(weights) == len(layers)
-    for init, layer in zip(weights, layers, strict=True):
+    for (init, transposed), layer in zip(weights, layers, strict=True):
         assert init.data_type == storage
-        stored = numpy_helper.to_array(init).astype(np.int64) - zero_point
+        stored = stored_values(init, transposed, zero_point)
         expected = layer.weight.to(torch.int64).numpy()
         assert np.array_equal(stored.reshape(expected.shape[0], -1), expected.reshape(expected.shape[0], -1))
     if policy == "w2a8":
@@ -125,8 +131,8 @@ def test_sub_8_bit_weights_are_stored_packed(name: str, policy: str, target: str
 
 @pytest.mark.parametrize(("target", "ort_cpu", "op_type", "dtype", "zero_point"), [
     ("integer", "any", "ConvInteger", onnx.TensorProto.UINT8, 128),
-    ("ort", "any", "QLinearConv", onnx.TensorProto.UINT8, 128),  # u8 x u8: exact on AVX2 without VNNI
-    ("ort", "vnni", "QLinearConv", onnx.TensorProto.INT8, 0),
+    ("ort", "any", "MatMulInteger", onnx.TensorProto.UINT8, 128),  # u8 x u8: exact on AVX2 without VNNI
+    ("ort", "vnni", "MatMulInteger", onnx.TensorProto.INT8, 0),
 ])
 def test_eight_bit_weights_storage(target: str, ort_cpu: str, op_type: str, dtype: int, zero_point: int) -> None:
     cm = compile_model(make_model("mlp"), "w8a8", target=target, ort_cpu=ort_cpu)
@@ -138,7 +144,7 @@ def test_eight_bit_weights_storage(target: str, ort_cpu: str, op_type: str, dtyp
         w, wzp = inits[conv.input[WEIGHT_INPUT[op_type]]], inits[conv.input[WEIGHT_INPUT[op_type] + 2]]
         assert w.data_type == wzp.data_type == dtype
         assert set(numpy_helper.to_array(wzp).reshape(-1).tolist()) == {zero_point}
-        stored = numpy_helper.to_array(w).astype(np.int64) - zero_point
+        stored = stored_values(w, op_type == "MatMulInteger", zero_point)
         assert np.array_equal(stored.reshape(layer.weight.shape), layer.weight.to(torch.int64).numpy())
     assert model.opset_import[0].version == 21
 
