@@ -7,15 +7,16 @@ when ``x_scale = y_scale = 1`` and ``w_scale[c] = f[c]``: its per-channel scale 
 clamps to the uint8 container and rounds half to even (ONNX_NOTES, "Fast AND exact"). Integers travel as
 uint8 holding q + zp (zp = 0 unsigned, 128 signed), the zero points being QLinearConv's own. Per op:
 
-* Conv: one ``QLinearConv`` with the int32 bias. Linear: ``MatMulInteger`` + ``Add`` (int32 bias) and
-  the requantization below (measured 1.7-1.9x faster than a 1x1 ``QLinearConv`` on [64, 1024] x [1024, 512],
-  both exact; ``QLinearMatMul`` has no bias input). Weights are int8 (u8 x s8) when every |q_w| <= 63: then no two products of a pair exceed 2 * 255 * 63 <
-  2^15 and the AVX2 kernels' saturating 16-bit pair sums are exact on every x86 CPU. Wider (8-bit)
-  weights are stored as uint8 q_w + 128 with zero point 128 (u8 x u8, exact everywhere, ~1.4x the time on
-  AVX2) unless ``ort_cpu=vnni`` asks for int8 (exact on VNNI CPUs only). Weights of <= 4 bits stay packed
-  (INT4, INT2 for ternary) and are ``Cast`` to int8; onnxruntime folds the Cast before it packs the
-  weights, so the speed is the same. APoT layers run on their combined codes; codes beyond int8 (7-bit
-  APoT, |k| <= 448) use the integer target's two ConvInteger (lo/hi) and the requantization below.
+* Conv: one ``QLinearConv`` with the int32 bias. Linear: ``MatMulInteger`` + ``Add`` (int32 bias) and the
+  requantization below (measured 1.7-1.9x faster than a 1x1 ``QLinearConv`` on [64, 1024] x [1024, 512],
+  both exact; ``QLinearMatMul`` has no bias input). Weights are int8 (u8 x s8) when every |q_w| <= 63:
+  then no two products of a pair exceed 2 * 255 * 63 < 2^15 and the AVX2 kernels' saturating 16-bit pair
+  sums are exact on every x86 CPU. Wider (8-bit) weights are stored as uint8 q_w + 128 with zero point 128
+  (u8 x u8, exact everywhere, ~1.4x the time on AVX2) unless ``ort_cpu=vnni`` asks for int8 (exact on
+  VNNI CPUs only). Weights of <= 4 bits stay packed (INT4, INT2 for ternary) and are ``Cast`` to int8;
+  onnxruntime folds the Cast before it packs the weights, so the speed is the same. APoT layers run on
+  their combined codes; codes beyond int8 (7-bit APoT, |k| <= 448) use the integer target's two
+  ConvInteger (lo/hi) and the requantization below.
 * Average / global pool: a depthwise ``QLinearConv`` with a ones kernel and ``f`` as its weight scale:
   the window sum is its accumulator (the padding holds the zero point, so it adds 0, as
   count_include_pad does), one fused kernel instead of a pool and a chain.
