@@ -4,7 +4,7 @@ Every integer tensor travels as uint8 holding q + zp (zp = 0 unsigned, 128 signe
 ``ConvInteger`` on its exact u8 x u8 fast path (see ONNX_NOTES.md). Per op:
 
 * Quantize: ``QuantizeLinear`` (x / s, round half even, + zp) then a ``Clip`` to the type's bounds.
-* Conv / Linear: ``ConvInteger`` (a Linear is a 1x1 conv on [N, K, 1, 1]) with weights stored as
+* Conv / Linear: ``ConvInteger`` / ``MatMulInteger`` (on W^T, u8 x u8 like the convs) with weights stored as
   w + zw (zw = 8 for <= 4-bit weights, packed UINT4, or zw = 1 with packed UINT2 for ternary; zw = 128
   in uint8 otherwise) and a ``Cast`` to uint8, then the requantization chain below.
 * APoT (shift-add) Conv / Linear: one ``ConvInteger`` on the combined codes q_w = sum_i s_i 2^(e_i),
@@ -141,16 +141,20 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 def _conv_integer(e: _Emitter, name: str, x: gs.Variable, inp: IntType, w: np.ndarray, w_bits: int,
                   **attrs: Any) -> gs.Variable:
+    """ConvInteger for a conv weight [out, in, kh, kw]; MatMulInteger (on W^T) for a linear weight [out, in]."""
     storage = weight_storage(w_bits)
     if storage.onnx_type == onnx.TensorProto.UINT2:
         e.opset = max(e.opset, UINT2_OPSET)
-    stored = (w + storage.zero_point).astype(np.uint8)
+    linear = w.ndim == 2
+    stored = np.ascontiguousarray((w.T if linear else w) + storage.zero_point).astype(np.uint8)
     if storage.onnx_type == onnx.TensorProto.UINT8:
         weight: gs.Tensor = e.const(f"{name}_w", stored)
     else:
         weight = e.op("Cast", f"{name}_w", [e.packed(f"{name}_w_packed", stored, storage)], np.uint8,
                       to=onnx.TensorProto.UINT8)
     inputs = [x, weight, e.const(f"{name}_xzp", _u8(inp.zero_point)), e.const(f"{name}_wzp", _u8(storage.zero_point))]
+    if linear:
+        return e.op("MatMulInteger", name, inputs, np.int32)
     return e.op("ConvInteger", name, inputs, np.int32, kernel_shape=list(w.shape[2:]), **attrs)
 
 
@@ -187,11 +191,8 @@ def _export_conv(e: _Emitter, name: str, op: ops.IntConv2d, x: gs.Variable) -> g
 
 
 def _export_linear(e: _Emitter, name: str, op: ops.IntLinear, x: gs.Variable) -> gs.Variable:
-    x4 = e.op("Unsqueeze", name, [x, e.const(f"{name}_axes", np.array([2, 3], dtype=np.int64))], np.uint8)
-    w = _np(op.weight)[:, :, None, None]
-    acc = _conv_weights(e, name, x4, op, w)
-    q = requant_chain(e, name, acc, _np(op.mult), _np(op.shift), _np(op.bias), op.out, op.lo, op.hi, 4)
-    return e.op("Squeeze", name, [q, e.const(f"{name}_sq", np.array([2, 3], dtype=np.int64))], np.uint8)
+    acc = _conv_weights(e, name, x, op, _np(op.weight))  # MatMulInteger on [N, in] x W^T
+    return requant_chain(e, name, acc, _np(op.mult), _np(op.shift), _np(op.bias), op.out, op.lo, op.hi, 2)
 
 
 def _export_add(e: _Emitter, name: str, op: ops.IntAdd, a: gs.Variable, b: gs.Variable) -> gs.Variable:

@@ -104,9 +104,9 @@ def _conv_attrs(op: ops.IntConv2d) -> dict[str, Any]:
     return {"strides": list(op.stride), "pads": [ph, pw, ph, pw], "dilations": list(op.dilation), "group": op.groups}
 
 
-def _affine(e: ox._Emitter, name: str, op: ops.IntConv2d | ops.IntLinear, x: gs.Variable, w: np.ndarray,
+def _affine(e: ox._Emitter, name: str, op: ops.IntConv2d, x: gs.Variable, w: np.ndarray,
             attrs: dict[str, Any]) -> gs.Variable:
-    """Conv or 1x1-conv Linear: fused QLinearConv, or (codes beyond int8) ConvInteger + requantize."""
+    """Conv: fused QLinearConv, or (codes beyond int8) ConvInteger + requantize."""
     fmult, bias = _f32(op.fmult), ox._np(op.bias).astype(np.int64)
     if int(np.abs(w).max(initial=0)) <= 127:
         q = qlinear_conv(e, name, x, w, bias, fmult, op.inp, op.out, **attrs)
@@ -121,18 +121,18 @@ def _export_conv(e: ox._Emitter, node: fx.Node, op: ops.IntConv2d, args: list[An
 
 
 def _export_linear(e: ox._Emitter, node: fx.Node, op: ops.IntLinear, args: list[Any]) -> gs.Variable:
+    """MatMulInteger (+ int32 bias) and the requantization; codes beyond int8 take the integer target's split."""
     name, w = node.name, ox._np(op.weight)
     if int(np.abs(w).max(initial=0)) <= 127:
         weight, wzp = _weight(e, name, np.ascontiguousarray(w.T))
         inputs = [args[0], weight, e.const(f"{name}_xzp", ox._u8(op.inp.zero_point)), wzp]
         acc = e.op("MatMulInteger", name, inputs, np.int32)
-        bias = ox._np(op.bias).astype(np.int64)
-        if np.any(bias != 0):
-            acc = e.op("Add", name, [acc, e.const(f"{name}_b", bias.astype(np.int32))], np.int32)
-        return requantize(e, name, acc, _f32(op.fmult), op.out, op.lo, op.hi)
-    x4 = e.op("Unsqueeze", name, [args[0], e.const(f"{name}_axes", np.array([2, 3], dtype=np.int64))], np.uint8)
-    q = _affine(e, name, op, x4, ox._np(op.weight)[:, :, None, None], {})
-    return e.op("Squeeze", name, [q, e.const(f"{name}_sq", np.array([2, 3], dtype=np.int64))], np.uint8)
+    else:
+        acc = ox._conv_weights(e, name, args[0], op, w)
+    bias = ox._np(op.bias).astype(np.int64)
+    if np.any(bias != 0):
+        acc = e.op("Add", name, [acc, e.const(f"{name}_b", bias.astype(np.int32))], np.int32)
+    return requantize(e, name, acc, _f32(op.fmult), op.out, op.lo, op.hi)
 
 
 def _export_avgpool(e: ox._Emitter, node: fx.Node, op: ops.IntAvgPool2d, args: list[Any]) -> gs.Variable:

@@ -130,7 +130,7 @@ def test_sub_8_bit_weights_are_stored_packed(name: str, policy: str, target: str
 
 
 @pytest.mark.parametrize(("target", "ort_cpu", "op_type", "dtype", "zero_point"), [
-    ("integer", "any", "ConvInteger", onnx.TensorProto.UINT8, 128),
+    ("integer", "any", "MatMulInteger", onnx.TensorProto.UINT8, 128),
     ("ort", "any", "MatMulInteger", onnx.TensorProto.UINT8, 128),  # u8 x u8: exact on AVX2 without VNNI
     ("ort", "vnni", "MatMulInteger", onnx.TensorProto.INT8, 0),
 ])
