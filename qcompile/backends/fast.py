@@ -186,7 +186,8 @@ def _maxpool(op: ops.IntMaxPool2d, x: torch.Tensor) -> torch.Tensor:
 class ConvMaxPool(torch.nn.Module):
     """IntConv2d then IntMaxPool2d, pooling the accumulators before requantizing.
 
-    Requantization is monotone non-decreasing per channel (m > 0, floor and clamp are monotone), so
+    Requantization is monotone non-decreasing per channel on both targets (m > 0 with floor, or float32
+    conversion, a positive float32 multiply and round-half-even; clamps are monotone too), so
     max(rq(acc)) = rq(max(acc)) over every window: the same integers with a quarter of the requantization
     work for a 2x2 pool.
     """
