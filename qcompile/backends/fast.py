@@ -228,3 +228,18 @@ def plan(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 @_kernel(ops.IntClamp)
 def _clamp(op: ops.IntClamp, x: torch.Tensor) -> torch.Tensor:
     return x.clamp(op.lo, op.hi)
+
+
+@_kernel(ops.IntLookup)
+def _lookup(op: ops.IntLookup, x: torch.Tensor) -> torch.Tensor:
+    table = getattr(op, "_fast_table", None)
+    if table is None:
+        table = op.table.to(torch.float32)
+        op._fast_table = table  # type: ignore[assignment]  # derived once from the immutable table
+    return table[(x - op.inp.lo).long()]
+
+
+@_kernel(ops.IntMul)
+def _mul(op: ops.IntMul, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    dtype = torch.float32 if op.bound < _F32_EXACT else torch.float64  # exact products
+    return _requant(a.to(dtype) * b.to(dtype), op, 1)

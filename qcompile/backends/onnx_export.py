@@ -364,3 +364,6 @@ def export_onnx(gm: fx.GraphModule, ort_cpu: str = "any") -> onnx.ModelProto:
                                         **({"qcompile.ort_cpu": ort_cpu} if target is Target.ORT else {})})
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+from qcompile.backends import onnx_pointwise as _pointwise  # noqa: E402,F401 - registers the pointwise emitters

@@ -178,3 +178,15 @@ def run_reference(gm: fx.GraphModule, *inputs: torch.Tensor) -> Any:
     """Execute ``gm`` exactly; float tensors in, float tensors (dequantized outputs) out."""
     with torch.no_grad():
         return ReferenceExecutor(gm).run(*inputs)
+
+
+@kernel(ops.IntLookup)
+def _lookup(op: ops.IntLookup, x: IntArray) -> IntArray:
+    if x.size and (x.min() < op.inp.lo or x.max() > op.inp.hi):
+        raise ValueError(f"lookup input outside its type {op.inp}")
+    return _np(op.table)[x - op.inp.lo]
+
+
+@kernel(ops.IntMul)
+def _mul(op: ops.IntMul, a: IntArray, b: IntArray) -> IntArray:
+    return requantize_op(op, np.multiply(a, b), (1,))

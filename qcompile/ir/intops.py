@@ -264,3 +264,54 @@ SHIFT_ADD_OPS = (IntShiftConv2d, IntShiftLinear)
 INTEGER_MODULES = (Quantize, Dequantize, *REQUANTIZING_OPS, IntMaxPool2d, IntClamp)
 # call_function targets allowed on integer tensors: they move integers around without arithmetic
 INTEGER_FUNCTIONS = (torch.flatten, torch.reshape, torch.cat)
+
+
+# ---------------------------------------------------------------- pointwise ops (tables, products)
+
+
+class IntLookup(IntOp):
+    """A pointwise function as a table: q_y = table[q_x - inp.lo] (``quant/tables.py`` builds it).
+
+    ``table`` holds 2^b int64 entries for a b-bit input (b <= 8), already clamped to [lo, hi] of the
+    output type; nothing is requantized, so every backend and target computes the same integers.
+    """
+
+    table: torch.Tensor
+
+    def __init__(self, table: Any, *, inp: IntType, out: IntType, lo: int, hi: int, label: str = "f") -> None:
+        super().__init__()
+        self.register_buffer("table", _int_buffer(table))
+        if self.table.numel() != inp.hi - inp.lo + 1:
+            raise ValueError(f"table of {self.table.numel()} entries for a {inp} input ({inp.hi - inp.lo + 1} values)")
+        if not out.lo <= lo <= hi <= out.hi or bool((self.table < lo).any() | (self.table > hi).any()):
+            raise ValueError(f"table entries outside [{lo}, {hi}] or the output type {out}")
+        self.inp, self.out, self.lo, self.hi, self.label = inp, out, int(lo), int(hi), label
+
+    def extra_repr(self) -> str:
+        return f"{self.label}: {self.inp}->{self.out} [{self.lo},{self.hi}], {self.table.numel()} entries"
+
+
+class IntMul(_Requantizing):
+    """Elementwise product of two integer tensors (NumPy broadcasting, e.g. a [N, C, 1, 1] gate):
+    acc = q_a * q_b (int32; the verifier proves max|q_a| * max|q_b| <= 2^31 - 1), then
+    q_y = clamp(rq(acc, M), lo, hi) with M = s_a * s_b / s_y.
+    """
+
+    def __init__(self, mult: int, shift: int, *, inp: tuple[IntType, IntType], out: IntType, lo: int, hi: int,
+                 fmult: Any = None, target: Target | str = Target.INTEGER) -> None:
+        super().__init__()
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
+        self.inp = inp
+
+    @property
+    def bound(self) -> int:
+        a, b = self.inp
+        return max(abs(a.lo), a.hi) * max(abs(b.lo), b.hi)
+
+    def extra_repr(self) -> str:
+        return f"{self.inp[0]}*{self.inp[1]}->{self.out} [{self.lo},{self.hi}]"
+
+
+POINTWISE_OPS = (IntLookup, IntMul)
+REQUANTIZING_OPS = (*REQUANTIZING_OPS, IntMul)
+INTEGER_MODULES = (*INTEGER_MODULES, *POINTWISE_OPS)

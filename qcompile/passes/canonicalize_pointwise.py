@@ -1,0 +1,84 @@
+"""canonicalize's rules for pointwise functions and products of two activations.
+
+  F.silu / torch.sigmoid / F.gelu(approximate=...) / x.sigmoid() / nn.SiLU() / any registered function
+  or module type (``quant/tables.py``)                    -> TableFunction(f) module (lowered to a table)
+  a * b, torch.mul(a, b), a.mul(b) of two computed tensors -> operator.mul(a, b) (lowered to IntMul)
+
+A registered function whose other arguments are tensors (not constants), or a product whose operands
+are not both computed activations (a constant or a parameter: that is a scale, not an IntMul), is
+rejected, which canonicalize reports with the other unsupported nodes.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from qcompile.ir import rewrite
+from qcompile.quant import tables
+
+Rule = Callable[[fx.GraphModule, fx.Node], bool]
+MUL_FUNCTIONS = (operator.mul, operator.imul, torch.mul, torch.multiply)
+MUL_METHODS = ("mul", "mul_", "multiply")
+
+
+def _has_node(values: Any) -> bool:
+    found: list[bool] = []
+    fx.node.map_arg(values, lambda n: found.append(True) or n)
+    return bool(found)
+
+
+def _swap(gm: fx.GraphModule, node: fx.Node, module: tables.TableFunction) -> bool:
+    name = rewrite.add_module(gm, node.name, module)
+    rewrite.replace_node(gm, node, "call_module", name, (node.args[0],))
+    return True
+
+
+def _function_table(gm: fx.GraphModule, node: fx.Node) -> bool:
+    target = tables.METHODS.get(str(node.target)) if node.op == "call_method" else node.target
+    rest, kwargs = tuple(node.args[1:]), dict(node.kwargs)
+    if not isinstance(node.args[0], fx.Node) or _has_node((rest, kwargs)):
+        return False
+    module = tables.table_function(target, rest, kwargs)
+    return module is not None and _swap(gm, node, module)
+
+
+def _module_table(gm: fx.GraphModule, node: fx.Node) -> bool:
+    module = tables.table_function(gm.get_submodule(str(node.target)), (), {})
+    return module is not None and _swap(gm, node, module)
+
+
+def _is_activation(arg: Any) -> bool:
+    return isinstance(arg, fx.Node) and arg.op != "get_attr"
+
+
+def _mul(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if len(node.args) != 2 or node.kwargs or not all(_is_activation(a) for a in node.args):
+        return False
+    rewrite.replace_node(gm, node, "call_function", operator.mul, tuple(node.args))
+    return True
+
+
+def is_canonical_mul(node: fx.Node) -> bool:
+    return node.target is operator.mul and len(node.args) == 2 and not node.kwargs and all(
+        _is_activation(a) for a in node.args)
+
+
+def pointwise_rule(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
+    """The rule for ``node`` if it is a registered pointwise function or a product; else None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        return _module_table if type(mod) in tables.MODULES else None
+    if node.op == "call_function":
+        if node.target in MUL_FUNCTIONS:
+            return None if is_canonical_mul(node) else _mul
+        return _function_table if node.target in tables.FUNCTIONS else None
+    if node.op == "call_method":
+        if node.target in MUL_METHODS:
+            return _mul
+        return _function_table if node.target in tables.METHODS else None
+    return None
