@@ -243,3 +243,18 @@ def _lookup(op: ops.IntLookup, x: torch.Tensor) -> torch.Tensor:
 def _mul(op: ops.IntMul, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     dtype = torch.float32 if op.bound < _F32_EXACT else torch.float64  # exact products
     return _requant(a.to(dtype) * b.to(dtype), op, 1)
+
+
+@_kernel(ops.IntLayerNorm)
+def _layernorm(op: ops.IntLayerNorm, x: torch.Tensor) -> torch.Tensor:
+    q = x.to(torch.int64)
+    d = op.size * q - q.sum(dim=op.axis, keepdim=True)
+    big = ((d * d).sum(dim=op.axis, keepdim=True) + op.eps_q).bitwise_left_shift_(2 * op.p).clamp_(min=1)
+    s = torch.full_like(big, op.y0)
+    for _ in range(op.steps):
+        s = torch.minimum(s, (s + big // s).bitwise_right_shift_(1))
+    n = d.sign() * ((d.abs().bitwise_left_shift_(op.p + op.k + 1) + s) // (2 * s))
+    shape = [1] * q.dim()
+    shape[op.axis] = -1
+    acc = n * op.gamma.view(shape) + op.beta.view(shape)
+    return _requant(acc, op, 1)

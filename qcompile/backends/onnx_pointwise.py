@@ -10,6 +10,11 @@
   refuses a bound of 2^24 or more), so it equals ``float32(acc)``; then ``Mul(float32(M))``, one rounding,
   ``QuantizeLinear(., 1, zp_y)`` (round half to even, + zp, saturate) and a ``Clip``: together
   ``clamp(rint(float32(acc) * float32(M)), lo, hi) + zp_y``, the ``ort`` contract literally.
+* ``IntLayerNorm`` (both targets): its int64 math literally (``Cast``, ``ReduceSum``, ``Mul``, ``Sub``,
+  ``Add``, ``Max``/``Min``, ``Abs``, ``Sign`` and ``Div``; every ``Div`` has non-negative operands, so
+  onnxruntime's truncating integer division is the floor of the spec), unrolled over the fixed Newton
+  steps, ``Cast`` of the int32-bounded acc, then the target's requantization: the exact uint64 chain
+  (``integer``) or ``DequantizeLinear(acc, f)`` + ``QuantizeLinear(., 1, zp)`` + ``Clip`` (``ort``).
 """
 
 from __future__ import annotations
@@ -61,6 +66,63 @@ def _mul_ort(e: ox._Emitter, node: fx.Node, op: ops.IntMul, args: list[Any]) -> 
     return ox._clip(e, name, q, op.out, op.lo, op.hi)
 
 
+def _i64(e: ox._Emitter, name: str, v: Any) -> gs.Constant:
+    return e.const(name, np.asarray(v, dtype=np.int64))
+
+
+def _isqrt(e: ox._Emitter, name: str, op: ops.IntLayerNorm, big: gs.Variable) -> gs.Variable:
+    s: Any = _i64(e, f"{name}_y0", op.y0)
+    two = _i64(e, f"{name}_two", 2)
+    for _ in range(op.steps):
+        half = e.op("Div", name, [e.op("Add", name, [s, e.op("Div", name, [big, s], np.int64)], np.int64), two],
+                    np.int64)
+        s = e.op("Min", name, [s, half], np.int64)
+    return s
+
+
+def _layernorm_acc(e: ox._Emitter, name: str, op: ops.IntLayerNorm, x: gs.Variable, rank: int) -> gs.Variable:
+    """The int32 accumulator of IntLayerNorm from the uint8 container, in int64 ops."""
+    axes = _i64(e, f"{name}_axes", [op.axis])
+    q = e.op("Sub", name, [e.op("Cast", name, [x], np.int64, to=onnx.TensorProto.INT64),
+                           _i64(e, f"{name}_zp", op.inp.zero_point)], np.int64)
+    total = e.op("ReduceSum", name, [q, axes], np.int64, keepdims=1)
+    d = e.op("Sub", name, [e.op("Mul", name, [q, _i64(e, f"{name}_d", op.size)], np.int64), total], np.int64)
+    v = e.op("ReduceSum", name, [e.op("Mul", name, [d, d], np.int64), axes], np.int64, keepdims=1)
+    scaled = e.op("Mul", name, [e.op("Add", name, [v, _i64(e, f"{name}_e", op.eps_q)], np.int64),
+                                _i64(e, f"{name}_4p", 4**op.p)], np.int64)
+    s = _isqrt(e, name, op, e.op("Max", name, [scaled, _i64(e, f"{name}_one", 1)], np.int64))
+    num = e.op("Add", name, [e.op("Mul", name, [e.op("Abs", name, [d], np.int64),
+                                                 _i64(e, f"{name}_pk", 2 ** (op.p + op.k + 1))], np.int64), s],
+               np.int64)
+    den = e.op("Mul", name, [s, _i64(e, f"{name}_two2", 2)], np.int64)
+    n = e.op("Mul", name, [e.op("Sign", name, [d], np.int64), e.op("Div", name, [num, den], np.int64)], np.int64)
+    shape = [1] * rank
+    shape[op.axis] = -1
+    g, b = (_i64(e, f"{name}_{k}", ox._np(t).reshape(shape)) for k, t in (("g", op.gamma), ("b", op.beta)))
+    acc = e.op("Add", name, [e.op("Mul", name, [n, g], np.int64), b], np.int64)
+    return e.op("Cast", name, [acc], np.int32, to=onnx.TensorProto.INT32)
+
+
+def _rank(node: fx.Node) -> int:
+    from qcompile.ir.meta import get_info
+
+    shape = get_info(node).shape
+    assert shape is not None, f"'{node.name}' has no recorded shape"
+    return len(shape)
+
+
+def _layernorm_integer(e: ox._Emitter, node: fx.Node, op: ops.IntLayerNorm, args: list[Any]) -> gs.Variable:
+    acc = _layernorm_acc(e, node.name, op, args[0], _rank(node))
+    return ox.requant_chain(e, node.name, acc, ox._np(op.mult), ox._np(op.shift), np.array(0), op.out, op.lo,
+                            op.hi, 4)
+
+
+def _layernorm_ort(e: ox._Emitter, node: fx.Node, op: ops.IntLayerNorm, args: list[Any]) -> gs.Variable:
+    acc = _layernorm_acc(e, node.name, op, args[0], _rank(node))
+    return onnx_ort.requantize(e, node.name, acc, onnx_ort._f32(op.fmult), op.out, op.lo, op.hi)
+
+
 ox.SHARED_EMITTERS[ops.IntLookup] = _export_lookup
-ox.INTEGER_EMITTERS.update({ops.IntLookup: _export_lookup, ops.IntMul: _mul_integer})
-onnx_ort.ORT_EMITTERS.update({ops.IntLookup: _export_lookup, ops.IntMul: _mul_ort})
+ox.INTEGER_EMITTERS.update({ops.IntLookup: _export_lookup, ops.IntMul: _mul_integer,
+                            ops.IntLayerNorm: _layernorm_integer})
+onnx_ort.ORT_EMITTERS.update({ops.IntLookup: _export_lookup, ops.IntMul: _mul_ort, ops.IntLayerNorm: _layernorm_ort})

@@ -190,3 +190,22 @@ def _lookup(op: ops.IntLookup, x: IntArray) -> IntArray:
 @kernel(ops.IntMul)
 def _mul(op: ops.IntMul, a: IntArray, b: IntArray) -> IntArray:
     return requantize_op(op, np.multiply(a, b), (1,))
+
+
+def _per_axis(values: IntArray, ndim: int, axis: int) -> IntArray:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+@kernel(ops.IntLayerNorm)
+def _layernorm(op: ops.IntLayerNorm, x: IntArray) -> IntArray:
+    q = np.asarray(x, dtype=np.int64)
+    d = op.size * q - q.sum(axis=op.axis, keepdims=True)
+    big = np.maximum(((d * d).sum(axis=op.axis, keepdims=True) + op.eps_q) << (2 * op.p), 1)
+    s = np.full_like(big, op.y0)
+    for _ in range(op.steps):  # integer Newton from above: s stays >= isqrt(big) >= 1
+        s = np.minimum(s, (s + big // s) >> 1)
+    n = np.sign(d) * (((np.abs(d) << (op.p + op.k + 1)) + s) // (2 * s))
+    acc = n * _per_axis(_np(op.gamma), q.ndim, op.axis) + _per_axis(_np(op.beta), q.ndim, op.axis)
+    return requantize_op(op, acc)

@@ -315,3 +315,43 @@ class IntMul(_Requantizing):
 POINTWISE_OPS = (IntLookup, IntMul)
 REQUANTIZING_OPS = (*REQUANTIZING_OPS, IntMul)
 INTEGER_MODULES = (*INTEGER_MODULES, *POINTWISE_OPS)
+
+
+class IntLayerNorm(_Requantizing):
+    """Integer LayerNorm over ``axis`` (the last dim, or 1 for channels of NCHW), D = its size.
+
+    All in int64 on the integer input q (planned by ``quant/layernorm.py``, which states the error bound):
+      s = sum_j q_j,  d_i = D q_i - s,  V = sum_j d_j^2,  X = max(1, (V + E) * 4^P),
+      S = isqrt(X) by ``steps`` Newton steps from y0: y <- min(y, (y + X // y) >> 1) (all >= 0),
+      N_i = sign(d_i) * ((|d_i| * 2^(P+K+1) + S) // (2 S))    (round(d_i 2^(P+K) / S), ties away from 0),
+      acc_i = N_i * G[c] + B[c] (int32: |acc| <= ``bound``),  q_y = clamp(rq(acc, M), lo, hi),
+    with E = round(eps D^3 / s_x^2), gamma ~ s_g G, B = round(beta / (sqrt(D) s_g 2^-K)) and
+    M = sqrt(D) s_g 2^-K / s_y (d_i sqrt(D) / sqrt(V + E) is the normalized value).
+    """
+
+    gamma: torch.Tensor
+    beta: torch.Tensor
+
+    def __init__(self, gamma: Any, beta: Any, mult: Any, shift: Any, *, axis: int, size: int, eps_q: int,
+                 p: int, k: int, steps: int, y0: int, inp: IntType, out: IntType, lo: int, hi: int,
+                 fmult: Any = None, target: Target | str = Target.INTEGER) -> None:
+        super().__init__()
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
+        self.register_buffer("gamma", _int_buffer(gamma))
+        self.register_buffer("beta", _int_buffer(beta))
+        self.axis, self.size, self.eps_q, self.p, self.k, self.steps, self.y0 = axis, size, eps_q, p, k, steps, y0
+        self.inp = inp
+
+    @property
+    def bound(self) -> int:
+        """max |acc| = 2^K max|G| + max|B|: V >= d_i^2 gives S >= isqrt(X) >= |d_i| 2^P, so |N_i| <= 2^K
+        (Newton steps from y0 >= isqrt(X) never go below isqrt(X))."""
+        return int(((1 << self.k) * self.gamma.abs() + self.beta.abs()).max())
+
+    def extra_repr(self) -> str:
+        return (f"{self.inp}->{self.out} [{self.lo},{self.hi}], axis={self.axis}, D={self.size}, P={self.p}, "
+                f"K={self.k}, steps={self.steps}")
+
+
+REQUANTIZING_OPS = (*REQUANTIZING_OPS, IntLayerNorm)
+INTEGER_MODULES = (*INTEGER_MODULES, IntLayerNorm)

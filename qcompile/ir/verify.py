@@ -26,7 +26,7 @@ from qcompile.quant.tables import TableFunction
 
 FLOAT_FUNCTIONS = (torch.relu, torch.clamp, torch.flatten, torch.reshape, operator.add, torch.cat, operator.mul)
 POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-POINTWISE_MODULES = (TableFunction,)  # lowered to IntLookup
+POINTWISE_MODULES = (TableFunction, nn.LayerNorm)  # lowered to IntLookup, IntLayerNorm
 FLOAT_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, *POOL_MODULES, *POINTWISE_MODULES)
 QUANT_MODULES = (QConv2d, QLinear, ActQuant, BayesianBitsActQuant, *POOL_MODULES, *POINTWISE_MODULES)
 
@@ -81,9 +81,9 @@ def _verify_integer(gm: fx.GraphModule) -> list[str]:
         mod = gm.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(mod, (intops.IntConv2d, intops.IntLinear)):
             problems.extend(_overflow_problems(node.name, mod))
-        elif isinstance(mod, intops.IntMul) and mod.bound > INT32_MAX:
-            problems.append(f"{node.name}: int32 product may overflow (|q_a * q_b| <= {mod.bound} > 2^31-1 with "
-                            f"{mod.inp[0]} and {mod.inp[1]} inputs); lower the bit-widths of its inputs")
+        elif isinstance(mod, (intops.IntMul, intops.IntLayerNorm)) and mod.bound > INT32_MAX:
+            problems.append(f"{node.name}: int32 accumulator may overflow (|acc| <= {mod.bound} > 2^31-1 with "
+                            f"{mod.inp} inputs); lower the bit-widths of its inputs")
     return problems
 
 

@@ -3,6 +3,8 @@
   F.silu / torch.sigmoid / F.gelu(approximate=...) / x.sigmoid() / nn.SiLU() / any registered function
   or module type (``quant/tables.py``)                    -> TableFunction(f) module (lowered to a table)
   a * b, torch.mul(a, b), a.mul(b) of two computed tensors -> operator.mul(a, b) (lowered to IntMul)
+  F.layer_norm(x, (D,), weight, bias, eps) with parameter
+  (get_attr) or absent weight/bias                         -> nn.LayerNorm(D) module (lowered to IntLayerNorm)
 
 A registered function whose other arguments are tensors (not constants), or a product whose operands
 are not both computed activations (a constant or a parameter: that is a scale, not an IntMul), is
@@ -17,6 +19,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
 
 from qcompile.ir import rewrite
 from qcompile.quant import tables
@@ -68,6 +72,32 @@ def is_canonical_mul(node: fx.Node) -> bool:
         _is_activation(a) for a in node.args)
 
 
+def _attr(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
+    if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
+        return None
+    value: Any = gm
+    for part in str(arg.target).split("."):
+        value = getattr(value, part)
+    return value.detach() if isinstance(value, torch.Tensor) else None
+
+
+def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    bound = {"weight": None, "bias": None, "eps": 1e-5, **dict(zip(names, node.args, strict=False)), **node.kwargs}
+    shape = tuple(bound["normalized_shape"])
+    weight, bias = (_attr(gm, bound[k]) for k in ("weight", "bias"))
+    if len(shape) != 1 or any(bound[k] is not None and t is None for k, t in (("weight", weight), ("bias", bias))):
+        return False
+    ln = nn.LayerNorm(shape, float(bound["eps"]), elementwise_affine=weight is not None, bias=bias is not None)
+    with torch.no_grad():
+        for param, value in ((ln.weight, weight), (ln.bias, bias)):
+            if param is not None and value is not None:
+                param.copy_(value)
+    name = rewrite.add_module(gm, node.name, ln)
+    rewrite.replace_node(gm, node, "call_module", name, (bound["input"],))
+    return True
+
+
 def pointwise_rule(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
     """The rule for ``node`` if it is a registered pointwise function or a product; else None."""
     if node.op == "call_module":
@@ -76,6 +106,8 @@ def pointwise_rule(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
     if node.op == "call_function":
         if node.target in MUL_FUNCTIONS:
             return None if is_canonical_mul(node) else _mul
+        if node.target is F.layer_norm:
+            return _layer_norm
         return _function_table if node.target in tables.FUNCTIONS else None
     if node.op == "call_method":
         if node.target in MUL_METHODS:

@@ -5,6 +5,7 @@
   T[q] = clamp(round(f(s_x q) / s_y), lo, hi) (``quant.tables.build_table``). Refused, naming the node,
   when t_x is wider than 8 bits or f is not finite on [s_x t_x.lo, s_x t_x.hi].
 * ``operator.mul(a, b)`` becomes ``IntMul`` with M = s_a s_b / s_y on the int32 product q_a q_b.
+* ``nn.LayerNorm`` over the last dim becomes ``IntLayerNorm`` (integers chosen by ``quant.layernorm.plan``).
 
 Not handled here: products with a constant (a scale folds into the neighbouring requantization, not an
 IntMul), tables on inputs wider than 8 bits (see ``quant/tables.py``).
@@ -19,9 +20,10 @@ import torch.fx as fx
 from torch import nn
 
 from qcompile.ir import intops as ops
-from qcompile.ir.meta import IntType
+from qcompile.ir.meta import IntType, get_info
 from qcompile.ir.rewrite import input_node
 from qcompile.passes.base import PreconditionError
+from qcompile.quant import layernorm
 from qcompile.quant.tables import TableError, TableFunction, build_table
 
 if TYPE_CHECKING:
@@ -47,6 +49,21 @@ def _lower_mul(lw: _Lowering, point: fx.Node, out: IntType, s_y: float, bounds: 
     return lw.emit(point.name, op, (a.node, b.node), out, s_y, point)
 
 
+def _lower_layernorm(lw: _Lowering, point: fx.Node, ln: nn.LayerNorm, out: IntType, s_y: float,
+                     bounds: tuple[int, int]) -> Value:
+    x = lw.value(input_node(point))
+    shape = get_info(point).shape
+    assert shape is not None, f"'{point.name}' has no recorded shape"
+    try:
+        attrs = layernorm.plan(ln, x.itype, x.scale, s_y)
+    except layernorm.LayerNormPlanError as exc:
+        raise PreconditionError(f"LayerNorm '{point.name}': {exc}") from None
+    real_m = attrs.pop("real_m")
+    op = ops.IntLayerNorm(**attrs, **lw.requant(real_m), axis=len(shape) - 1, inp=x.itype, out=out, lo=bounds[0],
+                          hi=bounds[1])
+    return lw.emit(point.name, op, (x.node,), out, s_y, point)
+
+
 def lower_point(lw: _Lowering, point: fx.Node, mod: nn.Module | None, out: IntType, s_y: float,
                 bounds: tuple[int, int]) -> Value | None:
     """The lowering of a pointwise quantization point, or None when ``point`` is not one."""
@@ -54,4 +71,6 @@ def lower_point(lw: _Lowering, point: fx.Node, mod: nn.Module | None, out: IntTy
         return _lower_table(lw, point, mod, out, s_y, bounds)
     if point.op == "call_function" and point.target is operator.mul:
         return _lower_mul(lw, point, out, s_y, bounds)
+    if isinstance(mod, nn.LayerNorm):
+        return _lower_layernorm(lw, point, mod, out, s_y, bounds)
     return None
