@@ -3,6 +3,7 @@
   F.silu / torch.sigmoid / F.gelu(approximate=...) / x.sigmoid() / nn.SiLU() / any registered function
   or module type (``quant/tables.py``)                    -> TableFunction(f) module (lowered to a table)
   a * b, torch.mul(a, b), a.mul(b) of two computed tensors -> operator.mul(a, b) (lowered to IntMul)
+  x * sigmoid(x) (the sigmoid read only there)             -> TableFunction(silu)(x)
   F.layer_norm(x, (D,), weight, bias, eps) with parameter
   (get_attr) or absent weight/bias                         -> nn.LayerNorm(D) module (lowered to IntLayerNorm)
 
@@ -36,9 +37,9 @@ def _has_node(values: Any) -> bool:
     return bool(found)
 
 
-def _swap(gm: fx.GraphModule, node: fx.Node, module: tables.TableFunction) -> bool:
+def _swap(gm: fx.GraphModule, node: fx.Node, module: tables.TableFunction, x: Any = None) -> bool:
     name = rewrite.add_module(gm, node.name, module)
-    rewrite.replace_node(gm, node, "call_module", name, (node.args[0],))
+    rewrite.replace_node(gm, node, "call_module", name, (node.args[0] if x is None else x,))
     return True
 
 
@@ -60,10 +61,21 @@ def _is_activation(arg: Any) -> bool:
     return isinstance(arg, fx.Node) and arg.op != "get_attr"
 
 
+def _sigmoid_of(gm: fx.GraphModule, gate: Any, x: Any) -> bool:
+    """``gate`` is sigmoid(x) as a table, read by nothing else."""
+    mod = gm.get_submodule(str(gate.target)) if isinstance(gate, fx.Node) and gate.op == "call_module" else None
+    return (isinstance(mod, tables.TableFunction) and mod.key in tables.SIGMOIDS and gate.args[0] is x
+            and len(gate.users) == 1)
+
+
 def _mul(gm: fx.GraphModule, node: fx.Node) -> bool:
     if len(node.args) != 2 or node.kwargs or not all(_is_activation(a) for a in node.args):
         return False
-    rewrite.replace_node(gm, node, "call_function", operator.mul, tuple(node.args))
+    a, b = node.args
+    for x, gate in ((a, b), (b, a)):
+        if _sigmoid_of(gm, gate, x):  # x * sigmoid(x): one SiLU table instead of a table and a product
+            return _swap(gm, node, tables.silu(), x)
+    rewrite.replace_node(gm, node, "call_function", operator.mul, (a, b))
     return True
 
 
@@ -105,7 +117,9 @@ def pointwise_rule(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
         return _module_table if type(mod) in tables.MODULES else None
     if node.op == "call_function":
         if node.target in MUL_FUNCTIONS:
-            return None if is_canonical_mul(node) else _mul
+            a, b = node.args[0], node.args[1] if len(node.args) > 1 else None
+            swish = _sigmoid_of(gm, b, a) or _sigmoid_of(gm, a, b)
+            return None if is_canonical_mul(node) and not swish else _mul
         if node.target is F.layer_norm:
             return _layer_norm
         return _function_table if node.target in tables.FUNCTIONS else None

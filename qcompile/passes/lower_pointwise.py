@@ -36,8 +36,9 @@ def _lower_table(lw: _Lowering, point: fx.Node, fn: TableFunction, out: IntType,
     try:
         table = build_table(fn, x.itype, x.scale, out, s_y, *bounds)
     except TableError as exc:
-        raise PreconditionError(f"table function '{point.name}' ({fn.label}): {exc}; lower the input's "
-                                "bit-width or use a function that is finite on the calibrated range") from None
+        where = get_info(point).source
+        raise PreconditionError(f"table function '{point.name}' ({fn.label}{' at ' + where if where else ''}): "
+                                f"{exc}") from None
     op = ops.IntLookup(table, inp=x.itype, out=out, lo=bounds[0], hi=bounds[1], label=fn.label)
     return lw.emit(point.name, op, (x.node,), out, s_y, point)
 

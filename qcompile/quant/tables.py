@@ -49,10 +49,11 @@ FloatFn = Callable[[torch.Tensor], torch.Tensor]
 class TableFunction(nn.Module):
     """f applied pointwise, computed in float64 and returned in the input's dtype; lowered to a table."""
 
-    def __init__(self, name: str, fn: FloatFn) -> None:
+    def __init__(self, name: str, fn: FloatFn, key: Any = None) -> None:
         super().__init__()
         self.label = name
         self.fn = fn  # a plain function (or partial), or an nn.Module (then a submodule)
+        self.key = key  # the registered function or module type it came from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x.double()).to(x.dtype)
@@ -109,8 +110,13 @@ def register_table_function(target: Any, fn: Callable[..., torch.Tensor] | None 
         raise TypeError(f"{target!r} is neither a function nor an nn.Module type")
 
 
+def hard_sigmoid(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """ONNX HardSigmoid: clamp(alpha x + beta, 0, 1) (F.hardsigmoid is alpha = 1/6, beta = 1/2)."""
+    return torch.clamp(alpha * x + beta, 0.0, 1.0)
+
+
 def _builtins() -> None:
-    for f in (F.silu, F.hardswish, F.hardsigmoid, F.gelu, F.leaky_relu, F.elu, F.sigmoid, F.tanh, torch.sigmoid,
+    for f in (hard_sigmoid, F.silu, F.hardswish, F.hardsigmoid, F.gelu, F.leaky_relu, F.elu, F.sigmoid, F.tanh, torch.sigmoid,
               torch.tanh, torch.special.expit):
         register_table_function(f)
     for m in (nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Tanh, nn.LeakyReLU, nn.ELU):
@@ -131,11 +137,19 @@ def table_function(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
     if isinstance(target, nn.Module):
         entry = next((e for t, e in MODULES.items() if type(target) is t), None)
-        return None if entry is None else TableFunction(repr(target), entry.make(target, (), {}))
+        return None if entry is None else TableFunction(repr(target), entry.make(target, (), {}), type(target))
     entry = FUNCTIONS.get(target)
     if entry is None:
         return None
-    return TableFunction(label_of(target, kwargs), entry.make(target, args, kwargs))
+    return TableFunction(label_of(target, kwargs), entry.make(target, args, kwargs), target)
+
+
+SIGMOIDS = (torch.sigmoid, F.sigmoid, torch.special.expit, nn.Sigmoid)
+
+
+def silu() -> TableFunction:
+    """The table of x * sigmoid(x) (canonicalize fuses that product into it)."""
+    return TableFunction("silu", F.silu, F.silu)
 
 
 class TableError(ValueError):
@@ -149,14 +163,16 @@ def build_table(fn: nn.Module, inp: IntType, s_x: float, out: IntType, s_y: floa
     The same float operations as the quant graph in eval mode (see the module docstring).
     """
     if inp.bits > MAX_TABLE_BITS:
-        raise TableError(f"its input has {inp.bits} bits; a table takes at most {MAX_TABLE_BITS}")
+        raise TableError(f"its input has {inp.bits} bits; a table takes at most {MAX_TABLE_BITS}: give the "
+                         f"input quantizer at most {MAX_TABLE_BITS} bits")
     q = torch.arange(inp.lo, inp.hi + 1, dtype=torch.float32)
     with torch.no_grad():
         y = fn(q * torch.tensor(s_x, dtype=torch.float32))
     bad = ~torch.isfinite(y)
     if bool(bad.any()):
         x = float(q[bad][0]) * s_x
-        raise TableError(f"f is not finite at x = {x:g} inside the input range [{inp.lo * s_x:g}, {inp.hi * s_x:g}]")
+        raise TableError(f"f is not finite at x = {x:g} inside the input range [{inp.lo * s_x:g}, {inp.hi * s_x:g}]: "
+                         "clamp the input away from the singularity before the call")
     v = (y.float() / torch.tensor(s_y, dtype=torch.float32)).clamp(out.lo, out.hi)
     return torch.round(v).clamp(lo, hi).to(torch.int64)
 
