@@ -209,3 +209,8 @@ def _layernorm(op: ops.IntLayerNorm, x: IntArray) -> IntArray:
     n = np.sign(d) * (((np.abs(d) << (op.p + op.k + 1)) + s) // (2 * s))
     acc = n * _per_axis(_np(op.gamma), q.ndim, op.axis) + _per_axis(_np(op.beta), q.ndim, op.axis)
     return requantize_op(op, acc)
+
+
+def run_kernel(op: ops.IntOp, *args: IntArray) -> IntArray:
+    """One op's reference kernel on int64 arrays (tests compare it with independent math)."""
+    return _KERNELS[type(op)](op, *args)
