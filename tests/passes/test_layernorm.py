@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import compile_model, random_inputs, run_pipeline
-from test_pointwise import assert_exact, pipeline
+from modern import TARGETS, assert_exact, pipeline
 from torch import nn
 
 import qcompile
@@ -22,7 +22,6 @@ from qcompile.ir import intops as ops
 from qcompile.ir.meta import IntType
 from qcompile.quant import layernorm
 
-TARGETS = ["ort", "integer"]
 S_X, S_Y = 0.05, 4.0 / 127
 
 

@@ -17,11 +17,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from conftest import call_targets, compile_model, random_inputs, run_pipeline
+from modern import TARGETS, SqueezeExcitation, assert_exact, lookups, pipeline
 from torch import nn
 
 import qcompile
-from qcompile.api import default_pipeline
-from qcompile.backends.ort import run_onnx
 from qcompile.backends.reference import run_reference
 from qcompile.ir import contract
 from qcompile.ir import intops as ops
@@ -58,7 +57,6 @@ MODULES: dict[str, Callable[[], nn.Module]] = {
     "gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "tanh": nn.Tanh,
     "leaky_relu": lambda: nn.LeakyReLU(0.1), "elu": nn.ELU,
 }
-TARGETS = ["ort", "integer"]
 
 
 class Pointwise(nn.Module):
@@ -72,26 +70,11 @@ class Pointwise(nn.Module):
         return self.out(self.fn(self.conv(x)))
 
 
-def pipeline(target: str) -> str:
-    return default_pipeline().replace("lower-integer", f"lower-integer{{target={target}}}")
-
-
 @cache
 def compiled(name: str, target: str, module: bool = False) -> qcompile.CompiledModel:
     torch.manual_seed(0)
     fn = MODULES[name]() if module else FUNCTIONS[name][0]
     return compile_model(Pointwise(fn).eval(), pipeline=pipeline(target))
-
-
-def assert_exact(cm: qcompile.CompiledModel, x: torch.Tensor) -> None:
-    ref = cm.reference(x)
-    (got,) = run_onnx(cm.to_onnx(), x.numpy())
-    assert int(np.sum(ref.numpy().view(np.uint32) != got.view(np.uint32))) == 0, "onnxruntime != reference"
-    assert torch.equal(cm(x), ref), "fast executor != reference"
-
-
-def lookups(cm: qcompile.CompiledModel) -> list[ops.IntLookup]:
-    return [m for m in cm.integer_graph.modules() if isinstance(m, ops.IntLookup)]
 
 
 def quant_table(cm: qcompile.CompiledModel) -> tuple[tables.TableFunction, ActQuant, ActQuant]:
@@ -222,23 +205,6 @@ def test_a_table_input_wider_than_8_bits_is_refused_and_searches_cap_it() -> Non
 
 
 # ---------------------------------------------------------------------------------------------- IntMul
-
-
-class SqueezeExcitation(nn.Module):
-    """torchvision.ops.SqueezeExcitation as torchvision writes it (avgpool, fc1, ReLU, fc2, scale act)."""
-
-    def __init__(self, channels: int, squeeze: int, scale_activation: type[nn.Module] = nn.Hardsigmoid) -> None:
-        super().__init__()
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.fc1, self.fc2 = nn.Conv2d(channels, squeeze, 1), nn.Conv2d(squeeze, channels, 1)
-        self.activation, self.scale_activation = nn.ReLU(), scale_activation()
-
-    def _scale(self, x: torch.Tensor) -> torch.Tensor:
-        return self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self._scale(x)
-        return scale * x
 
 
 class SENet(nn.Module):
