@@ -4,13 +4,16 @@
   HardSigmoid(alpha, beta)                            -> F.hardsigmoid (alpha = 1/6, beta = 1/2, PyTorch's), else
                                                          tables.hard_sigmoid(x, alpha, beta) = clamp(a x + b, 0, 1)
   LeakyRelu(alpha) / Elu(alpha) / Gelu(approximate)   -> F.leaky_relu / F.elu / F.gelu
-  Mul(a, b) of two computed tensors                   -> operator.mul(a, b)
+  Mul(a, b)                                           -> operator.mul(a, b) (a constant becomes a graph
+                                                         attribute: canonicalize folds a layer scale)
+  Transpose(perm) (unless another converter is there) -> torch.permute(x, perm) (canonicalize removes
+                                                         ConvNeXt's channels-last chains)
   LayerNormalization over the last axis (constant
   Scale and B; Mean/InvStdDev outputs unused)         -> nn.LayerNorm(D)
 Before conversion ``fuse_patterns`` rewrites the erf form of GELU that exporters emit below opset 20,
 Mul(Mul(x, Add(Erf(Div(x, sqrt 2)), 1)), 0.5) (either operand order of each Add/Mul, or Mul(x, 1/sqrt 2)
 for the Div), into one Gelu node, so it becomes one exact table instead of four ops.
-Not handled: Mul by a constant (a scale, not a product of activations), LayerNormalization over several
+Not handled: LayerNormalization over several
 axes or with run-time Scale/B, the tanh form of GELU spelled out in elementary ops (export at opset 20).
 """
 
@@ -22,6 +25,7 @@ import operator
 import numpy as np
 import onnx_graphsurgeon as gs
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -58,11 +62,28 @@ def _gelu(imp: Builder, node: gs.Node) -> None:
     imp.emit_function(node, F.gelu, (imp.value(node.inputs[0]),), {"approximate": approximate})
 
 
+def _constant_attr(imp: Builder, node: gs.Node, c: gs.Constant) -> fx.Node:
+    """A graph attribute holding constant ``c`` (canonicalize folds such a scale into the conv before it)."""
+    name, i = onnx_ops.attr_name(f"{node.name}_{c.name}"), 1
+    while hasattr(imp.root, name):
+        name, i = f"{name}_{i}", i + 1
+    imp.root.register_buffer(name, torch.from_numpy(np.array(c.values, dtype=np.float32)))
+    return imp.fx_graph.get_attr(name)
+
+
 def _mul(imp: Builder, node: gs.Node) -> None:
     a, b = node.inputs
-    if isinstance(a, gs.Constant) or isinstance(b, gs.Constant):
-        raise Unsupported("multiplies by a constant (only products of two computed tensors)")
-    imp.emit_function(node, operator.mul, (imp.value(a), imp.value(b)))
+    if isinstance(a, gs.Constant) and isinstance(b, gs.Constant):
+        raise Unsupported("multiplies two constants")
+    args = [_constant_attr(imp, node, t) if isinstance(t, gs.Constant) else imp.value(t) for t in (a, b)]
+    imp.emit_function(node, operator.mul, tuple(args))
+
+
+def _transpose(imp: Builder, node: gs.Node) -> None:
+    perm = node.attrs.get("perm")
+    if perm is None:
+        raise Unsupported("no perm attribute (reverses every axis)")
+    imp.emit_function(node, torch.permute, (imp.value(node.inputs[0]), tuple(int(p) for p in perm)))
 
 
 def _layer_norm(imp: Builder, node: gs.Node) -> None:
@@ -142,3 +163,4 @@ onnx_ops.CONVERTERS.update({
     "HardSigmoid": _hard_sigmoid, "LeakyRelu": _with_alpha(F.leaky_relu, 0.01), "Elu": _with_alpha(F.elu, 1.0),
     "Gelu": _gelu, "Mul": _mul, "LayerNormalization": _layer_norm,
 })
+onnx_ops.CONVERTERS.setdefault("Transpose", _transpose)

@@ -22,11 +22,12 @@ from qcompile.ir.contract import INT32_MAX
 from qcompile.ir.meta import Stage, get_info, get_stage
 from qcompile.quant.bayesian_bits import BayesianBitsActQuant
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
+from qcompile.quant.layernorm import ChannelLayerNorm
 from qcompile.quant.tables import TableFunction
 
 FLOAT_FUNCTIONS = (torch.relu, torch.clamp, torch.flatten, torch.reshape, operator.add, torch.cat, operator.mul)
 POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-POINTWISE_MODULES = (TableFunction, nn.LayerNorm)  # lowered to IntLookup, IntLayerNorm
+POINTWISE_MODULES = (TableFunction, nn.LayerNorm, ChannelLayerNorm)  # lowered to IntLookup, IntLayerNorm
 FLOAT_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, *POOL_MODULES, *POINTWISE_MODULES)
 QUANT_MODULES = (QConv2d, QLinear, ActQuant, BayesianBitsActQuant, *POOL_MODULES, *POINTWISE_MODULES)
 

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from torch import nn
 
 from qcompile.ir import rewrite
+from qcompile.passes.canonicalize_channels_last import channels_rule, layer_norm_module
 from qcompile.quant import tables
 
 Rule = Callable[[fx.GraphModule, fx.Node], bool]
@@ -84,34 +84,17 @@ def is_canonical_mul(node: fx.Node) -> bool:
         _is_activation(a) for a in node.args)
 
 
-def _attr(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
-    if not (isinstance(arg, fx.Node) and arg.op == "get_attr"):
-        return None
-    value: Any = gm
-    for part in str(arg.target).split("."):
-        value = getattr(value, part)
-    return value.detach() if isinstance(value, torch.Tensor) else None
-
-
 def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
-    names = ("input", "normalized_shape", "weight", "bias", "eps")
-    bound = {"weight": None, "bias": None, "eps": 1e-5, **dict(zip(names, node.args, strict=False)), **node.kwargs}
-    shape = tuple(bound["normalized_shape"])
-    weight, bias = (_attr(gm, bound[k]) for k in ("weight", "bias"))
-    if len(shape) != 1 or any(bound[k] is not None and t is None for k, t in (("weight", weight), ("bias", bias))):
-        return False
-    ln = nn.LayerNorm(shape, float(bound["eps"]), elementwise_affine=weight is not None, bias=bias is not None)
-    with torch.no_grad():
-        for param, value in ((ln.weight, weight), (ln.bias, bias)):
-            if param is not None and value is not None:
-                param.copy_(value)
-    name = rewrite.add_module(gm, node.name, ln)
-    rewrite.replace_node(gm, node, "call_module", name, (bound["input"],))
-    return True
+    return layer_norm_module(gm, node) is not None
 
 
 def pointwise_rule(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
     """The rule for ``node`` if it is a registered pointwise function or a product; else None."""
+    if getattr(node, "_erased", False):  # removed by an earlier rewrite of its chain
+        return None
+    channels = channels_rule(gm, node)  # ConvNeXt's channels-last chains and layer scales
+    if channels is not None:
+        return channels
     if node.op == "call_module":
         mod = gm.get_submodule(str(node.target))
         return _module_table if type(mod) in tables.MODULES else None

@@ -5,7 +5,8 @@
   T[q] = clamp(round(f(s_x q) / s_y), lo, hi) (``quant.tables.build_table``). Refused, naming the node,
   when t_x is wider than 8 bits or f is not finite on [s_x t_x.lo, s_x t_x.hi].
 * ``operator.mul(a, b)`` becomes ``IntMul`` with M = s_a s_b / s_y on the int32 product q_a q_b.
-* ``nn.LayerNorm`` over the last dim becomes ``IntLayerNorm`` (integers chosen by ``quant.layernorm.plan``).
+* ``nn.LayerNorm`` over the last dim (``ChannelLayerNorm``: over dim 1) becomes ``IntLayerNorm`` (integers
+  chosen by ``quant.layernorm.plan``).
 
 Not handled here: products with a constant (a scale folds into the neighbouring requantization, not an
 IntMul), tables on inputs wider than 8 bits (see ``quant/tables.py``).
@@ -60,8 +61,8 @@ def _lower_layernorm(lw: _Lowering, point: fx.Node, ln: nn.LayerNorm, out: IntTy
     except layernorm.LayerNormPlanError as exc:
         raise PreconditionError(f"LayerNorm '{point.name}': {exc}") from None
     real_m = attrs.pop("real_m")
-    op = ops.IntLayerNorm(**attrs, **lw.requant(real_m), axis=len(shape) - 1, inp=x.itype, out=out, lo=bounds[0],
-                          hi=bounds[1])
+    axis = 1 if isinstance(ln, layernorm.ChannelLayerNorm) else len(shape) - 1
+    op = ops.IntLayerNorm(**attrs, **lw.requant(real_m), axis=axis, inp=x.itype, out=out, lo=bounds[0], hi=bounds[1])
     return lw.emit(point.name, op, (x.node,), out, s_y, point)
 
 

@@ -94,3 +94,11 @@ def plan(ln: nn.LayerNorm, inp: IntType, s_x: float, s_y: float) -> dict[str, An
     steps = _isqrt_steps(max(1, (size * (size - 1) + eps_q) * 4**p), y0) + 1
     return {"gamma": gamma, "beta": beta, "size": size, "eps_q": eps_q, "p": p, "k": k, "steps": steps, "y0": y0,
             "real_m": unit / s_y}
+
+
+class ChannelLayerNorm(nn.LayerNorm):
+    """LayerNorm over dim 1 (the channels of NCHW): ``permute(0, 2, 3, 1)``, LayerNorm, ``permute(0, 3, 1, 2)``
+    in one module (canonicalize makes it from that sandwich); lowered to IntLayerNorm with axis 1."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.movedim(1, -1)).movedim(-1, 1)

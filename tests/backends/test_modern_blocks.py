@@ -1,7 +1,8 @@
 """Blocks written the way torchvision writes them, compiled from PyTorch and from their ONNX export:
-MobileNetV3's inverted residual (hardswish, squeeze-excitation with a hardsigmoid gate) and
-EfficientNet's MBConv (SiLU, squeeze-excitation with SiLU and a sigmoid gate). Both targets, bit-exact
-between the reference executor, the fast executor and onnxruntime."""
+MobileNetV3's inverted residual (hardswish, squeeze-excitation with a hardsigmoid gate), EfficientNet's
+MBConv (SiLU, squeeze-excitation with SiLU and a sigmoid gate) and ConvNeXt's CNBlock (channels-last
+LayerNorm between permutes, Linear, GELU, layer scale) with LayerNorm2d stem and head. Both targets,
+bit-exact between the reference executor, the fast executor and onnxruntime."""
 
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import compile_model, randomize_bn, random_inputs
 from modern import SqueezeExcitation, assert_exact, lookups, pipeline
 from torch import nn
 
+import qcompile
 from qcompile.ir import intops as ops
 
 Act = Callable[..., nn.Module]
@@ -92,6 +95,64 @@ class Net(nn.Module):
         return self.fc(torch.flatten(self.pool(self.body(self.stem(x))), 1))
 
 
+class Permute(nn.Module):
+    """torchvision.ops.Permute."""
+
+    def __init__(self, dims: list[int]) -> None:
+        super().__init__()
+        self.dims = dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.permute(x, self.dims)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's ConvNeXt LayerNorm2d: LayerNorm over channels through two permutes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class CNBlock(nn.Module):
+    """torchvision's ConvNeXt block (stochastic depth left out: an identity in eval mode)."""
+
+    def __init__(self, dim: int, layer_scale: float = 0.1) -> None:
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(dim, dim, 7, padding=3, groups=dim), Permute([0, 2, 3, 1]),
+                                   nn.LayerNorm(dim, eps=1e-6), nn.Linear(dim, 4 * dim), nn.GELU(),
+                                   nn.Linear(4 * dim, dim), Permute([0, 3, 1, 2]))
+        self.layer_scale = nn.Parameter(torch.ones(dim, 1, 1) * layer_scale)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        result = self.layer_scale * self.block(input)
+        result += input
+        return result
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, dim, 2, 2), LayerNorm2d(dim, eps=1e-6))
+        self.stage = nn.Sequential(CNBlock(dim), CNBlock(dim))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(LayerNorm2d(dim, eps=1e-6), nn.Flatten(1), nn.Linear(dim, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.avgpool(self.stage(self.stem(x))))
+
+
+def convnext() -> nn.Module:
+    model = ConvNeXt()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+    return model
+
+
 def mobilenet_v3() -> nn.Module:
     return Net(nn.Sequential(InvertedResidual(8, 16, 8, 3, 1, True, nn.Hardswish),
                              InvertedResidual(8, 24, 8, 5, 1, True, nn.Hardswish)), nn.Hardswish)
@@ -101,7 +162,7 @@ def efficientnet() -> nn.Module:
     return Net(nn.Sequential(MBConv(8, 4, 8, 3, 1), MBConv(8, 6, 8, 5, 1)), nn.SiLU)
 
 
-BLOCKS = {"mobilenet_v3": mobilenet_v3, "efficientnet": efficientnet}
+BLOCKS = {"mobilenet_v3": mobilenet_v3, "efficientnet": efficientnet, "convnext": convnext}
 
 
 def built(name: str) -> nn.Module:
@@ -121,9 +182,10 @@ def export(model: nn.Module, path: Path, opset: int) -> Path:
     return path
 
 
-def counts(cm: object) -> tuple[int, int]:
-    mods = list(cm.integer_graph.modules())  # type: ignore[attr-defined]
-    return len(lookups(cm)), sum(isinstance(m, ops.IntMul) for m in mods)  # type: ignore[arg-type]
+def counts(cm: qcompile.CompiledModel) -> tuple[int, int, int]:
+    mods = list(cm.integer_graph.modules())
+    return (len(lookups(cm)), sum(isinstance(m, ops.IntMul) for m in mods),
+            sum(isinstance(m, ops.IntLayerNorm) for m in mods))
 
 
 @pytest.mark.parametrize("target", ["ort", "integer"])
@@ -133,8 +195,13 @@ def test_block_compiles_bit_exactly(name: str, frontend: str, target: str, tmp_p
     model = built(name)
     source: nn.Module | str = model if frontend == "pytorch" else str(export(model, tmp_path / "m.onnx", 17))
     cm = compile_model(source, pipeline=pipeline(target))
-    # MobileNetV3: 5 hardswish + 2 hardsigmoid tables, 2 SE products; EfficientNet: 5 + 2 SiLU + 2 sigmoid
-    assert counts(cm) == ({"mobilenet_v3": 7, "efficientnet": 9}[name], 2)
+    # MobileNetV3: 5 hardswish + 2 hardsigmoid tables, 2 SE products; EfficientNet: 5 + 2 SiLU + 2 sigmoid;
+    # ConvNeXt: 2 GELU, 4 LayerNorms (stem, 2 blocks, head), no permutes or products left
+    expected = {"mobilenet_v3": (7, 2, 0), "efficientnet": (9, 2, 0), "convnext": (2, 0, 4)}[name]
+    assert counts(cm) == expected
+    if name == "convnext":
+        assert {m.axis for m in cm.integer_graph.modules() if isinstance(m, ops.IntLayerNorm)} == {1}
+        assert not any(n.op == "call_function" and n.target is torch.permute for n in cm.integer_graph.graph.nodes)
     x = random_inputs(32, seed=8)
     assert_exact(cm, x)
     with torch.no_grad():
