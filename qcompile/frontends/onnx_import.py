@@ -62,8 +62,8 @@ class UnsupportedOnnxOpsError(UnsupportedOpsError):
             self,
             f"{len(items)} unsupported ONNX node(s): " + "; ".join(items) + " — re-export the model using "
             "Conv, Gemm, MatMul, Add, BatchNormalization, Relu, Clip, MaxPool, AveragePool, GlobalAveragePool, "
-            "ReduceMean, Flatten, Reshape, Concat, Identity, Dropout, Sigmoid, HardSigmoid, HardSwish, Tanh, LeakyRelu, "
-            "Elu, Gelu, Mul and LayerNormalization only",
+            "ReduceMean, Flatten, Reshape, Concat, Identity, Dropout, Sigmoid, HardSigmoid, HardSwish, Tanh, "
+            "LeakyRelu, Elu, Gelu, Mul, Transpose and LayerNormalization only",
         )
 
 

@@ -259,9 +259,10 @@ class IntClamp(IntOp):
         return f"{self.inp} [{self.lo},{self.hi}]"
 
 
-REQUANTIZING_OPS = (IntConv2d, IntLinear, IntShiftConv2d, IntShiftLinear, IntAdd, IntAvgPool2d)
+REQUANTIZING_OPS: tuple[type[_Requantizing], ...] = (IntConv2d, IntLinear, IntShiftConv2d, IntShiftLinear, IntAdd,
+                                                      IntAvgPool2d)
 SHIFT_ADD_OPS = (IntShiftConv2d, IntShiftLinear)
-INTEGER_MODULES = (Quantize, Dequantize, *REQUANTIZING_OPS, IntMaxPool2d, IntClamp)
+INTEGER_MODULES: tuple[type[IntOp], ...] = (Quantize, Dequantize, *REQUANTIZING_OPS, IntMaxPool2d, IntClamp)
 # call_function targets allowed on integer tensors: they move integers around without arithmetic
 INTEGER_FUNCTIONS = (torch.flatten, torch.reshape, torch.cat)
 

@@ -21,8 +21,8 @@ from qcompile.ir import intops
 from qcompile.ir.contract import INT32_MAX
 from qcompile.ir.meta import Stage, get_info, get_stage
 from qcompile.quant.bayesian_bits import BayesianBitsActQuant
-from qcompile.quant.modules import ActQuant, QConv2d, QLinear
 from qcompile.quant.layernorm import ChannelLayerNorm
+from qcompile.quant.modules import ActQuant, QConv2d, QLinear
 from qcompile.quant.tables import TableFunction
 
 FLOAT_FUNCTIONS = (torch.relu, torch.clamp, torch.flatten, torch.reshape, operator.add, torch.cat, operator.mul)

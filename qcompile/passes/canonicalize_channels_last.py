@@ -57,7 +57,8 @@ def _parameter(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
 def layer_norm_module(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     """F.layer_norm(x, (D,), weight, bias, eps) with parameter (or absent) affine -> an nn.LayerNorm node."""
     names = ("input", "normalized_shape", "weight", "bias", "eps")
-    bound = {"weight": None, "bias": None, "eps": 1e-5, **dict(zip(names, node.args, strict=False)), **node.kwargs}
+    bound: dict[str, Any] = {"weight": None, "bias": None, "eps": 1e-5, **dict(zip(names, node.args, strict=False)),
+                             **node.kwargs}
     shape = tuple(bound["normalized_shape"])
     weight, bias = (_parameter(gm, bound[k]) for k in ("weight", "bias"))
     if len(shape) != 1 or any(bound[k] is not None and t is None for k, t in (("weight", weight), ("bias", bias))):
@@ -85,7 +86,8 @@ def _channels_last_op(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _chain(gm: fx.GraphModule, start: fx.Node) -> tuple[list[fx.Node], fx.Node] | None:
     """The ops between ``start`` (to channels-last) and the permute back, if every one qualifies."""
-    chain, node = [], start
+    chain: list[fx.Node] = []
+    node = start
     while len(node.users) == 1:
         node = next(iter(node.users))
         if permutation(node) == TO_FIRST:

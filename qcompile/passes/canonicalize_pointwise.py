@@ -32,8 +32,13 @@ MUL_METHODS = ("mul", "mul_", "multiply")
 
 
 def _has_node(values: Any) -> bool:
-    found: list[bool] = []
-    fx.node.map_arg(values, lambda n: found.append(True) or n)
+    found: list[fx.Node] = []
+
+    def note(n: fx.Node) -> fx.Node:
+        found.append(n)
+        return n
+
+    fx.node.map_arg(values, note)
     return bool(found)
 
 

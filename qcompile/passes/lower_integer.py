@@ -10,7 +10,8 @@ layer) as power-of-two terms in IntShiftConv2d/IntShiftLinear, with q_b = round(
 M[c] = s_x s / s_y.
 Residual adds use M = s_in / s_y on q_a + q_b (share-scales made the inputs' scales equal);
 average pools use M = s_x / (k * s_y) on the window sum. Max pooling, reshapes and concatenation act on
-integers. Tables and products of two activations: passes/lower_pointwise.py. A ReLU/clamp that could not fold becomes an IntClamp. Inputs get a Quantize, outputs a
+integers. Tables, products of two activations and LayerNorms: passes/lower_pointwise.py.
+A ReLU/clamp that could not fold becomes an IntClamp. Inputs get a Quantize, outputs a
 Dequantize: the only float ops. Not handled: adds/cats whose inputs have different scales (run
 share-scales first), and clamps whose bounds are not on the grid of an unfused tensor (rounded to it).
 """

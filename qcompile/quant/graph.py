@@ -24,7 +24,8 @@ from qcompile.quant.tables import TableFunction
 
 CLAMPS = (torch.relu, torch.clamp)
 PASS_THROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.relu, torch.clamp)
-NEW_SCALE_MODULES: tuple[type, ...] = (TableFunction, nn.LayerNorm)  # and its subclass ChannelLayerNorm  # pointwise ops whose output gets its own quantizer
+# pointwise ops whose output gets its own quantizer (nn.LayerNorm covers its subclass ChannelLayerNorm)
+NEW_SCALE_MODULES: tuple[type, ...] = (TableFunction, nn.LayerNorm)  # pointwise ops whose output gets its own quantizer
 
 
 def module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

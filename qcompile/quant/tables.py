@@ -116,8 +116,8 @@ def hard_sigmoid(x: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
 
 
 def _builtins() -> None:
-    for f in (hard_sigmoid, F.silu, F.hardswish, F.hardsigmoid, F.gelu, F.leaky_relu, F.elu, F.sigmoid, F.tanh, torch.sigmoid,
-              torch.tanh, torch.special.expit):
+    for f in (hard_sigmoid, F.silu, F.hardswish, F.hardsigmoid, F.gelu, F.leaky_relu, F.elu, F.sigmoid, F.tanh,
+              torch.sigmoid, torch.tanh, torch.special.expit):
         register_table_function(f)
     for m in (nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Tanh, nn.LeakyReLU, nn.ELU):
         register_table_function(m)

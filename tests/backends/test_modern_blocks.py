@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import compile_model, randomize_bn, random_inputs
+from conftest import compile_model, random_inputs, randomize_bn
 from modern import SqueezeExcitation, assert_exact, lookups, pipeline
 from torch import nn
 

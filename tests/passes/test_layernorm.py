@@ -25,8 +25,10 @@ from qcompile.quant import layernorm
 S_X, S_Y = 0.05, 4.0 / 127
 
 
-def make_op(size: int, target: str, seed: int = 0, inp: IntType = IntType(8, True)) -> tuple[nn.LayerNorm,
-                                                                                             ops.IntLayerNorm]:
+INT8 = IntType(8, True)
+
+
+def make_op(size: int, target: str, seed: int = 0, inp: IntType = INT8) -> tuple[nn.LayerNorm, ops.IntLayerNorm]:
     g = torch.Generator().manual_seed(seed)
     ln = nn.LayerNorm(size)
     with torch.no_grad():

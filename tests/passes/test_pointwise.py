@@ -189,7 +189,8 @@ def test_a_function_not_finite_on_the_input_range_is_refused_naming_the_node() -
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return torch.log(x)  # calibrated on x > 0, but q = 0 is on the input grid
 
-    with pytest.raises(qcompile.QCompileError, match=r"table function 'log.*' \(log at .*test_pointwise.py:\d+\): f is not finite at x = 0 "):
+    message = r"table function 'log.*' \(log at .*test_pointwise.py:\d+\): f is not finite at x = 0 "
+    with pytest.raises(qcompile.QCompileError, match=message):
         compile_model(Log(), signed=False)
 
 
