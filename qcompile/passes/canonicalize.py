@@ -13,7 +13,7 @@ Rewrites (each keeps the computed function identical):
   SiLU/sigmoid/hardswish/GELU/... (module, function or
   method; any registered table function), a * b of two
   activations                                              -> TableFunction / operator.mul
-                                                              (passes/canonicalize_pointwise.py)
+                                                              (passes/rules/canonicalize_pointwise.py)
 Shapes come from one run on the example inputs. Anything else (or a supported op with an unsupported
 setting: non-unit alpha, a scalar operand, a concat across another axis, ceil_mode average pooling,
 an adaptive pool to more than 1x1) is reported in one UnsupportedOpsError listing every such node
@@ -37,7 +37,7 @@ from qcompile.ir.meta import Stage, get_info
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.ir.verify import FLOAT_FUNCTIONS, FLOAT_MODULES
 from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, register_pass
-from qcompile.passes.canonicalize_pointwise import pointwise_rule
+from qcompile.passes.rules.canonicalize_pointwise import pointwise_rule
 
 
 class UnsupportedOpsError(QCompileError):

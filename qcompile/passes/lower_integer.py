@@ -10,7 +10,7 @@ layer) as power-of-two terms in IntShiftConv2d/IntShiftLinear, with q_b = round(
 M[c] = s_x s / s_y.
 Residual adds use M = s_in / s_y on q_a + q_b (share-scales made the inputs' scales equal);
 average pools use M = s_x / (k * s_y) on the window sum. Max pooling, reshapes and concatenation act on
-integers. Tables, products of two activations and LayerNorms: passes/lower_pointwise.py.
+integers. Tables, products of two activations and LayerNorms: passes/rules/lower_pointwise.py.
 A ReLU/clamp that could not fold becomes an IntClamp. Inputs get a Quantize, outputs a
 Dequantize: the only float ops. Not handled: adds/cats whose inputs have different scales (run
 share-scales first), and clamps whose bounds are not on the grid of an unfused tensor (rounded to it).
@@ -34,7 +34,7 @@ from qcompile.ir.meta import IntType, NodeInfo, Stage, get_info, set_info, set_t
 from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.ir.shapes import annotate_shapes, pair
 from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, option, register_pass
-from qcompile.passes.lower_pointwise import lower_point
+from qcompile.passes.rules.lower_pointwise import lower_point
 from qcompile.quant import graph
 from qcompile.quant.apot import APoTWeightQuant, terms_of_codes
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from qcompile.ir import rewrite
-from qcompile.passes.canonicalize_channels_last import channels_rule, layer_norm_module
+from qcompile.passes.rules.channels_last import channels_rule, layer_norm_module
 from qcompile.quant import tables
 
 Rule = Callable[[fx.GraphModule, fx.Node], bool]
