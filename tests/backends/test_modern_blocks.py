@@ -208,3 +208,25 @@ def test_block_compiles_bit_exactly(name: str, frontend: str, target: str, tmp_p
         float_out = model(x)
     cos = torch.nn.functional.cosine_similarity(cm.reference(x).flatten(), float_out.flatten(), dim=0)
     assert float(cos) > 0.95
+
+
+class ShapeChecked(nn.Module):
+    """A shape check torch.fx cannot trace: the model goes through torch.export (aten ops raised)."""
+
+    def __init__(self, body: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] != 1:
+            raise ValueError("one input channel expected")
+        return self.body(x)
+
+
+@pytest.mark.parametrize("name", sorted(BLOCKS))
+def test_block_compiles_through_torch_export(name: str) -> None:
+    model = built(name)
+    cm = compile_model(ShapeChecked(model).eval(), pipeline=pipeline("ort"))
+    expected = {"mobilenet_v3": (7, 2, 0), "efficientnet": (9, 2, 0), "convnext": (2, 0, 4)}[name]
+    assert counts(cm) == expected
+    assert_exact(cm, random_inputs(16, seed=8))
