@@ -17,6 +17,11 @@ Math, per op (``rq`` is the contract's requantization, see ``ir/contract.py``):
 * ``IntAvgPool2d``: q_y = clamp(rq(window sum of q_x, m, n), lo, hi), m/2^n ~ s_x / (k * s_y);
   zero padding counts toward k (PyTorch's count_include_pad=True).
 * ``IntMaxPool2d``, ``IntClamp``: act on integers directly, scale unchanged.
+* ``IntLookup``: q_y = T[q_x - lo_x], a table of 2^b entries for a b <= 8-bit input (pointwise functions;
+  ``quant/tables.py`` builds T). Nothing is requantized.
+* ``IntMul``: q_y = clamp(rq(q_a * q_b, m, n), lo, hi) with broadcasting, M = s_a s_b / s_y.
+* ``IntLayerNorm``: integer mean, variance, Newton square root and division, integer gamma/beta, then
+  rq with a scalar M (its docstring has the steps; ``quant/layernorm.py`` the choices and error bound).
 
 Every requantizing op carries both forms of its multiplier M: the dyadic ``mult``/``shift`` and
 ``fmult = float32(M)``, and its ``target`` says which one ``rq`` uses (``contract.Target``: ``integer`` =
