@@ -236,7 +236,11 @@ def _lookup(op: ops.IntLookup, x: torch.Tensor) -> torch.Tensor:
     if table is None:
         table = op.table.to(torch.float32)
         op._fast_table = table  # type: ignore[assignment]  # derived once from the immutable table
-    return table[(x - op.inp.lo).long()]
+    if table.dim() == 1:
+        return table[(x - op.inp.lo).long()]
+    channels, width = table.shape
+    offsets = (torch.arange(channels) * width).view(1, -1, *[1] * (x.dim() - 2))
+    return table.reshape(-1)[(x - op.inp.lo).long() + offsets]
 
 
 @_kernel(ops.IntMul)

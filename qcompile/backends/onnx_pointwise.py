@@ -34,14 +34,19 @@ F32_EXACT = 2**24
 
 
 def container_table(op: ops.IntLookup) -> np.ndarray:
-    """G[u] = T[clip(u - zp_in, lo, hi) - lo] + zp_out for every uint8 container value u."""
+    """G[u] = T[clip(u - zp_in, lo, hi) - lo] + zp_out for every uint8 container value u (per row)."""
     q = np.clip(np.arange(256) - op.inp.zero_point, op.inp.lo, op.inp.hi)
-    return (ox._np(op.table)[q - op.inp.lo] + op.out.zero_point).astype(np.uint8)
+    return (ox._np(op.table)[..., q - op.inp.lo] + op.out.zero_point).astype(np.uint8)
 
 
 def _export_lookup(e: ox._Emitter, node: fx.Node, op: ops.IntLookup, args: list[Any]) -> gs.Variable:
+    """Gather(G, u); a per-channel table is flattened and gathered at c * 256 + u."""
     idx = e.op("Cast", node.name, [args[0]], np.int64, to=onnx.TensorProto.INT64)
-    return e.op("Gather", node.name, [e.const(f"{node.name}_table", container_table(op)), idx], np.uint8, axis=0)
+    table = container_table(op)
+    if table.ndim == 2:
+        offsets = (np.arange(table.shape[0], dtype=np.int64) * 256).reshape(1, -1, *[1] * (_rank(node) - 2))
+        idx = e.op("Add", node.name, [idx, e.const(f"{node.name}_rows", offsets)], np.int64)
+    return e.op("Gather", node.name, [e.const(f"{node.name}_table", table.reshape(-1)), idx], np.uint8, axis=0)
 
 
 def _mul_integer(e: ox._Emitter, node: fx.Node, op: ops.IntMul, args: list[Any]) -> gs.Variable:

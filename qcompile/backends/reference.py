@@ -184,7 +184,11 @@ def run_reference(gm: fx.GraphModule, *inputs: torch.Tensor) -> Any:
 def _lookup(op: ops.IntLookup, x: IntArray) -> IntArray:
     if x.size and (x.min() < op.inp.lo or x.max() > op.inp.hi):
         raise ValueError(f"lookup input outside its type {op.inp}")
-    return _np(op.table)[x - op.inp.lo]
+    table = _np(op.table)
+    if table.ndim == 1:
+        return table[x - op.inp.lo]
+    channel = np.arange(table.shape[0]).reshape(1, -1, *[1] * (x.ndim - 2))
+    return table[channel, x - op.inp.lo]
 
 
 @kernel(ops.IntMul)

@@ -4,6 +4,7 @@
   HardSigmoid(alpha, beta)                            -> F.hardsigmoid (alpha = 1/6, beta = 1/2, PyTorch's), else
                                                          tables.hard_sigmoid(x, alpha, beta) = clamp(a x + b, 0, 1)
   LeakyRelu(alpha) / Elu(alpha) / Gelu(approximate)   -> F.leaky_relu / F.elu / F.gelu
+  PRelu(constant slope: one, or one per channel)      -> nn.PReLU (a per-channel table)
   Mul(a, b)                                           -> operator.mul(a, b) (a constant becomes a graph
                                                          attribute: canonicalize folds a layer scale)
   Transpose(perm) (unless another converter is there) -> torch.permute(x, perm) (canonicalize removes
@@ -55,6 +56,18 @@ def _with_alpha(fn: object, default: float) -> onnx_ops.Converter:
         imp.emit_function(node, fn, (imp.value(node.inputs[0]), float(node.attrs.get("alpha", default))))  # type: ignore[arg-type]
 
     return convert
+
+
+def _prelu(imp: Builder, node: gs.Node) -> None:
+    slope = onnx_ops._weight(node, 1, "slope")
+    rank = onnx_ops._rank(node.inputs[0])
+    per_channel = slope.size > 1
+    if per_channel and (rank is None or slope.shape not in ((slope.size,) + (1,) * (rank - 2),
+                                                             (1, slope.size) + (1,) * (rank - 2))):
+        raise Unsupported(f"slope of shape {list(slope.shape)} (only one slope, or one per channel of dim 1)")
+    prelu = nn.PReLU(slope.size)
+    onnx_ops._set(prelu.weight, slope.reshape(-1))
+    imp.emit_module(node, prelu, node.inputs[0])
 
 
 def _gelu(imp: Builder, node: gs.Node) -> None:
@@ -161,6 +174,6 @@ def fuse_patterns(graph: gs.Graph) -> None:
 onnx_ops.CONVERTERS.update({
     "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh), "HardSwish": _unary(F.hardswish),
     "HardSigmoid": _hard_sigmoid, "LeakyRelu": _with_alpha(F.leaky_relu, 0.01), "Elu": _with_alpha(F.elu, 1.0),
-    "Gelu": _gelu, "Mul": _mul, "LayerNormalization": _layer_norm,
+    "Gelu": _gelu, "Mul": _mul, "LayerNormalization": _layer_norm, "PRelu": _prelu,
 })
 onnx_ops.CONVERTERS.setdefault("Transpose", _transpose)

@@ -279,7 +279,9 @@ class IntLookup(IntOp):
     """A pointwise function as a table: q_y = table[q_x - inp.lo] (``quant/tables.py`` builds it).
 
     ``table`` holds 2^b int64 entries for a b-bit input (b <= 8), already clamped to [lo, hi] of the
-    output type; nothing is requantized, so every backend and target computes the same integers.
+    output type; nothing is requantized, so every backend and target computes the same integers. A
+    per-channel function (PReLU) has one row per channel, [C, 2^b], indexed by the channel (dim 1) too:
+    q_y[n, c, ...] = table[c, q_x[n, c, ...] - inp.lo].
     """
 
     table: torch.Tensor
@@ -287,14 +289,16 @@ class IntLookup(IntOp):
     def __init__(self, table: Any, *, inp: IntType, out: IntType, lo: int, hi: int, label: str = "f") -> None:
         super().__init__()
         self.register_buffer("table", _int_buffer(table))
-        if self.table.numel() != inp.hi - inp.lo + 1:
-            raise ValueError(f"table of {self.table.numel()} entries for a {inp} input ({inp.hi - inp.lo + 1} values)")
+        if self.table.dim() not in (1, 2) or self.table.shape[-1] != inp.hi - inp.lo + 1:
+            raise ValueError(f"table of shape {tuple(self.table.shape)} for a {inp} input "
+                             f"({inp.hi - inp.lo + 1} values)")
         if not out.lo <= lo <= hi <= out.hi or bool((self.table < lo).any() | (self.table > hi).any()):
             raise ValueError(f"table entries outside [{lo}, {hi}] or the output type {out}")
         self.inp, self.out, self.lo, self.hi, self.label = inp, out, int(lo), int(hi), label
 
     def extra_repr(self) -> str:
-        return f"{self.label}: {self.inp}->{self.out} [{self.lo},{self.hi}], {self.table.numel()} entries"
+        rows = f"{self.table.shape[0]} channels x " if self.table.dim() == 2 else ""
+        return f"{self.label}: {self.inp}->{self.out} [{self.lo},{self.hi}], {rows}{self.table.shape[-1]} entries"
 
 
 class IntMul(_Requantizing):

@@ -21,6 +21,9 @@ or an nn.Module type (``nn.SiLU``...) to the way f is computed; ``register_table
 own. A function that is not finite somewhere on the input range [s_x * lo, s_x * hi] is refused at
 lowering, naming the node.
 
+A per-channel function (``nn.PReLU`` with one slope per channel) gets one row per channel, T[c, q], built
+by evaluating f on a [1, C, 2^b] grid; the export gathers at c * 256 + (q + zp).
+
 Deliberately not done: inputs wider than 8 bits. A 16-bit input would need a 65,536-entry table per node
 (128 KiB as int16, and a Gather whose index no longer fits the uint8 container, so the export would need
 a 16-bit container for every neighbouring tensor), or a piecewise approximation (segments of a polynomial
@@ -49,11 +52,12 @@ FloatFn = Callable[[torch.Tensor], torch.Tensor]
 class TableFunction(nn.Module):
     """f applied pointwise, computed in float64 and returned in the input's dtype; lowered to a table."""
 
-    def __init__(self, name: str, fn: FloatFn, key: Any = None) -> None:
+    def __init__(self, name: str, fn: FloatFn, key: Any = None, channels: int = 0) -> None:
         super().__init__()
         self.label = name
         self.fn = fn  # a plain function (or partial), or an nn.Module (then a submodule)
         self.key = key  # the registered function or module type it came from
+        self.channels = channels  # > 0: f depends on the channel (dim 1), one table row per channel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x.double()).to(x.dtype)
@@ -119,7 +123,7 @@ def _builtins() -> None:
     for f in (hard_sigmoid, F.silu, F.hardswish, F.hardsigmoid, F.gelu, F.leaky_relu, F.elu, F.sigmoid, F.tanh,
               torch.sigmoid, torch.tanh, torch.special.expit):
         register_table_function(f)
-    for m in (nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Tanh, nn.LeakyReLU, nn.ELU):
+    for m in (nn.SiLU, nn.Sigmoid, nn.Hardswish, nn.Hardsigmoid, nn.GELU, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.PReLU):
         register_table_function(m)
 
 
@@ -137,7 +141,9 @@ def table_function(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
     kwargs = {k: v for k, v in kwargs.items() if k != "inplace"}
     if isinstance(target, nn.Module):
         entry = next((e for t, e in MODULES.items() if type(target) is t), None)
-        return None if entry is None else TableFunction(repr(target), entry.make(target, (), {}), type(target))
+        channels = target.num_parameters if isinstance(target, nn.PReLU) and target.num_parameters > 1 else 0
+        return None if entry is None else TableFunction(repr(target), entry.make(target, (), {}), type(target),
+                                                        channels)
     entry = FUNCTIONS.get(target)
     if entry is None:
         return None
@@ -158,7 +164,8 @@ class TableError(ValueError):
 
 def build_table(fn: nn.Module, inp: IntType, s_x: float, out: IntType, s_y: float, lo: int,
                 hi: int) -> torch.Tensor:
-    """T[q - inp.lo] = clamp(round(f(s_x * q) / s_y), lo, hi) for q in [inp.lo, inp.hi], int64.
+    """T[q - inp.lo] = clamp(round(f(s_x * q) / s_y), lo, hi) for q in [inp.lo, inp.hi], int64 ([C, 2^b]
+    for a per-channel function such as PReLU with C slopes).
 
     The same float operations as the quant graph in eval mode (see the module docstring).
     """
@@ -166,8 +173,12 @@ def build_table(fn: nn.Module, inp: IntType, s_x: float, out: IntType, s_y: floa
         raise TableError(f"its input has {inp.bits} bits; a table takes at most {MAX_TABLE_BITS}: give the "
                          f"input quantizer at most {MAX_TABLE_BITS} bits")
     q = torch.arange(inp.lo, inp.hi + 1, dtype=torch.float32)
+    channels = getattr(fn, "channels", 0)
+    grid = q.expand(1, channels, -1) if channels else q  # per channel: [1, C, 2^b], f sees channels on dim 1
     with torch.no_grad():
-        y = fn(q * torch.tensor(s_x, dtype=torch.float32))
+        y = fn(grid * torch.tensor(s_x, dtype=torch.float32))
+        y = y[0] if channels else y
+        q = q.expand_as(y)
     bad = ~torch.isfinite(y)
     if bool(bad.any()):
         x = float(q[bad][0]) * s_x

@@ -8,8 +8,10 @@ the fast executor and onnxruntime (both targets) agree bit for bit.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from functools import cache, partial
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -272,3 +274,38 @@ def test_verifier_refuses_a_product_that_can_overflow_int32() -> None:
     wide = IntType(16, False)
     with pytest.raises(VerificationError, match=r"mul: int32 accumulator may overflow \(\|acc\| <= 4294836225"):
         verify(_mul_graph(wide, wide, IntType(8, True), 1e-6, "integer"))
+
+
+class PReLUNet(nn.Module):
+    def __init__(self, slopes: int) -> None:
+        super().__init__()
+        self.conv, self.act, self.out = nn.Conv2d(1, 4, 3, padding=1), nn.PReLU(slopes), nn.Conv2d(4, 2, 1)
+        with torch.no_grad():
+            self.act.weight.copy_(torch.linspace(-0.5, 0.75, slopes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.conv(x)))
+
+
+@pytest.mark.parametrize("frontend", ["pytorch", "onnx"])
+@pytest.mark.parametrize("slopes", [1, 4])
+def test_prelu_is_a_per_channel_table(slopes: int, frontend: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = PReLUNet(slopes).eval()
+    source: nn.Module | str = model
+    if frontend == "onnx":
+        source = str(tmp_path / "prelu.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (random_inputs(1),), source, dynamo=False, input_names=["x"],
+                              dynamic_axes={"x": {0: "N"}})
+    for target in TARGETS:
+        cm = compile_model(source, pipeline=pipeline(target))
+        (op,) = lookups(cm)
+        assert tuple(op.table.shape) == ((4, 255) if slopes == 4 else (255,))
+        fn, in_q, out_q = quant_table(cm)
+        q = torch.arange(op.inp.lo, op.inp.hi + 1, dtype=torch.float64)
+        slope = model.act.weight.detach().double().reshape(-1, 1)
+        ideal = torch.where(q >= 0, q, slope * q) * float(in_q.scale) / float(out_q.scale)  # independent math
+        assert float((op.table - ideal).abs().max()) <= 0.5 + 1e-3
+        assert_exact(cm, random_inputs(16, seed=3))
