@@ -262,3 +262,11 @@ def _layernorm(op: ops.IntLayerNorm, x: torch.Tensor) -> torch.Tensor:
     shape[op.axis] = -1
     acc = n * op.gamma.view(shape) + op.beta.view(shape)
     return _requant(acc, op, 1)
+
+
+@_kernel(ops.IntSoftmax)
+def _softmax(op: ops.IntSoftmax, x: torch.Tensor) -> torch.Tensor:
+    q = x.to(torch.int64)
+    e = op.etab[q.amax(dim=op.axis, keepdim=True) - q]
+    s = e.sum(dim=op.axis, keepdim=True)
+    return ((2 * op.c * e + (s << op.frac)) // (s << (op.frac + 1))).clamp_(op.lo, op.hi).to(torch.float32)

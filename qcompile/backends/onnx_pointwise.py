@@ -15,6 +15,8 @@
   onnxruntime's truncating integer division is the floor of the spec), unrolled over the fixed Newton
   steps, ``Cast`` of the int32-bounded acc, then the target's requantization: the exact uint64 chain
   (``integer``) or ``DequantizeLinear(acc, f)`` + ``QuantizeLinear(., 1, zp)`` + ``Clip`` (``ort``).
+* ``IntSoftmax`` (both targets): ``ReduceMax``, ``Sub``, ``Gather`` of the exp table, ``ReduceSum``, ``Mul``,
+  ``Add``, ``Div`` (non-negative operands), ``Max``/``Min``, + zp, ``Cast``: its integer math literally.
 """
 
 from __future__ import annotations
@@ -127,7 +129,28 @@ def _layernorm_ort(e: ox._Emitter, node: fx.Node, op: ops.IntLayerNorm, args: li
     return onnx_ort.requantize(e, node.name, acc, onnx_ort._f32(op.fmult), op.out, op.lo, op.hi)
 
 
+def _export_softmax(e: ox._Emitter, node: fx.Node, op: ops.IntSoftmax, args: list[Any]) -> gs.Variable:
+    """IntSoftmax's integer math on the uint8 container (the zero point cancels in max - x)."""
+    name = node.name
+    axes = _i64(e, f"{name}_axes", [op.axis])
+    u = e.op("Cast", name, [args[0]], np.int64, to=onnx.TensorProto.INT64)
+    d = e.op("Sub", name, [e.op("ReduceMax", name, [u, axes], np.int64, keepdims=1), u], np.int64)
+    ex = e.op("Gather", name, [_i64(e, f"{name}_exp", ox._np(op.etab)), d], np.int64, axis=0)
+    s = e.op("ReduceSum", name, [ex, axes], np.int64, keepdims=1)
+    num = e.op("Add", name, [e.op("Mul", name, [ex, _i64(e, f"{name}_2c", 2 * op.c)], np.int64),
+                             e.op("Mul", name, [s, _i64(e, f"{name}_t", 1 << op.frac)], np.int64)], np.int64)
+    q = e.op("Div", name, [num, e.op("Mul", name, [s, _i64(e, f"{name}_2t", 1 << (op.frac + 1))], np.int64)],
+             np.int64)
+    zp = op.out.zero_point
+    q = e.op("Min", name, [e.op("Max", name, [q, _i64(e, f"{name}_lo", op.lo)], np.int64),
+                           _i64(e, f"{name}_hi", op.hi)], np.int64)
+    q = e.op("Add", name, [q, _i64(e, f"{name}_zp", zp)], np.int64)
+    return e.op("Cast", name, [q], np.uint8, to=onnx.TensorProto.UINT8)
+
+
 ox.SHARED_EMITTERS[ops.IntLookup] = _export_lookup
+ox.SHARED_EMITTERS[ops.IntSoftmax] = _export_softmax
 ox.INTEGER_EMITTERS.update({ops.IntLookup: _export_lookup, ops.IntMul: _mul_integer,
-                            ops.IntLayerNorm: _layernorm_integer})
-onnx_ort.ORT_EMITTERS.update({ops.IntLookup: _export_lookup, ops.IntMul: _mul_ort, ops.IntLayerNorm: _layernorm_ort})
+                            ops.IntLayerNorm: _layernorm_integer, ops.IntSoftmax: _export_softmax})
+onnx_ort.ORT_EMITTERS.update({ops.IntLookup: _export_lookup, ops.IntMul: _mul_ort, ops.IntLayerNorm: _layernorm_ort,
+                              ops.IntSoftmax: _export_softmax})

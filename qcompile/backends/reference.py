@@ -218,3 +218,11 @@ def _layernorm(op: ops.IntLayerNorm, x: IntArray) -> IntArray:
 def run_kernel(op: ops.IntOp, *args: IntArray) -> IntArray:
     """One op's reference kernel on int64 arrays (tests compare it with independent math)."""
     return _KERNELS[type(op)](op, *args)
+
+
+@kernel(ops.IntSoftmax)
+def _softmax(op: ops.IntSoftmax, x: IntArray) -> IntArray:
+    q = np.asarray(x, dtype=np.int64)
+    e = _np(op.etab)[q.max(axis=op.axis, keepdims=True) - q]
+    s = e.sum(axis=op.axis, keepdims=True)
+    return np.clip((2 * e * op.c + (s << op.frac)) // (s << (op.frac + 1)), op.lo, op.hi)

@@ -5,6 +5,7 @@
                                                          tables.hard_sigmoid(x, alpha, beta) = clamp(a x + b, 0, 1)
   LeakyRelu(alpha) / Elu(alpha) / Gelu(approximate)   -> F.leaky_relu / F.elu / F.gelu
   PRelu(constant slope: one, or one per channel)      -> nn.PReLU (a per-channel table)
+  Softmax(axis) (opset >= 13; before it, the last axis) -> F.softmax(x, axis)
   Mul(a, b)                                           -> operator.mul(a, b) (a constant becomes a graph
                                                          attribute: canonicalize folds a layer scale)
   Transpose(perm) (unless another converter is there) -> torch.permute(x, perm) (canonicalize removes
@@ -68,6 +69,14 @@ def _prelu(imp: Builder, node: gs.Node) -> None:
     prelu = nn.PReLU(slope.size)
     onnx_ops._set(prelu.weight, slope.reshape(-1))
     imp.emit_module(node, prelu, node.inputs[0])
+
+
+def _softmax(imp: Builder, node: gs.Node) -> None:
+    rank = onnx_ops._rank(node.inputs[0])
+    axis = onnx_ops._axis(node, node.inputs[0], -1)
+    if imp.graph.opset < 13 and rank is not None and axis != rank - 1:
+        raise Unsupported(f"opset {imp.graph.opset} softmax over the flattened axes from {axis} (only the last)")
+    imp.emit_function(node, F.softmax, (imp.value(node.inputs[0]), axis))
 
 
 def _gelu(imp: Builder, node: gs.Node) -> None:
@@ -175,5 +184,6 @@ onnx_ops.CONVERTERS.update({
     "Sigmoid": _unary(torch.sigmoid), "Tanh": _unary(torch.tanh), "HardSwish": _unary(F.hardswish),
     "HardSigmoid": _hard_sigmoid, "LeakyRelu": _with_alpha(F.leaky_relu, 0.01), "Elu": _with_alpha(F.elu, 1.0),
     "Gelu": _gelu, "Mul": _mul, "LayerNormalization": _layer_norm, "PRelu": _prelu,
+    "Softmax": _softmax,
 })
 onnx_ops.CONVERTERS.setdefault("Transpose", _transpose)

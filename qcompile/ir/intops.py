@@ -22,6 +22,7 @@ Math, per op (``rq`` is the contract's requantization, see ``ir/contract.py``):
 * ``IntMul``: q_y = clamp(rq(q_a * q_b, m, n), lo, hi) with broadcasting, M = s_a s_b / s_y.
 * ``IntLayerNorm``: integer mean, variance, Newton square root and division, integer gamma/beta, then
   rq with a scalar M (its docstring has the steps; ``quant/layernorm.py`` the choices and error bound).
+* ``IntSoftmax``: an exp table on max - q, an integer sum and one integer division per element.
 
 Every requantizing op carries both forms of its multiplier M: the dyadic ``mult``/``shift`` and
 ``fmult = float32(M)``, and its ``target`` says which one ``rq`` uses (``contract.Target``: ``integer`` =
@@ -365,3 +366,28 @@ class IntLayerNorm(_Requantizing):
 
 REQUANTIZING_OPS = (*REQUANTIZING_OPS, IntLayerNorm)
 INTEGER_MODULES = (*INTEGER_MODULES, IntLayerNorm)
+
+
+class IntSoftmax(IntOp):
+    """Integer softmax over ``axis`` (a small channel axis), no float inside:
+      d_i = max_j q_j - q_i (>= 0),  E_i = etab[d_i] = round(2^16 exp(-s_x d_i))  (a table),
+      S = sum_j E_j,  q_y = clamp((2 E_i C + S 2^t) // (2 S 2^t), lo, hi)   (round half up of E_i C / (S 2^t)),
+    with C = round(2^t / s_y), t = ``frac``; every operand is non-negative and below 2^62.
+    """
+
+    etab: torch.Tensor
+
+    def __init__(self, etab: Any, *, axis: int, c: int, frac: int, inp: IntType, out: IntType, lo: int,
+                 hi: int) -> None:
+        super().__init__()
+        self.register_buffer("etab", _int_buffer(etab))
+        if self.etab.numel() != inp.hi - inp.lo + 1 or bool((self.etab < 0).any()) or int(self.etab[0]) < 1:
+            raise ValueError(f"exp table of {self.etab.numel()} non-negative entries, the first >= 1, for a {inp} "
+                             "input")
+        self.axis, self.c, self.frac, self.inp, self.out, self.lo, self.hi = axis, int(c), int(frac), inp, out, lo, hi
+
+    def extra_repr(self) -> str:
+        return f"{self.inp}->{self.out} [{self.lo},{self.hi}], axis={self.axis}, C={self.c}, t={self.frac}"
+
+
+INTEGER_MODULES = (*INTEGER_MODULES, IntSoftmax)

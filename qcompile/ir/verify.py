@@ -27,7 +27,7 @@ from qcompile.quant.tables import TableFunction
 
 FLOAT_FUNCTIONS = (torch.relu, torch.clamp, torch.flatten, torch.reshape, operator.add, torch.cat, operator.mul)
 POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-POINTWISE_MODULES = (TableFunction, nn.LayerNorm, ChannelLayerNorm)  # lowered to IntLookup, IntLayerNorm
+POINTWISE_MODULES = (TableFunction, nn.LayerNorm, ChannelLayerNorm, nn.Softmax)  # IntLookup/LayerNorm/Softmax
 FLOAT_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, *POOL_MODULES, *POINTWISE_MODULES)
 QUANT_MODULES = (QConv2d, QLinear, ActQuant, BayesianBitsActQuant, *POOL_MODULES, *POINTWISE_MODULES)
 

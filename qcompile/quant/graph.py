@@ -25,7 +25,7 @@ from qcompile.quant.tables import TableFunction
 CLAMPS = (torch.relu, torch.clamp)
 PASS_THROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.relu, torch.clamp)
 # pointwise ops whose output gets its own quantizer (nn.LayerNorm covers its subclass ChannelLayerNorm)
-NEW_SCALE_MODULES: tuple[type, ...] = (TableFunction, nn.LayerNorm)  # pointwise ops whose output gets its own quantizer
+NEW_SCALE_MODULES: tuple[type, ...] = (TableFunction, nn.LayerNorm, nn.Softmax)
 
 
 def module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

@@ -6,6 +6,7 @@
   x * sigmoid(x) (the sigmoid read only there)             -> TableFunction(silu)(x)
   F.layer_norm(x, (D,), weight, bias, eps) with parameter
   (get_attr) or absent weight/bias                         -> nn.LayerNorm(D) module (lowered to IntLayerNorm)
+  F.softmax(x, dim) / torch.softmax / x.softmax / nn.Softmax -> nn.Softmax(dim >= 0) (lowered to IntSoftmax)
 
 A registered function whose other arguments are tensors (not constants), or a product whose operands
 are not both computed activations (a constant or a parameter: that is a scale, not an IntMul), is
@@ -21,8 +22,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch import nn
 
 from qcompile.ir import rewrite
+from qcompile.ir.meta import get_info
 from qcompile.passes.rules.channels_last import channels_rule, layer_norm_module
 from qcompile.quant import tables
 
@@ -93,26 +96,66 @@ def _layer_norm(gm: fx.GraphModule, node: fx.Node) -> bool:
     return layer_norm_module(gm, node) is not None
 
 
+SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax, torch.special.softmax)
+
+
+def _softmax(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """F.softmax(x, dim) / x.softmax(dim) / nn.Softmax(dim) -> nn.Softmax(dim >= 0)."""
+    dim: Any
+    if node.op == "call_module":
+        dim = gm.get_submodule(str(node.target)).dim
+    else:
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    shape = get_info(node).shape
+    if not isinstance(dim, int) or shape is None or node.kwargs.get("dtype") is not None:
+        return False
+    name = rewrite.add_module(gm, node.name, nn.Softmax(dim % len(shape)))
+    rewrite.replace_node(gm, node, "call_module", name, (node.args[0],))
+    return True
+
+
+def _canonical_softmax_dim(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """nn.Softmax with a non-negative int dim is canonical."""
+    dim = gm.get_submodule(str(node.target)).dim
+    return isinstance(dim, int) and dim >= 0
+
+
+def _module_rule(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
+    mod = gm.get_submodule(str(node.target))
+    if isinstance(mod, nn.Softmax):
+        return None if _canonical_softmax_dim(gm, node) else _softmax
+    return _module_table if type(mod) in tables.MODULES else None
+
+
+def _function_rule(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
+    if node.target in MUL_FUNCTIONS:
+        a, b = node.args[0], node.args[1] if len(node.args) > 1 else None
+        swish = _sigmoid_of(gm, b, a) or _sigmoid_of(gm, a, b)
+        return None if is_canonical_mul(node) and not swish else _mul
+    if node.target is F.layer_norm:
+        return _layer_norm
+    if node.target in SOFTMAX_FUNCTIONS:
+        return _softmax
+    return _function_table if node.target in tables.FUNCTIONS else None
+
+
+def _method_rule(node: fx.Node) -> Rule | None:
+    if node.target in MUL_METHODS:
+        return _mul
+    if node.target == "softmax":
+        return _softmax
+    return _function_table if node.target in tables.METHODS else None
+
+
 def pointwise_rule(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
-    """The rule for ``node`` if it is a registered pointwise function or a product; else None."""
+    """The rule for ``node`` if it is a registered pointwise function, a product, a LayerNorm or a softmax."""
     if getattr(node, "_erased", False):  # removed by an earlier rewrite of its chain
         return None
     channels = channels_rule(gm, node)  # ConvNeXt's channels-last chains and layer scales
     if channels is not None:
         return channels
     if node.op == "call_module":
-        mod = gm.get_submodule(str(node.target))
-        return _module_table if type(mod) in tables.MODULES else None
+        return _module_rule(gm, node)
     if node.op == "call_function":
-        if node.target in MUL_FUNCTIONS:
-            a, b = node.args[0], node.args[1] if len(node.args) > 1 else None
-            swish = _sigmoid_of(gm, b, a) or _sigmoid_of(gm, a, b)
-            return None if is_canonical_mul(node) and not swish else _mul
-        if node.target is F.layer_norm:
-            return _layer_norm
-        return _function_table if node.target in tables.FUNCTIONS else None
-    if node.op == "call_method":
-        if node.target in MUL_METHODS:
-            return _mul
-        return _function_table if node.target in tables.METHODS else None
-    return None
+        return _function_rule(gm, node)
+    return _method_rule(node) if node.op == "call_method" else None

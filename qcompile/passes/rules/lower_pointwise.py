@@ -6,7 +6,7 @@
   when t_x is wider than 8 bits or f is not finite on [s_x t_x.lo, s_x t_x.hi].
 * ``operator.mul(a, b)`` becomes ``IntMul`` with M = s_a s_b / s_y on the int32 product q_a q_b.
 * ``nn.LayerNorm`` over the last dim (``ChannelLayerNorm``: over dim 1) becomes ``IntLayerNorm`` (integers
-  chosen by ``quant.layernorm.plan``).
+  chosen by ``quant.layernorm.plan``); ``nn.Softmax(dim)`` becomes ``IntSoftmax`` (``quant.softmax.plan``).
 
 Not handled here: products with a constant (a scale folds into the neighbouring requantization, not an
 IntMul), tables on inputs wider than 8 bits (see ``quant/tables.py``).
@@ -24,7 +24,7 @@ from qcompile.ir import intops as ops
 from qcompile.ir.meta import IntType, get_info
 from qcompile.ir.rewrite import input_node
 from qcompile.passes.base import PreconditionError
-from qcompile.quant import layernorm
+from qcompile.quant import layernorm, softmax
 from qcompile.quant.tables import TableError, TableFunction, build_table
 
 if TYPE_CHECKING:
@@ -66,6 +66,18 @@ def _lower_layernorm(lw: _Lowering, point: fx.Node, ln: nn.LayerNorm, out: IntTy
     return lw.emit(point.name, op, (x.node,), out, s_y, point)
 
 
+def _lower_softmax(lw: _Lowering, point: fx.Node, sm: nn.Softmax, out: IntType, s_y: float,
+                   bounds: tuple[int, int]) -> Value:
+    x = lw.value(input_node(point))
+    try:
+        attrs = softmax.plan(x.itype, x.scale, s_y)
+    except ValueError as exc:
+        raise PreconditionError(f"softmax '{point.name}': {exc}") from None
+    assert isinstance(sm.dim, int), "canonicalize gives every softmax a dim"
+    op = ops.IntSoftmax(**attrs, axis=sm.dim, inp=x.itype, out=out, lo=bounds[0], hi=bounds[1])
+    return lw.emit(point.name, op, (x.node,), out, s_y, point)
+
+
 def lower_point(lw: _Lowering, point: fx.Node, mod: nn.Module | None, out: IntType, s_y: float,
                 bounds: tuple[int, int]) -> Value | None:
     """The lowering of a pointwise quantization point, or None when ``point`` is not one."""
@@ -75,4 +87,6 @@ def lower_point(lw: _Lowering, point: fx.Node, mod: nn.Module | None, out: IntTy
         return _lower_mul(lw, point, out, s_y, bounds)
     if isinstance(mod, nn.LayerNorm):
         return _lower_layernorm(lw, point, mod, out, s_y, bounds)
+    if isinstance(mod, nn.Softmax):
+        return _lower_softmax(lw, point, mod, out, s_y, bounds)
     return None
