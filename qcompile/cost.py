@@ -181,9 +181,10 @@ def totals(costs: list[LayerCost], dense: tuple[int, int] | None = None) -> dict
 class PointwiseCost:
     """An integer op that is not a MAC layer, per input sample (the report lists them after the layers).
 
-    ``lookups``: table reads (IntLookup, one per element); ``products``: integer multiplies outside any
-    MAC (IntMul: one per element; IntLayerNorm: D q, d^2 and N G per element); ``divisions``: integer
-    divisions (IntLayerNorm: one per element and ``steps`` per normalized row for the square root).
+    ``lookups``: table reads (IntLookup and IntSoftmax's exp table, one per element); ``products``: integer
+    multiplies outside any MAC (IntMul, IntSoftmax: one per element; IntLayerNorm: D q, d^2 and N G per
+    element); ``divisions``: integer divisions (IntSoftmax: one per element; IntLayerNorm: one per element
+    and ``steps`` per normalized row for the square root).
     """
 
     name: str
@@ -203,6 +204,9 @@ def _pointwise_cost(name: str, mod: ops.IntOp, elements: int) -> PointwiseCost |
         return PointwiseCost(name, "Lookup", mod.inp.bits, elements, lookups=elements)
     if isinstance(mod, ops.IntMul):
         return PointwiseCost(name, "Mul", max(t.bits for t in mod.inp), elements, products=elements)
+    if isinstance(mod, ops.IntSoftmax):
+        return PointwiseCost(name, "Softmax", mod.inp.bits, elements, lookups=elements, products=elements,
+                             divisions=elements)
     if isinstance(mod, ops.IntLayerNorm):
         rows = elements // mod.size
         return PointwiseCost(name, "LayerNorm", mod.inp.bits, elements, products=3 * elements,

@@ -242,4 +242,6 @@ RAISES.update({
     aten.layer_norm.default: _function(torch.nn.functional.layer_norm, 5),
     aten.permute.default: _function(torch.permute),
     aten.add_.Tensor: _add,  # result += x (torchvision's residuals)
+    aten._softmax.default: _function(torch.nn.functional.softmax, 2),
+    aten.softmax.int: _function(torch.nn.functional.softmax, 2),
 })
