@@ -309,3 +309,17 @@ def test_prelu_is_a_per_channel_table(slopes: int, frontend: str, tmp_path: Path
         ideal = torch.where(q >= 0, q, slope * q) * float(in_q.scale) / float(out_q.scale)  # independent math
         assert float((op.table - ideal).abs().max()) <= 0.5 + 1e-3
         assert_exact(cm, random_inputs(16, seed=3))
+
+
+def test_a_function_infinite_on_the_calibration_data_is_named() -> None:
+    class Reciprocal(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.reciprocal(torch.relu(self.conv(x)))  # exact zeros after relu: 1/0 = inf
+
+    qcompile.register_table_function(torch.reciprocal)
+    with pytest.raises(qcompile.QCompileError, match=r"activation 'reciprocal.*' is not finite"):
+        compile_model(Reciprocal())
