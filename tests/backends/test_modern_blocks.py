@@ -230,3 +230,9 @@ def test_block_compiles_through_torch_export(name: str) -> None:
     expected = {"mobilenet_v3": (7, 2, 0), "efficientnet": (9, 2, 0), "convnext": (2, 0, 4)}[name]
     assert counts(cm) == expected
     assert_exact(cm, random_inputs(16, seed=8))
+
+
+def test_same_block_compiles_to_the_same_onnx_bytes() -> None:
+    for name in ("convnext", "efficientnet"):
+        first, second = (compile_model(built(name), pipeline=pipeline("integer")).to_onnx() for _ in range(2))
+        assert first.SerializeToString() == second.SerializeToString()
