@@ -15,6 +15,7 @@ from qcompile.data import Dataset, load_data
 from qcompile.ir.meta import IntType, NodeInfo, Stage
 from qcompile.passes import PASSES, Pass, PassContext, PassResult, parse_pipeline, register_pass
 from qcompile.passes.base import QCompileError
+from qcompile.quant.tables import register_table_function
 
 # torch's own pytree deprecation, raised while copying exported programs; not actionable for users
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*", category=FutureWarning)
@@ -23,4 +24,5 @@ __version__ = "0.1.0"
 __all__ = [
     "PASSES", "CompiledModel", "Dataset", "IntType", "NodeInfo", "Pass", "PassContext", "PassResult",
     "QCompileError", "Stage", "VerifyResult", "compile", "load_data", "parse_pipeline", "register_pass",
+    "register_table_function",
 ]

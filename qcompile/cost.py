@@ -175,3 +175,53 @@ def totals(costs: list[LayerCost], dense: tuple[int, int] | None = None) -> dict
         "shift_adds": sum(c.shift_adds for c in costs),
         "multiplier_free_percent": 100.0 * sum(c.macs for c in costs if c.terms) / macs if macs else 0.0,
     }
+
+
+@dataclass(frozen=True)
+class PointwiseCost:
+    """An integer op that is not a MAC layer, per input sample (the report lists them after the layers).
+
+    ``lookups``: table reads (IntLookup and IntSoftmax's exp table, one per element); ``products``: integer
+    multiplies outside any MAC (IntMul, IntSoftmax: one per element; IntLayerNorm: D q, d^2 and N G per
+    element); ``divisions``: integer divisions (IntSoftmax: one per element; IntLayerNorm: one per element
+    and ``steps`` per normalized row for the square root).
+    """
+
+    name: str
+    op: str
+    a_bits: int
+    elements: int
+    lookups: int = 0
+    products: int = 0
+    divisions: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def _pointwise_cost(name: str, mod: ops.IntOp, elements: int) -> PointwiseCost | None:
+    if isinstance(mod, ops.IntLookup):
+        return PointwiseCost(name, "Lookup", mod.inp.bits, elements, lookups=elements)
+    if isinstance(mod, ops.IntMul):
+        return PointwiseCost(name, "Mul", max(t.bits for t in mod.inp), elements, products=elements)
+    if isinstance(mod, ops.IntSoftmax):
+        return PointwiseCost(name, "Softmax", mod.inp.bits, elements, lookups=elements, products=elements,
+                             divisions=elements)
+    if isinstance(mod, ops.IntLayerNorm):
+        rows = elements // mod.size
+        return PointwiseCost(name, "LayerNorm", mod.inp.bits, elements, products=3 * elements,
+                             divisions=elements + rows * mod.steps)
+    return None
+
+
+def pointwise_costs(gm: fx.GraphModule) -> list[PointwiseCost]:
+    """One PointwiseCost per table lookup, product of activations and LayerNorm, in graph order."""
+    found = []
+    for node in gm.graph.nodes:
+        mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        shape = get_info(node).shape
+        if isinstance(mod, ops.IntOp) and shape is not None:
+            c = _pointwise_cost(get_info(node).layer or node.name, mod, math.prod(shape[1:]))
+            if c is not None:
+                found.append(c)
+    return found

@@ -27,6 +27,11 @@ def build_report(cm: CompiledModel, data: Dataset | None, verify_inputs: torch.T
                    "activation_bytes": cost.activation_bytes(cm.integer_graph)},
         "passes": [{"name": t.name, "seconds": round(t.seconds, 6), "modified": t.modified} for t in cm.timings],
     }
+    pointwise = cost.pointwise_costs(cm.integer_graph)
+    if pointwise:  # tables, products, LayerNorms: not MACs, listed and totalled apart
+        report["pointwise"] = [c.as_dict() for c in pointwise]
+        report["totals"].update({k: sum(getattr(c, k) for c in pointwise) for k in ("lookups", "products",
+                                                                                      "divisions")})
     if cm.records:
         report["records"] = cm.records
     if data is not None and data.labelled:
@@ -67,8 +72,19 @@ def layer_table(report: dict[str, Any]) -> str:
     rows = [[layer.get(k, 0) for k in keys] for layer in report["layers"]]
     t = report["totals"]
     rows.append(["total", "", "", "", *(t.get(k, 0) for k in keys[4:])])
-    return format_table(["layer", "op", "w_bits", "a_bits", "MACs", "BOPs", "weight bytes", "multiplies",
-                         "shift-adds"], rows)
+    table = format_table(["layer", "op", "w_bits", "a_bits", "MACs", "BOPs", "weight bytes", "multiplies",
+                          "shift-adds"], rows)
+    return table + ("\n\n" + pointwise_table(report) if report.get("pointwise") else "")
+
+
+def pointwise_table(report: dict[str, Any]) -> str:
+    """Table lookups, products of activations and LayerNorms: integer ops that are not MACs."""
+    keys = ["name", "op", "a_bits", "elements", "lookups", "products", "divisions"]
+    rows = [[c.get(k, 0) for k in keys] for c in report["pointwise"]]
+    t = report["totals"]
+    rows.append(["total", "", "", sum(c["elements"] for c in report["pointwise"]),
+                 *(t.get(k, 0) for k in keys[4:])])
+    return format_table(["op (not a MAC)", "kind", "a_bits", "elements", "lookups", "products", "divisions"], rows)
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -82,6 +98,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if t.get("shift_adds"):
         lines.append(f"multiplier-free: {t['multiplier_free_percent']:.2f} % of the MACs are shift-adds "
                      f"({t['shift_adds']} shift-adds, {t['multiplies']} multiplies)")
+    if t.get("lookups") or t.get("products"):
+        lines.append(f"outside the MACs: {t.get('lookups', 0)} table lookups, {t.get('products', 0)} integer "
+                     f"products, {t.get('divisions', 0)} integer divisions per sample")
     if "accuracy" in report:
         lines.append("accuracy: " + ", ".join(f"{k} {v:.2f} %" for k, v in report["accuracy"].items()))
     if "verify" in report:

@@ -229,3 +229,45 @@ def plan(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
 @_kernel(ops.IntClamp)
 def _clamp(op: ops.IntClamp, x: torch.Tensor) -> torch.Tensor:
     return x.clamp(op.lo, op.hi)
+
+
+@_kernel(ops.IntLookup)
+def _lookup(op: ops.IntLookup, x: torch.Tensor) -> torch.Tensor:
+    table = getattr(op, "_fast_table", None)
+    if table is None:
+        table = op.table.to(torch.float32)
+        op._fast_table = table  # type: ignore[assignment]  # derived once from the immutable table
+    if table.dim() == 1:
+        return table[(x - op.inp.lo).long()]
+    channels, width = table.shape
+    offsets = (torch.arange(channels) * width).view(1, -1, *[1] * (x.dim() - 2))
+    return table.reshape(-1)[(x - op.inp.lo).long() + offsets]
+
+
+@_kernel(ops.IntMul)
+def _mul(op: ops.IntMul, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    dtype = torch.float32 if op.bound < _F32_EXACT else torch.float64  # exact products
+    return _requant(a.to(dtype) * b.to(dtype), op, 1)
+
+
+@_kernel(ops.IntLayerNorm)
+def _layernorm(op: ops.IntLayerNorm, x: torch.Tensor) -> torch.Tensor:
+    q = x.to(torch.int64)
+    d = op.size * q - q.sum(dim=op.axis, keepdim=True)
+    big = ((d * d).sum(dim=op.axis, keepdim=True) + op.eps_q).bitwise_left_shift_(2 * op.p).clamp_(min=1)
+    s = torch.full_like(big, op.y0)
+    for _ in range(op.steps):
+        s = torch.minimum(s, (s + big // s).bitwise_right_shift_(1))
+    n = d.sign() * ((d.abs().bitwise_left_shift_(op.p + op.k + 1) + s) // (2 * s))
+    shape = [1] * q.dim()
+    shape[op.axis] = -1
+    acc = n * op.gamma.view(shape) + op.beta.view(shape)
+    return _requant(acc, op, 1)
+
+
+@_kernel(ops.IntSoftmax)
+def _softmax(op: ops.IntSoftmax, x: torch.Tensor) -> torch.Tensor:
+    q = x.to(torch.int64)
+    e = op.etab[q.amax(dim=op.axis, keepdim=True) - q]
+    s = e.sum(dim=op.axis, keepdim=True)
+    return ((2 * op.c * e + (s << op.frac)) // (s << (op.frac + 1))).clamp_(op.lo, op.hi).to(torch.float32)

@@ -17,6 +17,7 @@ Every integer tensor travels as uint8 holding q + zp (zp = 0 unsigned, 128 signe
   contributes 0, as in PyTorch's count_include_pad), then the chain.
 * Max pool, Flatten, Reshape, Concat, Clip act on the uint8 values directly (zp preserves order).
 * Dequantize: ``DequantizeLinear`` ((q - zp) * s in float32).
+* Tables, products, LayerNorm, softmax: ``backends/onnx_pointwise.py`` (registered at the end of this module).
 
 Requantization chain (exact, per channel c), from int32 acc with |acc + b| < 2^31 (proved by the integer
 verifier): Cast to uint64; Mul by m[c]; Add C[c] = 2^(n-1) + 2^62 + zp_out * 2^n + b[c] * m[c] (mod 2^64);
@@ -365,3 +366,6 @@ def export_onnx(gm: fx.GraphModule, ort_cpu: str = "any") -> onnx.ModelProto:
                                         **({"qcompile.ort_cpu": ort_cpu} if target is Target.ORT else {})})
     onnx.checker.check_model(model, full_check=True)
     return model
+
+
+from qcompile.backends import onnx_pointwise as _pointwise  # noqa: E402,F401 - registers the pointwise emitters

@@ -27,7 +27,7 @@ uint8 holding q + zp (zp = 0 unsigned, 128 signed), the zero points being QLinea
   (float32(acc) * f) then ``QuantizeLinear(., 1, zp)``: the same formula in two ops.
 * Output clamps narrower than the container (ReLU6, sub-8-bit activations, the signed narrow range) are a
   ``Clip`` on the uint8 values; max pool, reshapes, concatenation and the boundary ops are the integer
-  target's (``SHARED_EMITTERS``).
+  target's (``SHARED_EMITTERS``). Tables, products, LayerNorm and softmax: ``backends/onnx_pointwise.py``.
 
 Not handled: activations or weights wider than 8 bits (refused by the export), per-channel weight zero
 points (onnxruntime rejects them for u8 x u8).

@@ -196,3 +196,51 @@ def run_reference(gm: fx.GraphModule, *inputs: torch.Tensor) -> Any:
     """Execute ``gm`` exactly; float tensors in, float tensors (dequantized outputs) out."""
     with torch.no_grad():
         return ReferenceExecutor(gm).run(*inputs)
+
+
+@kernel(ops.IntLookup)
+def _lookup(op: ops.IntLookup, x: IntArray) -> IntArray:
+    if x.size and (x.min() < op.inp.lo or x.max() > op.inp.hi):
+        raise ValueError(f"lookup input outside its type {op.inp}")
+    table = _np(op.table)
+    if table.ndim == 1:
+        return table[x - op.inp.lo]
+    channel = np.arange(table.shape[0]).reshape(1, -1, *[1] * (x.ndim - 2))
+    return table[channel, x - op.inp.lo]
+
+
+@kernel(ops.IntMul)
+def _mul(op: ops.IntMul, a: IntArray, b: IntArray) -> IntArray:
+    return requantize_op(op, np.multiply(a, b), (1,))
+
+
+def _per_axis(values: IntArray, ndim: int, axis: int) -> IntArray:
+    shape = [1] * ndim
+    shape[axis] = -1
+    return values.reshape(shape)
+
+
+@kernel(ops.IntLayerNorm)
+def _layernorm(op: ops.IntLayerNorm, x: IntArray) -> IntArray:
+    q = np.asarray(x, dtype=np.int64)
+    d = op.size * q - q.sum(axis=op.axis, keepdims=True)
+    big = np.maximum(((d * d).sum(axis=op.axis, keepdims=True) + op.eps_q) << (2 * op.p), 1)
+    s = np.full_like(big, op.y0)
+    for _ in range(op.steps):  # integer Newton from above: s stays >= isqrt(big) >= 1
+        s = np.minimum(s, (s + big // s) >> 1)
+    n = np.sign(d) * (((np.abs(d) << (op.p + op.k + 1)) + s) // (2 * s))
+    acc = n * _per_axis(_np(op.gamma), q.ndim, op.axis) + _per_axis(_np(op.beta), q.ndim, op.axis)
+    return requantize_op(op, acc)
+
+
+def run_kernel(op: ops.IntOp, *args: IntArray) -> IntArray:
+    """One op's reference kernel on int64 arrays (tests compare it with independent math)."""
+    return _KERNELS[type(op)](op, *args)
+
+
+@kernel(ops.IntSoftmax)
+def _softmax(op: ops.IntSoftmax, x: IntArray) -> IntArray:
+    q = np.asarray(x, dtype=np.int64)
+    e = _np(op.etab)[q.max(axis=op.axis, keepdims=True) - q]
+    s = e.sum(axis=op.axis, keepdims=True)
+    return np.clip((2 * e * op.c + (s << op.frac)) // (s << (op.frac + 1)), op.lo, op.hi)

@@ -226,3 +226,22 @@ def raise_aten(gm: fx.GraphModule) -> fx.GraphModule:
     rewrite.finish(gm)
     # a fresh GraphModule drops the exported module's input-shape hooks (they pin the traced batch size)
     return fx.GraphModule(gm, gm.graph, type(gm).__name__)
+
+
+# pointwise functions (tables), products of activations, LayerNorm and permutes (passes/rules/)
+RAISES.update({
+    aten.silu.default: _function(torch.nn.functional.silu), aten.silu_.default: _function(torch.nn.functional.silu),
+    aten.sigmoid.default: _function(torch.sigmoid), aten.tanh.default: _function(torch.tanh),
+    aten.hardswish.default: _function(torch.nn.functional.hardswish),
+    aten.hardswish_.default: _function(torch.nn.functional.hardswish),
+    aten.hardsigmoid.default: _function(torch.nn.functional.hardsigmoid),
+    aten.gelu.default: _function(torch.nn.functional.gelu),
+    aten.leaky_relu.default: _function(torch.nn.functional.leaky_relu, 2),
+    aten.elu.default: _function(torch.nn.functional.elu, 2),
+    aten.mul.Tensor: _function(operator.mul),
+    aten.layer_norm.default: _function(torch.nn.functional.layer_norm, 5),
+    aten.permute.default: _function(torch.permute),
+    aten.add_.Tensor: _add,  # result += x (torchvision's residuals)
+    aten._softmax.default: _function(torch.nn.functional.softmax, 2),
+    aten.softmax.int: _function(torch.nn.functional.softmax, 2),
+})

@@ -29,6 +29,7 @@ import onnx_graphsurgeon as gs
 import torch.fx as fx
 
 from qcompile.frontends.onnx_ops import Builder, DynamicShapeError, OnnxImportError, attr_name
+from qcompile.frontends.onnx_pointwise import fuse_patterns
 from qcompile.frontends.torch_fx import ModelFileError, quiet_torch
 from qcompile.ir.meta import Stage, set_info, set_stage
 from qcompile.passes.base import QCompileError
@@ -61,7 +62,8 @@ class UnsupportedOnnxOpsError(UnsupportedOpsError):
             self,
             f"{len(items)} unsupported ONNX node(s): " + "; ".join(items) + " — re-export the model using "
             "Conv, Gemm, MatMul, Add, BatchNormalization, Relu, Clip, MaxPool, AveragePool, GlobalAveragePool, "
-            "ReduceMean, Flatten, Reshape, Concat, Identity and Dropout only",
+            "ReduceMean, Flatten, Reshape, Concat, Identity, Dropout, Sigmoid, HardSigmoid, HardSwish, Tanh, "
+            "LeakyRelu, Elu, Gelu, Mul, Transpose and LayerNormalization only",
         )
 
 
@@ -196,6 +198,7 @@ def load_onnx(path: str | Path) -> fx.GraphModule:
     _check_control_flow(model, path)
     graph = _folded(model)
     _resolve_reshapes(graph, model)
+    fuse_patterns(graph)  # erf-form GELU -> Gelu (frontends/onnx_pointwise.py, which adds its converters)
     builder = Builder(graph)
     _placeholders(builder)
     for node in graph.nodes:

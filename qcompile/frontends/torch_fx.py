@@ -11,6 +11,7 @@ import io
 import logging
 import os
 import sys
+import types
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -60,8 +61,24 @@ def quiet_torch() -> Iterator[None]:
         logging.disable(previous)
 
 
+class _Tracer(fx.Tracer):
+    """torch.fx's tracer; registered table modules stay leaves and registered Python functions calls
+    (``quant/tables.py``), so that canonicalize sees them whole."""
+
+    def __init__(self) -> None:
+        from qcompile.quant import tables
+
+        plain = tuple(f for f in tables.FUNCTIONS if isinstance(f, types.FunctionType) and f.__module__ != "torch"
+                      and not f.__module__.startswith("torch."))
+        super().__init__(autowrap_functions=plain)
+        self.table_modules = tuple(tables.MODULES)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return type(m) in self.table_modules or super().is_leaf_module(m, module_qualified_name)
+
+
 def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
-    tracer = fx.Tracer()
+    tracer = _Tracer()
     tracer.record_stack_traces = True
     graph = tracer.trace(model)
     return fx.GraphModule(model, graph, type(model).__name__)

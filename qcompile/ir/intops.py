@@ -17,6 +17,12 @@ Math, per op (``rq`` is the contract's requantization, see ``ir/contract.py``):
 * ``IntAvgPool2d``: q_y = clamp(rq(window sum of q_x, m, n), lo, hi), m/2^n ~ s_x / (k * s_y);
   zero padding counts toward k (PyTorch's count_include_pad=True).
 * ``IntMaxPool2d``, ``IntClamp``: act on integers directly, scale unchanged.
+* ``IntLookup``: q_y = T[q_x - lo_x], a table of 2^b entries for a b <= 8-bit input (pointwise functions;
+  ``quant/tables.py`` builds T). Nothing is requantized.
+* ``IntMul``: q_y = clamp(rq(q_a * q_b, m, n), lo, hi) with broadcasting, M = s_a s_b / s_y.
+* ``IntLayerNorm``: integer mean, variance, Newton square root and division, integer gamma/beta, then
+  rq with a scalar M (its docstring has the steps; ``quant/layernorm.py`` the choices and error bound).
+* ``IntSoftmax``: an exp table on max - q, an integer sum and one integer division per element.
 
 Every requantizing op carries both forms of its multiplier M: the dyadic ``mult``/``shift`` and
 ``fmult = float32(M)``, and its ``target`` says which one ``rq`` uses (``contract.Target``: ``integer`` =
@@ -259,8 +265,129 @@ class IntClamp(IntOp):
         return f"{self.inp} [{self.lo},{self.hi}]"
 
 
-REQUANTIZING_OPS = (IntConv2d, IntLinear, IntShiftConv2d, IntShiftLinear, IntAdd, IntAvgPool2d)
+REQUANTIZING_OPS: tuple[type[_Requantizing], ...] = (IntConv2d, IntLinear, IntShiftConv2d, IntShiftLinear, IntAdd,
+                                                      IntAvgPool2d)
 SHIFT_ADD_OPS = (IntShiftConv2d, IntShiftLinear)
-INTEGER_MODULES = (Quantize, Dequantize, *REQUANTIZING_OPS, IntMaxPool2d, IntClamp)
+INTEGER_MODULES: tuple[type[IntOp], ...] = (Quantize, Dequantize, *REQUANTIZING_OPS, IntMaxPool2d, IntClamp)
 # call_function targets allowed on integer tensors: they move integers around without arithmetic
 INTEGER_FUNCTIONS = (torch.flatten, torch.reshape, torch.cat)
+
+
+# ---------------------------------------------------------------- pointwise ops (tables, products)
+
+
+class IntLookup(IntOp):
+    """A pointwise function as a table: q_y = table[q_x - inp.lo] (``quant/tables.py`` builds it).
+
+    ``table`` holds 2^b int64 entries for a b-bit input (b <= 8), already clamped to [lo, hi] of the
+    output type; nothing is requantized, so every backend and target computes the same integers. A
+    per-channel function (PReLU) has one row per channel, [C, 2^b], indexed by the channel (dim 1) too:
+    q_y[n, c, ...] = table[c, q_x[n, c, ...] - inp.lo].
+    """
+
+    table: torch.Tensor
+
+    def __init__(self, table: Any, *, inp: IntType, out: IntType, lo: int, hi: int, label: str = "f") -> None:
+        super().__init__()
+        self.register_buffer("table", _int_buffer(table))
+        if self.table.dim() not in (1, 2) or self.table.shape[-1] != inp.hi - inp.lo + 1:
+            raise ValueError(f"table of shape {tuple(self.table.shape)} for a {inp} input "
+                             f"({inp.hi - inp.lo + 1} values)")
+        if not out.lo <= lo <= hi <= out.hi or bool((self.table < lo).any() | (self.table > hi).any()):
+            raise ValueError(f"table entries outside [{lo}, {hi}] or the output type {out}")
+        self.inp, self.out, self.lo, self.hi, self.label = inp, out, int(lo), int(hi), label
+
+    def extra_repr(self) -> str:
+        rows = f"{self.table.shape[0]} channels x " if self.table.dim() == 2 else ""
+        return f"{self.label}: {self.inp}->{self.out} [{self.lo},{self.hi}], {rows}{self.table.shape[-1]} entries"
+
+
+class IntMul(_Requantizing):
+    """Elementwise product of two integer tensors (NumPy broadcasting, e.g. a [N, C, 1, 1] gate):
+    acc = q_a * q_b (int32; the verifier proves max|q_a| * max|q_b| <= 2^31 - 1), then
+    q_y = clamp(rq(acc, M), lo, hi) with M = s_a * s_b / s_y.
+    """
+
+    def __init__(self, mult: int, shift: int, *, inp: tuple[IntType, IntType], out: IntType, lo: int, hi: int,
+                 fmult: Any = None, target: Target | str = Target.INTEGER) -> None:
+        super().__init__()
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
+        self.inp = inp
+
+    @property
+    def bound(self) -> int:
+        a, b = self.inp
+        return max(abs(a.lo), a.hi) * max(abs(b.lo), b.hi)
+
+    def extra_repr(self) -> str:
+        return f"{self.inp[0]}*{self.inp[1]}->{self.out} [{self.lo},{self.hi}]"
+
+
+POINTWISE_OPS = (IntLookup, IntMul)
+REQUANTIZING_OPS = (*REQUANTIZING_OPS, IntMul)
+INTEGER_MODULES = (*INTEGER_MODULES, *POINTWISE_OPS)
+
+
+class IntLayerNorm(_Requantizing):
+    """Integer LayerNorm over ``axis`` (the last dim, or 1 for channels of NCHW), D = its size.
+
+    All in int64 on the integer input q (planned by ``quant/layernorm.py``, which states the error bound):
+      s = sum_j q_j,  d_i = D q_i - s,  V = sum_j d_j^2,  X = max(1, (V + E) * 4^P),
+      S = isqrt(X) by ``steps`` Newton steps from y0: y <- min(y, (y + X // y) >> 1) (all >= 0),
+      N_i = sign(d_i) * ((|d_i| * 2^(P+K+1) + S) // (2 S))    (round(d_i 2^(P+K) / S), ties away from 0),
+      acc_i = N_i * G[c] + B[c] (int32: |acc| <= ``bound``),  q_y = clamp(rq(acc, M), lo, hi),
+    with E = round(eps D^3 / s_x^2), gamma ~ s_g G, B = round(beta / (sqrt(D) s_g 2^-K)) and
+    M = sqrt(D) s_g 2^-K / s_y (d_i sqrt(D) / sqrt(V + E) is the normalized value).
+    """
+
+    gamma: torch.Tensor
+    beta: torch.Tensor
+
+    def __init__(self, gamma: Any, beta: Any, mult: Any, shift: Any, *, axis: int, size: int, eps_q: int,
+                 p: int, k: int, steps: int, y0: int, inp: IntType, out: IntType, lo: int, hi: int,
+                 fmult: Any = None, target: Target | str = Target.INTEGER) -> None:
+        super().__init__()
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
+        self.register_buffer("gamma", _int_buffer(gamma))
+        self.register_buffer("beta", _int_buffer(beta))
+        self.axis, self.size, self.eps_q, self.p, self.k, self.steps, self.y0 = axis, size, eps_q, p, k, steps, y0
+        self.inp = inp
+
+    @property
+    def bound(self) -> int:
+        """max |acc| = 2^K max|G| + max|B|: V >= d_i^2 gives S >= isqrt(X) >= |d_i| 2^P, so |N_i| <= 2^K
+        (Newton steps from y0 >= isqrt(X) never go below isqrt(X))."""
+        return int(((1 << self.k) * self.gamma.abs() + self.beta.abs()).max())
+
+    def extra_repr(self) -> str:
+        return (f"{self.inp}->{self.out} [{self.lo},{self.hi}], axis={self.axis}, D={self.size}, P={self.p}, "
+                f"K={self.k}, steps={self.steps}")
+
+
+REQUANTIZING_OPS = (*REQUANTIZING_OPS, IntLayerNorm)
+INTEGER_MODULES = (*INTEGER_MODULES, IntLayerNorm)
+
+
+class IntSoftmax(IntOp):
+    """Integer softmax over ``axis`` (a small channel axis), no float inside:
+      d_i = max_j q_j - q_i (>= 0),  E_i = etab[d_i] = round(2^16 exp(-s_x d_i))  (a table),
+      S = sum_j E_j,  q_y = clamp((2 E_i C + S 2^t) // (2 S 2^t), lo, hi)   (round half up of E_i C / (S 2^t)),
+    with C = round(2^t / s_y), t = ``frac``; every operand is non-negative and below 2^62.
+    """
+
+    etab: torch.Tensor
+
+    def __init__(self, etab: Any, *, axis: int, c: int, frac: int, inp: IntType, out: IntType, lo: int,
+                 hi: int) -> None:
+        super().__init__()
+        self.register_buffer("etab", _int_buffer(etab))
+        if self.etab.numel() != inp.hi - inp.lo + 1 or bool((self.etab < 0).any()) or int(self.etab[0]) < 1:
+            raise ValueError(f"exp table of {self.etab.numel()} non-negative entries, the first >= 1, for a {inp} "
+                             "input")
+        self.axis, self.c, self.frac, self.inp, self.out, self.lo, self.hi = axis, int(c), int(frac), inp, out, lo, hi
+
+    def extra_repr(self) -> str:
+        return f"{self.inp}->{self.out} [{self.lo},{self.hi}], axis={self.axis}, C={self.c}, t={self.frac}"
+
+
+INTEGER_MODULES = (*INTEGER_MODULES, IntSoftmax)

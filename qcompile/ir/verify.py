@@ -21,12 +21,15 @@ from qcompile.ir import intops
 from qcompile.ir.contract import INT32_MAX
 from qcompile.ir.meta import Stage, get_info, get_stage
 from qcompile.quant.bayesian_bits import BayesianBitsActQuant
+from qcompile.quant.layernorm import ChannelLayerNorm
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
+from qcompile.quant.tables import TableFunction
 
-FLOAT_FUNCTIONS = (torch.relu, torch.clamp, torch.flatten, torch.reshape, operator.add, torch.cat)
+FLOAT_FUNCTIONS = (torch.relu, torch.clamp, torch.flatten, torch.reshape, operator.add, torch.cat, operator.mul)
 POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-FLOAT_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, *POOL_MODULES)
-QUANT_MODULES = (QConv2d, QLinear, ActQuant, BayesianBitsActQuant, *POOL_MODULES)
+POINTWISE_MODULES = (TableFunction, nn.LayerNorm, ChannelLayerNorm, nn.Softmax)  # IntLookup/LayerNorm/Softmax
+FLOAT_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, *POOL_MODULES, *POINTWISE_MODULES)
+QUANT_MODULES = (QConv2d, QLinear, ActQuant, BayesianBitsActQuant, *POOL_MODULES, *POINTWISE_MODULES)
 
 
 class VerificationError(Exception):
@@ -79,6 +82,9 @@ def _verify_integer(gm: fx.GraphModule) -> list[str]:
         mod = gm.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(mod, (intops.IntConv2d, intops.IntLinear)):
             problems.extend(_overflow_problems(node.name, mod))
+        elif isinstance(mod, (intops.IntMul, intops.IntLayerNorm)) and mod.bound > INT32_MAX:
+            problems.append(f"{node.name}: int32 accumulator may overflow (|acc| <= {mod.bound} > 2^31-1 with "
+                            f"{mod.inp} inputs); lower the bit-widths of its inputs")
     return problems
 
 

@@ -55,7 +55,8 @@ class Calibrate(Pass):
         for node, q in quants:
             amax = float(q.amax)
             if not q.calibrated or not math.isfinite(amax) or amax <= 0.0:
-                what = "never reached" if not q.calibrated else f"always zero (range {amax})"
+                what = ("never reached" if not q.calibrated else "not finite (a function is infinite or NaN there)"
+                    if not math.isfinite(amax) else f"always zero (range {amax})")
                 raise CalibrationError(
                     f"activation '{node.args[0]}' is {what} on the calibration data; check the data and "
                     "weights, or remove the dead layer"

@@ -10,6 +10,10 @@ Rewrites (each keeps the computed function identical):
   torch.cat / concat / concatenate on the channel axis     -> torch.cat([...], dim=1)
   F.max_pool2d / F.avg_pool2d / F.adaptive_avg_pool2d      -> the pooling modules
   mean over (H, W)                                         -> AdaptiveAvgPool2d(1) (+ flatten)
+  SiLU/sigmoid/hardswish/GELU/... (module, function or
+  method; any registered table function), a * b of two
+  activations                                              -> TableFunction / operator.mul
+                                                              (passes/rules/canonicalize_pointwise.py)
 Shapes come from one run on the example inputs. Anything else (or a supported op with an unsupported
 setting: non-unit alpha, a scalar operand, a concat across another axis, ceil_mode average pooling,
 an adaptive pool to more than 1x1) is reported in one UnsupportedOpsError listing every such node
@@ -33,6 +37,7 @@ from qcompile.ir.meta import Stage, get_info
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.ir.verify import FLOAT_FUNCTIONS, FLOAT_MODULES
 from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, register_pass
+from qcompile.passes.rules.canonicalize_pointwise import pointwise_rule
 
 
 class UnsupportedOpsError(QCompileError):
@@ -218,6 +223,9 @@ def _is_canonical(node: fx.Node) -> bool:
 
 
 def _rule_for(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
+    pointwise = pointwise_rule(gm, node)  # registered pointwise functions and products (canonicalize_pointwise)
+    if pointwise is not None or node.target is operator.mul:
+        return pointwise
     if node.op == "call_module":
         return _module_rule(gm.get_submodule(str(node.target)))
     if node.op == "call_function":

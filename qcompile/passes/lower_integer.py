@@ -10,7 +10,8 @@ layer) as power-of-two terms in IntShiftConv2d/IntShiftLinear, with q_b = round(
 M[c] = s_x s / s_y.
 Residual adds use M = s_in / s_y on q_a + q_b (share-scales made the inputs' scales equal);
 average pools use M = s_x / (k * s_y) on the window sum. Max pooling, reshapes and concatenation act on
-integers. A ReLU/clamp that could not fold becomes an IntClamp. Inputs get a Quantize, outputs a
+integers. Tables, products of two activations and LayerNorms: passes/rules/lower_pointwise.py.
+A ReLU/clamp that could not fold becomes an IntClamp. Inputs get a Quantize, outputs a
 Dequantize: the only float ops. Not handled: adds/cats whose inputs have different scales (run
 share-scales first), and clamps whose bounds are not on the grid of an unfused tensor (rounded to it).
 """
@@ -33,6 +34,7 @@ from qcompile.ir.meta import IntType, NodeInfo, Stage, get_info, set_info, set_t
 from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.ir.shapes import annotate_shapes, pair
 from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, option, register_pass
+from qcompile.passes.rules.lower_pointwise import lower_point
 from qcompile.quant import graph
 from qcompile.quant.apot import APoTWeightQuant, terms_of_codes
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
@@ -192,6 +194,8 @@ def _lower_quant(lw: _Lowering, qnode: fx.Node, q: ActQuant) -> Value:
         return _lower_layer(lw, point, mod, out, s_y, bounds)
     if point.op == "call_function" and point.target is operator.add:
         return _lower_add(lw, point, out, s_y, bounds)
+    if (pointwise := lower_point(lw, point, mod, out, s_y, bounds)) is not None:  # tables, products
+        return pointwise
     assert isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)), f"unexpected quantization point '{point.name}'"
     return _lower_avgpool(lw, point, mod, out, s_y, bounds)
 

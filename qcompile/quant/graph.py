@@ -20,9 +20,12 @@ from torch import nn
 
 from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
+from qcompile.quant.tables import TableFunction
 
 CLAMPS = (torch.relu, torch.clamp)
 PASS_THROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.relu, torch.clamp)
+# pointwise ops whose output gets its own quantizer (nn.LayerNorm covers its subclass ChannelLayerNorm)
+NEW_SCALE_MODULES: tuple[type, ...] = (TableFunction, nn.LayerNorm, nn.Softmax)
 
 
 def module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -56,12 +59,12 @@ def act_quants(gm: fx.GraphModule) -> Iterator[tuple[fx.Node, ActQuant]]:
 
 
 def is_quant_point(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Nodes whose output gets a new scale: inputs, layers, adds, average pools."""
+    """Nodes whose output gets a new scale: inputs, layers, adds, products, average pools, tables."""
     if node.op == "placeholder":
         return True
     if node.op == "call_function":
-        return node.target is operator.add
-    return isinstance(module(gm, node), (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d))
+        return node.target in (operator.add, operator.mul)
+    return isinstance(module(gm, node), (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d, *NEW_SCALE_MODULES))
 
 
 def chain_end(node: fx.Node) -> fx.Node:

@@ -8,7 +8,7 @@ set and the cost model from the PassContext. ``searches()`` lists every register
 ``apply_assignment``: a layer's ``w`` bits go to its weight quantizer, its ``a`` bits to the quantizer(s)
 that define its input's scale (the largest request wins when several layers read one tensor). Other
 activations get the assignment's default; graph inputs and outputs stay 8-bit (the network input counts as
-8-bit, and the logits keep their resolution).
+8-bit, and the logits keep their resolution). The input of a lookup table is capped at 8 bits.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from qcompile.ir.rewrite import input_node
 from qcompile.passes.base import PASSES, Pass, PassContext, PassResult, PreconditionError, option
 from qcompile.quant import graph
 from qcompile.quant.modules import QConv2d
+from qcompile.quant.tables import cap_table_inputs
 from qcompile.search.policies import Assignment
 
 IO_BITS = 8
@@ -69,6 +70,7 @@ def apply_assignment(gm: fx.GraphModule, assignment: Assignment) -> None:
             q.bits = IO_BITS
         else:
             q.bits = requested.get(node, assignment.default_act)
+    cap_table_inputs(gm)
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ from qcompile.quant.bayesian_bits import (
     GatedQuantizer,
     RangeWeightQuant,
 )
+from qcompile.quant.tables import cap_table_inputs
 from qcompile.search.base import TrainedSearch, check_schedule
 from qcompile.search.policies import Assignment, LayerBits
 from qcompile.train.trainer import QuantTrainer, TrainConfig
@@ -207,3 +208,4 @@ def _finalize(gm: fx.GraphModule) -> None:
             rewrite.set_module(gm, str(node.target), aq.finalize())
     for group in graph.scale_groups(gm):
         unify([graph.act_quant(gm, n) for n in group])
+    cap_table_inputs(gm)  # a lookup table takes at most 8 input bits

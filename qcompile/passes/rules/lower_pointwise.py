@@ -1,0 +1,92 @@
+"""lower-integer's rules for pointwise ops: tables and products of two activations.
+
+* A ``TableFunction`` f between the input quantizer (scale s_x, type t_x, b <= 8 bits) and its output
+  quantizer (s_y, clamps folded into [lo, hi]) becomes ``IntLookup`` with
+  T[q] = clamp(round(f(s_x q) / s_y), lo, hi) (``quant.tables.build_table``). Refused, naming the node,
+  when t_x is wider than 8 bits or f is not finite on [s_x t_x.lo, s_x t_x.hi].
+* ``operator.mul(a, b)`` becomes ``IntMul`` with M = s_a s_b / s_y on the int32 product q_a q_b.
+* ``nn.LayerNorm`` over the last dim (``ChannelLayerNorm``: over dim 1) becomes ``IntLayerNorm`` (integers
+  chosen by ``quant.layernorm.plan``); ``nn.Softmax(dim)`` becomes ``IntSoftmax`` (``quant.softmax.plan``).
+
+Not handled here: products with a constant (a scale folds into the neighbouring requantization, not an
+IntMul), tables on inputs wider than 8 bits (see ``quant/tables.py``).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import TYPE_CHECKING
+
+import torch.fx as fx
+from torch import nn
+
+from qcompile.ir import intops as ops
+from qcompile.ir.meta import IntType, get_info
+from qcompile.ir.rewrite import input_node
+from qcompile.passes.base import PreconditionError
+from qcompile.quant import layernorm, softmax
+from qcompile.quant.tables import TableError, TableFunction, build_table
+
+if TYPE_CHECKING:
+    from qcompile.passes.lower_integer import Value, _Lowering
+
+
+def _lower_table(lw: _Lowering, point: fx.Node, fn: TableFunction, out: IntType, s_y: float,
+                 bounds: tuple[int, int]) -> Value:
+    x = lw.value(input_node(point))
+    try:
+        table = build_table(fn, x.itype, x.scale, out, s_y, *bounds)
+    except TableError as exc:
+        where = get_info(point).source
+        raise PreconditionError(f"table function '{point.name}' ({fn.label}{' at ' + where if where else ''}): "
+                                f"{exc}") from None
+    op = ops.IntLookup(table, inp=x.itype, out=out, lo=bounds[0], hi=bounds[1], label=fn.label)
+    return lw.emit(point.name, op, (x.node,), out, s_y, point)
+
+
+def _lower_mul(lw: _Lowering, point: fx.Node, out: IntType, s_y: float, bounds: tuple[int, int]) -> Value:
+    a, b = lw.value(input_node(point, 0)), lw.value(input_node(point, 1))
+    op = ops.IntMul(**lw.requant(a.scale * b.scale / s_y), inp=(a.itype, b.itype), out=out, lo=bounds[0],
+                    hi=bounds[1])
+    return lw.emit(point.name, op, (a.node, b.node), out, s_y, point)
+
+
+def _lower_layernorm(lw: _Lowering, point: fx.Node, ln: nn.LayerNorm, out: IntType, s_y: float,
+                     bounds: tuple[int, int]) -> Value:
+    x = lw.value(input_node(point))
+    shape = get_info(point).shape
+    assert shape is not None, f"'{point.name}' has no recorded shape"
+    try:
+        attrs = layernorm.plan(ln, x.itype, x.scale, s_y)
+    except layernorm.LayerNormPlanError as exc:
+        raise PreconditionError(f"LayerNorm '{point.name}': {exc}") from None
+    real_m = attrs.pop("real_m")
+    axis = 1 if isinstance(ln, layernorm.ChannelLayerNorm) else len(shape) - 1
+    op = ops.IntLayerNorm(**attrs, **lw.requant(real_m), axis=axis, inp=x.itype, out=out, lo=bounds[0], hi=bounds[1])
+    return lw.emit(point.name, op, (x.node,), out, s_y, point)
+
+
+def _lower_softmax(lw: _Lowering, point: fx.Node, sm: nn.Softmax, out: IntType, s_y: float,
+                   bounds: tuple[int, int]) -> Value:
+    x = lw.value(input_node(point))
+    try:
+        attrs = softmax.plan(x.itype, x.scale, s_y)
+    except ValueError as exc:
+        raise PreconditionError(f"softmax '{point.name}': {exc}") from None
+    assert isinstance(sm.dim, int), "canonicalize gives every softmax a dim"
+    op = ops.IntSoftmax(**attrs, axis=sm.dim, inp=x.itype, out=out, lo=bounds[0], hi=bounds[1])
+    return lw.emit(point.name, op, (x.node,), out, s_y, point)
+
+
+def lower_point(lw: _Lowering, point: fx.Node, mod: nn.Module | None, out: IntType, s_y: float,
+                bounds: tuple[int, int]) -> Value | None:
+    """The lowering of a pointwise quantization point, or None when ``point`` is not one."""
+    if isinstance(mod, TableFunction):
+        return _lower_table(lw, point, mod, out, s_y, bounds)
+    if point.op == "call_function" and point.target is operator.mul:
+        return _lower_mul(lw, point, out, s_y, bounds)
+    if isinstance(mod, nn.LayerNorm):
+        return _lower_layernorm(lw, point, mod, out, s_y, bounds)
+    if isinstance(mod, nn.Softmax):
+        return _lower_softmax(lw, point, mod, out, s_y, bounds)
+    return None
