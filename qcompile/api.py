@@ -117,16 +117,11 @@ class CompiledModel:
         return self._onnx
 
     def save_onnx(self, path: str | Path, force: bool = False) -> Path:
-        """Write the ONNX file; an existing file is kept unless ``force`` (written atomically)."""
-        path = Path(path)
-        if path.exists() and not force:
-            raise ModelError(f"{path} already exists; choose another output path or pass --force")
-        if not path.parent.is_dir():
-            raise ModelError(f"the folder {path.parent} does not exist; create it or choose another output path")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self.to_onnx().SerializeToString())
-        tmp.replace(path)
-        return path
+        """Write the ONNX file atomically, onto a regular file only (qcompile.files); kept unless ``force``."""
+        from qcompile.files import check_output, write_bytes
+
+        check_output(path, force)  # before the export runs
+        return write_bytes(path, self.to_onnx().SerializeToString(), force)
 
     def verify(self, inputs: torch.Tensor) -> VerifyResult:
         return verify(self.integer_graph, self.to_onnx(), inputs)

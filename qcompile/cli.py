@@ -37,17 +37,16 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _refuse_existing(path: Path | None, force: bool) -> None:
-    from qcompile.api import ModelError
+    from qcompile.files import check_output
 
-    if path is not None and path.exists() and not force:
-        raise ModelError(f"{path} already exists; choose another path or pass --force to replace it")
+    if path is not None:
+        check_output(path, force)
 
 
 def _write_json(path: Path, report: dict[str, Any], force: bool) -> None:
-    _refuse_existing(path, force)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    from qcompile.files import write_text
+
+    write_text(path, json.dumps(report, indent=2) + "\n", force)
 
 
 def _ir_dumper(args: argparse.Namespace) -> Any:

@@ -94,8 +94,7 @@ def _out_of(values: torch.Tensor, lo: int, hi: int) -> list[int]:
     return [v for v in (int(x) for x in values.reshape(-1).tolist()) if not lo <= v <= hi][:3]
 
 
-def _requant_problems(name: str, op: intops.IntOp) -> list[str]:
-    mult, shift = getattr(op, "mult"), getattr(op, "shift")
+def _requant_problems(name: str, mult: torch.Tensor, shift: torch.Tensor) -> list[str]:
     problems = []
     if bad := _out_of(mult, 1, 2**31 - 1):
         problems.append(f"{name}: requantization multiplier(s) {bad} outside [1, 2^31)")
@@ -109,8 +108,9 @@ def constant_problems(name: str, op: nn.Module) -> list[str]:
     problems = []
     if isinstance(op, (intops.Quantize, intops.Dequantize)) and not (math.isfinite(op.scale) and op.scale > 0):
         problems.append(f"{name}: scale {op.scale!r} is not a positive finite number")
-    if hasattr(op, "mult") and hasattr(op, "shift"):
-        problems.extend(_requant_problems(name, op))
+    mult, shift = getattr(op, "mult", None), getattr(op, "shift", None)
+    if isinstance(mult, torch.Tensor) and isinstance(shift, torch.Tensor):
+        problems.extend(_requant_problems(name, mult, shift))
     if isinstance(op, (intops.IntConv2d, intops.IntLinear)):
         if bad := _out_of(op.weight, op.w_type.lo, op.w_type.hi):
             problems.append(f"{name}: weight(s) {bad} outside {op.w_type} [{op.w_type.lo}, {op.w_type.hi}]")
