@@ -286,6 +286,8 @@ def _sweep_parser(sub: Any) -> None:
     s.add_argument("--data", help="labelled data: digits | fashion-mnist[:DIR] | FILE.npz")
     s.add_argument("--input-shape", type=_shape, help="input shape without the batch, e.g. 1,28,28")
     s.add_argument("--weights", help="a state dict saved with torch.save (loaded with weights_only=True)")
+    s.add_argument("--trust-pickle", action="store_true", help="let a .pt2 MODEL unpickle any object (runs code "
+                   "from the file: only for files from a trusted author)")
     s.set_defaults(sweep_flags=[])
     flag = {"action": _SweepFlag, "dest": "sweep_flags", "default": argparse.SUPPRESS}
     s.add_argument("--search", metavar="NAME[,NAME]", help="a search to sweep (repeatable; see `qcompile passes`)",
@@ -326,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="the ONNX file to write (never overwritten without --force)")
     c.add_argument("--input-shape", type=_shape, help="input shape without the batch, e.g. 1,28,28")
     c.add_argument("--weights", help="a state dict saved with torch.save (loaded with weights_only=True)")
+    c.add_argument("--trust-pickle", action="store_true", help="let a .pt2 MODEL unpickle any object (runs code "
+                   "from the file: only for files from a trusted author)")
     c.add_argument("--data", help="digits | fashion-mnist[:DIR] | random | FILE.npz (x, y): train split "
                                   "calibrates, test split measures accuracy")
     c.add_argument("--policy", help="w{N}a{M} | aqt (4-bit, first/last 8-bit) | FILE.json (default w8a8)")
@@ -376,10 +380,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from qcompile.frontends.model_spec import import_user_module
+        from qcompile.frontends.pickles import trusting_pickles
 
         for plugin in args.plugin:
             import_user_module(plugin)
-        return COMMANDS[args.command](args)
+        with trusting_pickles(getattr(args, "trust_pickle", False)):
+            return COMMANDS[args.command](args)
     except Exception as exc:  # noqa: BLE001 - the one place errors become messages
         if args.debug:
             traceback.print_exc()
