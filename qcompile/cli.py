@@ -310,7 +310,9 @@ def _sweep_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qcompile", description=__doc__.split("\n")[0] + "\n\nCompile trained "
+    from qcompile.errors import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(prog="qcompile", description=__doc__.split("\n")[0] + "\n\nCompile trained "
                                      "networks to mixed-precision integer-only graphs and bit-exact ONNX.")
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -389,9 +391,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the one place errors become messages
         if args.debug:
             traceback.print_exc()
+            print("\n".join(getattr(exc, "details", None) or []), file=sys.stderr)  # e.g. every unsupported node
+        from qcompile.errors import one_line
         from qcompile.passes.base import QCompileError
 
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        message = one_line(str(exc) or type(exc).__name__, 240 if not isinstance(exc, QCompileError) else 290)
         if isinstance(exc, QCompileError):
             print(f"error: {message}", file=sys.stderr)
             return USER_ERROR
