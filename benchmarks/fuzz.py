@@ -4,7 +4,8 @@
 
 Prints the outcome table (rows: input kind; columns: the outcomes of tests/fuzz/cases.py) and then every case
 whose outcome is not `success` or `clean error`, with its mutation and what happened. The cases come from a
-fixed seed (`--seed`), one `python -m qcompile compile` per case with a timeout (`--timeout`, a hang).
+fixed seed (`--seed`); each runs the CLI in its own process (a forked child of this one, which has already
+imported qcompile, or with `--spawn` a fresh `python -m qcompile compile`) with a timeout (`--timeout`).
 The fast in-process subset runs in the test suite (tests/fuzz/test_fuzz.py).
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "fuzz"))
 
 from cases import BAD, OUTCOMES, generate  # noqa: E402
-from runner import Result, run_subprocess  # noqa: E402
+from runner import Result, run_forked, run_subprocess  # noqa: E402
 
 KINDS = ("onnx", "pt2", "weights", "npz")
 
@@ -47,12 +48,19 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before a run counts as a hang")
     parser.add_argument("--verbose", action="store_true", help="print every case as it finishes")
+    parser.add_argument("--spawn", action="store_true", help="a fresh `python -m qcompile` per case (slow: the "
+                        "imports) instead of a forked child of this process")
     args = parser.parse_args()
+    import qcompile.api
+    import qcompile.cli  # noqa: F401 - imported once here, before the children fork
+
+    qcompile.api.torch.set_num_threads(1)
     results, start = [], time.perf_counter()
     for kind in KINDS:
         for case in generate(kind, getattr(args, kind), args.seed):
             with tempfile.TemporaryDirectory(prefix="qcompile-fuzz-") as folder:
-                result = run_subprocess(case, Path(folder), args.timeout)
+                run = run_subprocess if args.spawn else run_forked
+                result = run(case, Path(folder), args.timeout)
             results.append(result)
             if args.verbose or result.outcome in BAD:
                 print(f"{case.name:12s} {result.outcome:22s} {'; '.join(case.notes)} :: {result.detail}",

@@ -145,9 +145,12 @@ def _labels(path: Path, name: str, y: np.ndarray | None, n: int) -> np.ndarray |
     if y.shape != (n,):
         raise DataError(f"{path}: '{name}' has shape {y.shape} but there are {n} samples; give one class "
                         f"index per sample, shape ({n},)")
-    if y.dtype.kind not in "biuf" or not np.isfinite(y).all() or (y != np.round(y)).any() or (y < 0).any():
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"{path}: '{name}' is {y.dtype}; it must hold class indices (integers >= 0)")
+    bad = ~np.isfinite(y) | (y != np.round(y)) | (y < 0)
+    if bad.any():
         raise DataError(f"{path}: '{name}' must hold class indices (integers >= 0); found {y.dtype} values such as "
-                        f"{y.reshape(-1)[:3].tolist()}")
+                        f"{y[bad][:3].tolist()}")
     return y.astype(np.int64)
 
 

@@ -4,7 +4,8 @@
   [NNZ] and ``indices`` [NNZ] (positions in the row-major flattened tensor) or [NNZ, rank] (coordinates);
   dense = zeros(dims); dense[indices] = values. Indices outside the tensor, or repeated, are refused.
 * ``check_types(model)``: graph inputs and outputs and every floating-point initializer must be float32
-  (qcompile compiles float32 models; an fp16/fp64/integer input or weight would be reinterpreted).
+  (qcompile compiles float32 models; an fp16/fp64/integer input or weight would be reinterpreted), and
+  no float initializer may be empty (a 0-size weight).
 * ``check_declared_shape(model, shape)``: the per-sample dims of ``--input-shape`` (or of the data) must equal
   the static dims the model declares for its input (symbolic dims accept any size); a declared size <= 0
   is refused.
@@ -80,6 +81,9 @@ def check_types(model: onnx.ModelProto, path: Path) -> None:
         if init.data_type in FLOATS:
             raise OnnxValidationError(f"{path}: initializer '{init.name}' is {_type_name(init.data_type)}; qcompile "
                                       "reads float32 weights: convert the model to float32 first")
+        if init.data_type == TensorProto.FLOAT and 0 in init.dims:
+            raise OnnxValidationError(f"{path}: initializer '{init.name}' has shape {list(init.dims)}, no values; "
+                                      "fix the model (a layer needs at least one weight)")
 
 
 def declared_dims(model: onnx.ModelProto) -> list[int | str | None]:

@@ -73,7 +73,9 @@ class UnsupportedOnnxOpsError(UnsupportedOpsError):
 
 
 def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+    text = (str(exc).strip().splitlines() or [""])[0]
+    text = text.replace("[ShapeInferenceError] ", "").replace("Inference error(s): ", "")
+    return f"{type(exc).__name__}: {text[:150]}"
 
 
 def _read(path: Path) -> onnx.ModelProto:
@@ -90,13 +92,13 @@ def _read(path: Path) -> onnx.ModelProto:
     except (OSError, onnx.checker.ValidationError) as exc:
         raise ModelFileError(f"cannot read the external data of {path} ({_first_line(exc)}); keep the data files "
                              "next to the model, where they were saved") from exc
-    densify(model)
     try:
+        densify(model)
+        check_types(model, path)  # before the checker: its shape inference would blame a later node
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, UnicodeDecodeError) as exc:
         raise ModelFileError(f"{path} is not a valid ONNX model ({_first_line(exc)}); fix the model or export it "
                              "again") from exc
-    check_types(model, path)
     return model
 
 

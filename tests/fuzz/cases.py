@@ -398,6 +398,7 @@ def pt2_case(i: int, rng: np.random.Generator, base: bytes) -> Case:
         "plain": lambda: base,
     }
     shape = ["--input-shape", "1,8,8"] if rng.random() < 0.8 else ["--input-shape", "3,8,8"]
+    shape += ["--data", "random"]
     return Case(f"pt2-{i:03d}", "pt2", {"model.pt2": edits[how]()}, ["model.pt2", *shape], None, [how])
 
 
@@ -421,8 +422,8 @@ def weights_case(i: int, rng: np.random.Generator, state: dict[str, Any]) -> Cas
         "plain": lambda: good,
     }
     files = {"models.py": FACTORY.encode(), "w.pt": made[how]()}
-    return Case(f"weights-{i:03d}", "weights", files, ["models.py:small", "--weights", "w.pt", "--data", "digits"],
-                None, [how])
+    args = ["models.py:small", "--weights", "w.pt", "--data", "random", "--input-shape", "1,8,8"]
+    return Case(f"weights-{i:03d}", "weights", files, args, None, [how])
 
 
 def _npz(**arrays: Any) -> bytes:

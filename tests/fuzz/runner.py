@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,40 @@ def run_subprocess(case: Case, folder: Path, timeout: float) -> Result:
     except subprocess.TimeoutExpired:
         return Result(case, "hang", f"no exit after {timeout:.0f} s")
     return classify(case, folder, proc.returncode, proc.stderr)
+
+
+def run_forked(case: Case, folder: Path, timeout: float) -> Result:
+    """The CLI in a forked child of this (warm) process: a process per case without the import cost of
+    ``python -m``; stdout/stderr go to files, a hang is killed after ``timeout``, a signal is seen as such."""
+    case.write(folder)
+    pid = os.fork()
+    if pid == 0:  # the child: never returns
+        code = 70
+        try:
+            os.chdir(folder)
+            for fd, name in ((1, "stdout.txt"), (2, "stderr.txt")):
+                os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+            sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)  # noqa: SIM115
+            from qcompile.cli import main
+
+            code = main(command(case))
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return Result(case, "hang", f"no exit after {timeout:.0f} s")
+        time.sleep(0.02)
+    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    stderr = (folder / "stderr.txt").read_text(errors="replace") if (folder / "stderr.txt").exists() else ""
+    return classify(case, folder, code, stderr)
 
 
 def run_in_process(case: Case, folder: Path) -> Result:
