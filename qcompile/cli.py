@@ -391,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - the one place errors become messages
         if args.debug:
             traceback.print_exc()
-            print("\n".join(getattr(exc, "details", None) or []), file=sys.stderr)  # e.g. every unsupported node
+            details = getattr(exc, "details", None) or getattr(exc.__cause__, "details", None) or []
+            print("\n".join(details), file=sys.stderr)  # e.g. every unsupported node, one per line
         from qcompile.errors import one_line
         from qcompile.passes.base import QCompileError
 

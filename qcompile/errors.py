@@ -30,20 +30,20 @@ def one_line(text: str, limit: int = MAX_LINE) -> str:
     return text[:head].rstrip() + _CUT + text[-tail:].lstrip()
 
 
-def group_items(kinds: list[str], examples: list[str], budget: int = 190, shown_kinds: int = 3,
-                per_kind: int = 2) -> str:
-    """Kinds with counts, most frequent first, the first ``per_kind`` examples of the first ``shown_kinds``."""
+def group_items(kinds: list[str], examples: list[str], budget: int = 160, shown_kinds: int = 3) -> str:
+    """Kinds with counts, most frequent first; two examples of the first kind, one of the next ones."""
     counts = Counter(kinds)
     order = sorted(counts, key=lambda k: (-counts[k], kinds.index(k)))
     parts: list[str] = []
     for i, kind in enumerate(order):
         entry = kind + (f" x{counts[kind]}" if counts[kind] > 1 else "")
         if i < shown_kinds:
+            per_kind = 2 if i == 0 else 1
             firsts = [e for k, e in zip(kinds, examples, strict=True) if k == kind][:per_kind]
-            more = ", ..." if counts[kind] > per_kind else ""
-            entry += f" ({', '.join(firsts)}{more})"
-        if parts and len(", ".join([*parts, entry])) > budget:
-            parts.append(f"and {len(order) - i} more kind(s)")
+            entry += f" ({', '.join(firsts)}{', ...' if counts[kind] > per_kind else ''})"
+        rest = f"and {len(order) - i} more kind(s)"
+        if parts and len(", ".join([*parts, entry])) > budget - (len(rest) + 2 if i + 1 < len(order) else 0):
+            parts.append(rest)
             break
         parts.append(entry if len(entry) <= budget else entry[: budget - 4] + "...)")
     return ", ".join(parts)
