@@ -342,6 +342,9 @@ def _torch_bytes(obj: object) -> bytes:
 
 
 def _small_model() -> Any:
+    import torch
+
+    torch.manual_seed(0)
     namespace: dict[str, Any] = {}
     exec(FACTORY, namespace)  # noqa: S102 - our own factory source, also written as models.py
     return namespace["small"]()
