@@ -105,7 +105,15 @@ def fashion_mnist(folder: Path = FASHION_MNIST_DIR) -> Dataset:
     return _tensors("fashion-mnist", parts)
 
 
+RANDOM_BYTES = 2**28  # --data random never holds more than 256 MiB of samples
+
+
 def random_data(input_shape: tuple[int, ...], train: int = 256, test: int = 64) -> Dataset:
+    """Gaussian samples; fewer than ``train + test`` when they would exceed RANDOM_BYTES (4 : 1, at least 1 + 1)."""
+    per_sample = 4 * int(np.prod(input_shape))
+    fits = RANDOM_BYTES // max(per_sample, 1)
+    if fits < train + test:
+        train, test = max(1, fits * 4 // 5), max(1, fits // 5)
     g = torch.Generator().manual_seed(SEED)
     return Dataset("random", torch.randn(train, *input_shape, generator=g), None,
                    torch.randn(test, *input_shape, generator=g), None)

@@ -17,6 +17,7 @@ import onnx
 from cases import MARKER, MAX_LINE, SHAPE, WRONG_REL_ERROR, Case
 
 REPO = Path(__file__).resolve().parents[2]
+MEMORY_LIMIT = 6 * 2**30  # address space of a forked case; beyond it the case fails with MemoryError
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,9 @@ def run_forked(case: Case, folder: Path, timeout: float) -> Result:
     if pid == 0:  # the child: never returns
         code = 70
         try:
+            import resource
+
+            resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))  # a shared machine
             os.chdir(folder)
             for fd, name in ((1, "stdout.txt"), (2, "stderr.txt")):
                 os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
