@@ -450,7 +450,7 @@ def npz_case(i: int, rng: np.random.Generator) -> Case:
         "object array": lambda: _npz(x=np.array([Payload()] * 3, dtype=object)),
         "1-d x": lambda: _npz(x=x.reshape(-1)), "no x": lambda: _npz(y=y),
         "test shape": lambda: _npz(x=x, y=y, x_test=x[:, :, :4], y_test=y),
-        "huge x": lambda: _npz(x=(x * 1e300).astype(np.float64), y=y), "one sample": lambda: _npz(x=x[:1], y=y[:1]),
+        "huge x": lambda: _npz(x=x.astype(np.float64) * 1e300, y=y), "one sample": lambda: _npz(x=x[:1], y=y[:1]),
         "plain": lambda: _npz(x=x, y=y), "only y_test": lambda: _npz(x=x, x_test=x, y_test=y),
         "x_test only": lambda: _npz(x=x, x_test=x),
     }
