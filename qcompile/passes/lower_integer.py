@@ -10,9 +10,12 @@ layer) as power-of-two terms in IntShiftConv2d/IntShiftLinear, with q_b = round(
 M[c] = s_x s / s_y.
 Residual adds use M = s_in / s_y on q_a + q_b (share-scales made the inputs' scales equal);
 average pools use M = s_x / (k * s_y) on the window sum. Max pooling, reshapes and concatenation act on
-integers. A ReLU/clamp that could not fold becomes an IntClamp. Inputs get a Quantize, outputs a
-Dequantize: the only float ops. Not handled: adds/cats whose inputs have different scales (run
-share-scales first), and clamps whose bounds are not on the grid of an unfused tensor (rounded to it).
+integers. A ReLU/clamp that could not fold becomes an IntClamp. Refused before anything becomes an
+integer, naming the layer: NaN/Inf weights, biases or scales, a q_b outside int32 (a bias out of proportion
+to s_x * s_w), and a multiplier M >= 2^30 or < 2^-46 (m * 2^-54 would keep fewer than 8 of its bits).
+Inputs get a Quantize, outputs a Dequantize: the only float ops. Not handled: adds/cats whose inputs
+have different scales (run share-scales first), and clamps whose bounds are not on the grid of an
+unfused tensor (rounded to it).
 """
 
 from __future__ import annotations
@@ -114,7 +117,7 @@ def _require_finite(what: str, t: torch.Tensor) -> None:
 
 def bias_codes(bias: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """q_b = round(b / step) on the accumulator grid, refused before the integer cast unless it fits int32."""
-    _require_finite("the bias", bias)
+    _require_finite("bias values", bias)
     q = torch.round(bias / step)
     bad = ~torch.isfinite(q) | (q.abs() > contract.INT32_MAX)
     if bool(bad.any()):
