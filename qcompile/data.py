@@ -138,7 +138,8 @@ def _inputs(path: Path, name: str, a: np.ndarray) -> np.ndarray:
     if a.dtype.kind not in "biuf" or a.ndim < 2 or a.shape[0] == 0 or a[0].size == 0:
         raise DataError(f"{path}: '{name}' has shape {a.shape} and dtype {a.dtype}; it must hold at least one "
                         "numeric sample, shaped (N, C, H, W) or (N, features)")
-    x = a.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become inf: refused below
+        x = a.astype(np.float32)
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
         raise DataError(f"{path}: '{name}' has NaN or Inf in {bad} of {len(x)} samples (or values beyond float32); "
