@@ -20,7 +20,7 @@ from qcompile.backends.fast import plan as fast_plan
 from qcompile.backends.onnx_export import export_onnx
 from qcompile.backends.ort import VerifyResult, run_onnx, session, verify
 from qcompile.backends.reference import run_reference
-from qcompile.data import Dataset
+from qcompile.data import Dataset, check_labels
 from qcompile.frontends.torch_fx import load_pt2, trace_module
 from qcompile.ir.contract import Target
 from qcompile.ir.meta import Stage, get_stage, get_target
@@ -83,8 +83,10 @@ def check_weights(model: nn.Module) -> None:
 
 
 def check_input_shape(model: nn.Module, example: torch.Tensor) -> None:
+    from qcompile.frontends.torch_fx import quiet_torch
+
     try:
-        with torch.no_grad():
+        with torch.no_grad(), quiet_torch():  # torch.fx prints the generated code around a failure
             model.eval()(example)
     except Exception as exc:  # noqa: BLE001 - any failure here means the shape does not fit
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -146,16 +148,11 @@ class CompiledModel:
         return self._onnx
 
     def save_onnx(self, path: str | Path, force: bool = False) -> Path:
-        """Write the ONNX file; an existing file is kept unless ``force`` (written atomically)."""
-        path = Path(path)
-        if path.exists() and not force:
-            raise ModelError(f"{path} already exists; choose another output path or pass --force")
-        if not path.parent.is_dir():
-            raise ModelError(f"the folder {path.parent} does not exist; create it or choose another output path")
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(self.to_onnx().SerializeToString())
-        tmp.replace(path)
-        return path
+        """Write the ONNX file atomically, onto a regular file only (qcompile.files); kept unless ``force``."""
+        from qcompile.files import check_output, write_bytes
+
+        check_output(path, force)  # before the export runs
+        return write_bytes(path, self.to_onnx().SerializeToString(), force)
 
     def verify(self, inputs: torch.Tensor, progress: bool = False) -> VerifyResult:
         return verify(self.integer_graph, self.to_onnx(), inputs, progress=progress)
@@ -183,15 +180,28 @@ class CompiledModel:
         return build_report(self, data, verify_inputs, progress)
 
 
+def _check_labels(gm: fx.GraphModule, examples: tuple[torch.Tensor, ...], data: Dataset) -> None:
+    """Labels must be class indices of the model's (first) output [N, classes]."""
+    with torch.no_grad():
+        out = gm.eval()(*examples)
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    if isinstance(out, torch.Tensor) and out.dim() == 2:
+        check_labels(data, out.shape[1])
+
+
 def _trace(model: nn.Module | str | Path, example_inputs: tuple[torch.Tensor, ...]) -> fx.GraphModule:
     if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
         from qcompile.frontends.onnx_import import load_onnx
 
-        gm = load_onnx(model)
+        gm = load_onnx(model, example_inputs[0])
+        check_weights(gm)
         check_input_shape(gm, example_inputs[0])
         return gm
     if isinstance(model, (str, Path)):
-        return load_pt2(model)
+        gm = load_pt2(model)
+        check_weights(gm)
+        check_input_shape(gm, example_inputs[0])
+        return gm
     model = copy.deepcopy(model)  # tracing sets eval mode and passes may touch modules: the user's stays as it was
     check_weights(model)
     check_input_shape(model, example_inputs[0])
@@ -226,6 +236,8 @@ def compile(  # noqa: A001 - the verb users expect
     """
     examples = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     gm = _trace(model, examples)
+    if isinstance(data, Dataset) and data.labelled:
+        _check_labels(gm, examples, data)
     text = with_target(pipeline, target) if isinstance(pipeline, str) else default_pipeline(policy, calibration_steps,
                                                                                              target)
     passes = list(pipeline) if pipeline is not None and not isinstance(pipeline, str) else parse_pipeline(text).build()

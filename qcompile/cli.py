@@ -37,17 +37,16 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _refuse_existing(path: Path | None, force: bool) -> None:
-    from qcompile.api import ModelError
+    from qcompile.files import check_output
 
-    if path is not None and path.exists() and not force:
-        raise ModelError(f"{path} already exists; choose another path or pass --force to replace it")
+    if path is not None:
+        check_output(path, force)
 
 
 def _write_json(path: Path, report: dict[str, Any], force: bool) -> None:
-    _refuse_existing(path, force)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    from qcompile.files import write_text
+
+    write_text(path, json.dumps(report, indent=2) + "\n", force)
 
 
 def _ir_dumper(args: argparse.Namespace) -> Any:
@@ -287,6 +286,8 @@ def _sweep_parser(sub: Any) -> None:
     s.add_argument("--data", help="labelled data: digits | fashion-mnist[:DIR] | FILE.npz")
     s.add_argument("--input-shape", type=_shape, help="input shape without the batch, e.g. 1,28,28")
     s.add_argument("--weights", help="a state dict saved with torch.save (loaded with weights_only=True)")
+    s.add_argument("--trust-pickle", action="store_true", help="let a .pt2 MODEL unpickle any object (runs code "
+                   "from the file: only for files from a trusted author)")
     s.set_defaults(sweep_flags=[])
     flag = {"action": _SweepFlag, "dest": "sweep_flags", "default": argparse.SUPPRESS}
     s.add_argument("--search", metavar="NAME[,NAME]", help="a search to sweep (repeatable; see `qcompile passes`)",
@@ -309,7 +310,9 @@ def _sweep_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qcompile", description=__doc__.split("\n")[0] + "\n\nCompile trained "
+    from qcompile.errors import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(prog="qcompile", description=__doc__.split("\n")[0] + "\n\nCompile trained "
                                      "networks to mixed-precision integer-only graphs and bit-exact ONNX.")
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,6 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", required=True, help="the ONNX file to write (never overwritten without --force)")
     c.add_argument("--input-shape", type=_shape, help="input shape without the batch, e.g. 1,28,28")
     c.add_argument("--weights", help="a state dict saved with torch.save (loaded with weights_only=True)")
+    c.add_argument("--trust-pickle", action="store_true", help="let a .pt2 MODEL unpickle any object (runs code "
+                   "from the file: only for files from a trusted author)")
     c.add_argument("--data", help="digits | fashion-mnist[:DIR] | random | FILE.npz (x, y): train split "
                                   "calibrates, test split measures accuracy")
     c.add_argument("--policy", help="w{N}a{M} | aqt (4-bit, first/last 8-bit) | FILE.json (default w8a8)")
@@ -383,16 +388,21 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         from qcompile.frontends.model_spec import import_user_module
+        from qcompile.frontends.pickles import trusting_pickles
 
         for plugin in args.plugin:
             import_user_module(plugin)
-        return COMMANDS[args.command](args)
+        with trusting_pickles(getattr(args, "trust_pickle", False)):
+            return COMMANDS[args.command](args)
     except Exception as exc:  # noqa: BLE001 - the one place errors become messages
         if args.debug:
             traceback.print_exc()
+            details = getattr(exc, "details", None) or getattr(exc.__cause__, "details", None) or []
+            print("\n".join(details), file=sys.stderr)  # e.g. every unsupported node, one per line
+        from qcompile.errors import one_line
         from qcompile.passes.base import QCompileError
 
-        message = " ".join(str(exc).split()) or type(exc).__name__
+        message = one_line(str(exc) or type(exc).__name__, 240 if not isinstance(exc, QCompileError) else 290)
         if isinstance(exc, QCompileError):
             print(f"error: {message}", file=sys.stderr)
             return USER_ERROR

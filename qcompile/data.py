@@ -105,26 +105,91 @@ def fashion_mnist(folder: Path = FASHION_MNIST_DIR) -> Dataset:
     return _tensors("fashion-mnist", parts)
 
 
+RANDOM_BYTES = 2**28  # --data random never holds more than 256 MiB of samples
+
+
 def random_data(input_shape: tuple[int, ...], train: int = 256, test: int = 64) -> Dataset:
+    """Gaussian samples; fewer than ``train + test`` when they would exceed RANDOM_BYTES (4 : 1, at least 1 + 1)."""
+    per_sample = 4 * int(np.prod(input_shape))
+    fits = RANDOM_BYTES // max(per_sample, 1)
+    if fits < train + test:
+        train, test = max(1, fits * 4 // 5), max(1, fits // 5)
     g = torch.Generator().manual_seed(SEED)
     return Dataset("random", torch.randn(train, *input_shape, generator=g), None,
                    torch.randn(test, *input_shape, generator=g), None)
 
 
-def npz(path: Path) -> Dataset:
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
     try:
         with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from exc
+            if not hasattr(f, "files"):
+                raise DataError(f"{path} holds one array, not named arrays; save it with np.savez(path, x=..., y=...)")
+            return {k: f[k] for k in f.files}
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - truncated zips, pickled object arrays, garbage
+        detail = " ".join(str(exc).split())[:80]
+        raise DataError(f"cannot read {path} ({type(exc).__name__}: {detail}); save it again with "
+                        "np.savez(path, x=..., y=...) (no object arrays)") from None
+
+
+def _inputs(path: Path, name: str, a: np.ndarray) -> np.ndarray:
+    """Array ``name`` as float32 samples: numeric, at least one sample of at least one value, all finite."""
+    if a.dtype.kind not in "biuf" or a.ndim < 2 or a.shape[0] == 0 or a[0].size == 0:
+        raise DataError(f"{path}: '{name}' has shape {a.shape} and dtype {a.dtype}; it must hold at least one "
+                        "numeric sample, shaped (N, C, H, W) or (N, features)")
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32 become inf: refused below
+        x = a.astype(np.float32)
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).reshape(len(x), -1).any(axis=1).sum())
+        raise DataError(f"{path}: '{name}' has NaN or Inf in {bad} of {len(x)} samples (or values beyond float32); "
+                        "clean or drop those samples")
+    return x
+
+
+def _labels(path: Path, name: str, y: np.ndarray | None, n: int) -> np.ndarray | None:
+    """Labels ``name``: one non-negative integer class per sample."""
+    if y is None:
+        return None
+    if y.shape != (n,):
+        raise DataError(f"{path}: '{name}' has shape {y.shape} but there are {n} samples; give one class "
+                        f"index per sample, shape ({n},)")
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"{path}: '{name}' is {y.dtype}; it must hold class indices (integers >= 0)")
+    bad = ~np.isfinite(y) | (y != np.round(y)) | (y < 0)
+    if bad.any():
+        raise DataError(f"{path}: '{name}' must hold class indices (integers >= 0); found {y.dtype} values such as "
+                        f"{y[bad][:3].tolist()}")
+    return y.astype(np.int64)
+
+
+def npz(path: Path) -> Dataset:
+    arrays = _read_npz(path)
     if "x" not in arrays:
         raise DataError(f"{path} has no array 'x' (found {sorted(arrays)}); save inputs as x and labels as y")
-    x, y = arrays["x"].astype(np.float32), arrays.get("y")
+    x = _inputs(path, "x", arrays["x"])
+    y = _labels(path, "y", arrays.get("y"), len(x))
     if "x_test" in arrays:
-        parts: tuple[np.ndarray | None, ...] = (x, y, arrays["x_test"].astype(np.float32), arrays.get("y_test"))
+        x_test = _inputs(path, "x_test", arrays["x_test"])
+        if x_test.shape[1:] != x.shape[1:]:
+            raise DataError(f"{path}: samples of x_test are {x_test.shape[1:]}, of x {x.shape[1:]}; make them equal")
+        parts: tuple[np.ndarray | None, ...] = (x, y, x_test, _labels(path, "y_test", arrays.get("y_test"),
+                                                                      len(x_test)))
+    elif len(x) < 2:
+        raise DataError(f"{path}: 'x' has {len(x)} sample; the 80/20 split needs at least 2 (or give x_test)")
     else:
         parts = _split(x, y, 0.2)
+    if (parts[1] is None) != (parts[3] is None):
+        raise DataError(f"{path}: labels for only one split; give both y and y_test, or neither")
     return _tensors(path.stem, parts)
+
+
+def check_labels(data: Dataset, classes: int) -> None:
+    """Refuse labels that are not class indices of a model with ``classes`` outputs."""
+    for name, y in (("y", data.y_train), ("y_test", data.y_test)):
+        if y is not None and len(y) and int(y.max()) >= classes:
+            raise DataError(f"data '{data.name}': label {int(y.max())} in {name} but the model has {classes} "
+                            f"outputs (classes 0..{classes - 1}); fix the labels or the model's last layer")
 
 
 def load_data(spec: str, input_shape: tuple[int, ...] | None = None) -> Dataset:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 import qcompile
+from qcompile.files import write_text
 from qcompile.models import DemoNet, train_float
 from qcompile.report import format_table, layer_table
 
@@ -39,7 +40,7 @@ def run_demo(epochs: int, policies: list[str], out_dir: Path | None, force: bool
                      t["rel_bops_percent"], t["weight_bytes"], f"{v['mismatches']}/{v['compared']}"])
         if out_dir is not None:
             cm.save_onnx(out_dir / f"demo_{policy}.onnx", force=force)
-            (out_dir / f"demo_{policy}.json").write_text(json.dumps(report, indent=2) + "\n")
+            write_text(out_dir / f"demo_{policy}.json", json.dumps(report, indent=2) + "\n", force)
     headers = ["policy", "float %", "simulated %", "integer %", "onnxruntime %", "rel. BOPs %", "weight bytes",
                "mismatches"]
     print(format_table(headers, rows))

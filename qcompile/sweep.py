@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import re
 import sys
 import textwrap
@@ -37,6 +38,7 @@ from torch import nn
 from qcompile.api import compile as qcompile_compile
 from qcompile.api import search_pipeline as api_search_pipeline
 from qcompile.data import Dataset
+from qcompile.files import write_output, write_text
 from qcompile.passes.base import Pass, QCompileError
 from qcompile.passes.pipeline import PassSpec
 from qcompile.report import format_table
@@ -354,11 +356,15 @@ def run_sweep(model: nn.Module | str | Path, data: Dataset, points: Sequence[Swe
 
 
 def refuse_existing(folder: Path, force: bool) -> None:
-    taken = [folder / name for name in OUTPUT_FILES if (folder / name).exists()]
-    if taken and not force:
-        raise SweepError(f"{taken[0]} already exists; choose another output folder or pass --force to replace it")
+    from qcompile.files import check_output
+
     if folder.exists() and not folder.is_dir():
         raise SweepError(f"{folder} exists and is not a folder; choose another output folder")
+    taken = [folder / name for name in OUTPUT_FILES if os.path.lexists(folder / name)]
+    if taken and not force:
+        raise SweepError(f"{taken[0]} already exists; choose another output folder or pass --force to replace it")
+    for path in taken:
+        check_output(path, force)  # only regular files are replaced
 
 
 def write_sweep(sweep: Sweep, folder: Path, force: bool = False) -> list[Path]:
@@ -366,12 +372,8 @@ def write_sweep(sweep: Sweep, folder: Path, force: bool = False) -> list[Path]:
     refuse_existing(folder, force)
     folder.mkdir(parents=True, exist_ok=True)
     json_path, png_path = (folder / name for name in OUTPUT_FILES)
-    tmp = json_path.with_name(json_path.name + ".tmp")
-    tmp.write_text(json.dumps(sweep.as_dict(), indent=2) + "\n")
-    tmp.replace(json_path)
-    tmp = png_path.with_name("sweep.tmp.png")
-    plot_sweep(sweep, tmp)
-    tmp.replace(png_path)
+    write_text(json_path, json.dumps(sweep.as_dict(), indent=2) + "\n", force)
+    write_output(png_path, force, lambda tmp: plot_sweep(sweep, tmp))
     return [json_path, png_path]
 
 

@@ -97,6 +97,7 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ")
+    assert len(lines[0]) <= 300, lines[0]  # every CLI error test: a line a user can read
     assert "Traceback" not in err
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

@@ -42,10 +42,20 @@ def run_op(op: ops.IntOp, *args: torch.Tensor) -> torch.Tensor:
 
 
 def accumulator_bound(op: ops.IntConv2d | ops.IntLinear) -> int:
-    """max over output channels of sum|w| * max|q_x| + |bias|: no partial sum can exceed it."""
-    w = op.weight.to(torch.int64).abs().reshape(op.weight.shape[0], -1).sum(dim=1)
+    """max over output channels of sum|w| * max|q_x| + |bias|: no partial sum can exceed it.
+
+    Exact: the row sums of |w| (int32 values, fan-in < 2^32) fit int64; the products and the bias are
+    Python ints, so a saturated or huge bias can only make the bound larger, never wrap it.
+    """
+    w = op.weight.to(torch.int64).abs().reshape(op.weight.shape[0], -1)
+    if w.shape[1] >= 2**32:
+        raise OverflowError(f"fan-in {w.shape[1]} too large for an exact bound")
     xmax = max(abs(op.inp.lo), abs(op.inp.hi))
-    return int((w * xmax + op.bias.abs()).max())
+    rows = [int(s) * xmax for s in w.sum(dim=1).tolist()]
+    bias = [abs(int(b)) for b in op.bias.reshape(-1).tolist()]
+    if len(bias) != len(rows):  # a malformed op (the verifier names it): a looser bound, still sound
+        return max(rows, default=0) + max(bias, default=0)
+    return max((r + b for r, b in zip(rows, bias, strict=True)), default=0)
 
 
 def _requant(acc: torch.Tensor, op: Any, channel_dim: int) -> torch.Tensor:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import pickle
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -79,7 +81,12 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
         raise ModelFileError(f"no such weights file: {path}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated zips, pickles with code, garbage
+    except pickle.UnpicklingError as exc:  # torch's restricted unpickler met a global: code, not tensors
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        named = f" (it names {found.group(1)})" if found else ""
+        raise ModelFileError(f"weights {path} hold pickled objects beyond tensors{named}, which could run code; "
+                             "save plain tensors with torch.save(model.state_dict())") from None
+    except Exception as exc:  # noqa: BLE001 - truncated zips, garbage
         raise ModelFileError(
             f"cannot read weights {path} ({type(exc).__name__}); save them with torch.save(model.state_dict())"
         ) from None

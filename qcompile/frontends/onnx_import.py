@@ -26,13 +26,20 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import torch
 import torch.fx as fx
 
+from qcompile.frontends.onnx_check import (
+    OnnxValidationError,
+    check_declared_shape,
+    check_types,
+    densify,
+    onnxruntime_problem,
+)
 from qcompile.frontends.onnx_ops import Builder, DynamicShapeError, OnnxImportError, attr_name
 from qcompile.frontends.onnx_pointwise import fuse_patterns
 from qcompile.frontends.torch_fx import ModelFileError, quiet_torch
 from qcompile.ir.meta import Stage, set_info, set_stage
-from qcompile.passes.base import QCompileError
 from qcompile.passes.canonicalize import UnsupportedOpsError
 
 __all__ = [
@@ -54,21 +61,22 @@ class ControlFlowError(OnnxImportError):
 
 
 class UnsupportedOnnxOpsError(UnsupportedOpsError):
-    """Every ONNX node that has no torch-level form, as ``name (OpType: why)``."""
+    """Every ONNX node that has no torch-level form: ``items`` as ``name (OpType: why)``, the message grouped
+    by op type (the README lists the supported ops)."""
 
-    def __init__(self, items: list[str]) -> None:
-        self.items = items
-        QCompileError.__init__(
-            self,
-            f"{len(items)} unsupported ONNX node(s): " + "; ".join(items) + " — re-export the model using "
-            "Conv, Gemm, MatMul, Add, BatchNormalization, Relu, Clip, MaxPool, AveragePool, GlobalAveragePool, "
-            "ReduceMean, Flatten, Reshape, Concat, Identity, Dropout, Sigmoid, HardSigmoid, HardSwish, Tanh, "
-            "LeakyRelu, Elu, Gelu, Mul, Transpose and LayerNormalization only",
-        )
+    what = "ONNX node(s)"
+    fix = "re-export the model with the ops the README lists"
+
+    def __init__(self, problems: list[tuple[str, str, str]]) -> None:
+        items = [f"{name} ({op}{': ' + why if why else ''})" for name, op, why in problems]
+        examples = [f"{name}{': ' + why if why else ''}"[:70] for name, _, why in problems]
+        super().__init__(items, [op for _, op, _ in problems], examples)
 
 
 def _first_line(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
+    text = (str(exc).strip().splitlines() or [""])[0]
+    text = text.replace("[ShapeInferenceError] ", "").replace("Inference error(s): ", "")
+    return f"{type(exc).__name__}: {text[:150]}"
 
 
 def _read(path: Path) -> onnx.ModelProto:
@@ -86,10 +94,12 @@ def _read(path: Path) -> onnx.ModelProto:
         raise ModelFileError(f"cannot read the external data of {path} ({_first_line(exc)}); keep the data files "
                              "next to the model, where they were saved") from exc
     try:
-        onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise ModelFileError(f"{path} is not a valid ONNX model ({_first_line(exc)}); it may be truncated or "
-                             "corrupt: copy or export it again") from exc
+        densify(model)
+        check_types(model, path)  # before the checker: its shape inference would blame a later node
+        onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, UnicodeDecodeError) as exc:
+        raise ModelFileError(f"{path} is not a valid ONNX model ({_first_line(exc)}); fix the model or export it "
+                             "again") from exc
     return model
 
 
@@ -190,12 +200,36 @@ def _outputs(builder: Builder, path: Path) -> None:
     builder.fx_graph.output(values[0] if len(values) == 1 else tuple(values))
 
 
-def load_onnx(path: str | Path) -> fx.GraphModule:
-    """Import the float ONNX model at ``path`` (with its external data) as a TRACED GraphModule."""
+def load_onnx(path: str | Path, example: torch.Tensor | None = None) -> fx.GraphModule:
+    """Import the float ONNX model at ``path`` (with its external data) as a TRACED GraphModule.
+
+    With ``example`` (an input batch), the model must also declare a fitting input shape and run in
+    onnxruntime on it (frontends/onnx_check.py); nodes qcompile cannot import are named before
+    onnxruntime's complaint, which is reported for everything else.
+    """
     path = Path(path)
     model = _read(path)
     _check_opset(model, path)
     _check_control_flow(model, path)
+    if example is None:
+        return _import(model, path)
+    check_declared_shape(model, path, tuple(example.shape[1:]))
+    problem = onnxruntime_problem(path, model, example)
+    try:
+        gm = _import(model, path)
+    except UnsupportedOnnxOpsError:
+        raise
+    except Exception:
+        if problem is None:
+            raise
+        gm = None
+    if problem is not None:
+        raise OnnxValidationError(f"onnxruntime refuses {path}: {problem}; fix the model or export it again")
+    assert gm is not None
+    return gm
+
+
+def _import(model: onnx.ModelProto, path: Path) -> fx.GraphModule:
     graph = _folded(model)
     _resolve_reshapes(graph, model)
     fuse_patterns(graph)  # erf-form GELU -> Gelu (frontends/onnx_pointwise.py, which adds its converters)

@@ -32,6 +32,7 @@ moves the batch. Shapes these rules need but cannot get raise DynamicShapeError 
 
 from __future__ import annotations
 
+import keyword
 import math
 import operator
 import re
@@ -64,8 +65,13 @@ class Unsupported(Exception):
 
 
 def attr_name(text: str) -> str:
-    name = re.sub(r"\W+", "_", text).strip("_") or "node"
-    return f"n_{name}" if name[0].isdigit() else name
+    """A Python identifier for an ONNX name (never a keyword: fx writes it into generated code)."""
+    name = re.sub(r"\W+", "_", text, flags=re.ASCII).strip("_") or "node"
+    name = f"n_{name}" if name[0].isdigit() else name
+    return f"{name}_" if keyword.iskeyword(name) or name in RESERVED else name
+
+
+RESERVED = ("self", "forward", "training", "inf", "nan", "torch", "device", "fx_pytree", "pytree")
 
 
 def _layer_name(node: gs.Node) -> str:
@@ -102,7 +108,7 @@ class Builder:
     root: nn.Module = field(default_factory=nn.Module)
     fx_graph: fx.Graph = field(default_factory=fx.Graph)
     env: dict[str, fx.Node] = field(default_factory=dict)
-    problems: list[str] = field(default_factory=list)
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (name, op type, why) of refused nodes
 
     def value(self, t: gs.Tensor) -> fx.Node:
         if isinstance(t, gs.Constant):
@@ -138,7 +144,7 @@ class Builder:
                 raise Unsupported(f"domain {node.domain}" if node.domain not in (None, "", "ai.onnx") else "")
             rule(self, node)
         except Unsupported as why:
-            self.problems.append(f"{node.name} ({node.op}{': ' + str(why) if str(why) else ''})")
+            self.problems.append((node.name, node.op, str(why)))
             self._bind_through(node)
 
     def _bind_through(self, node: gs.Node) -> None:

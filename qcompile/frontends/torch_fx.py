@@ -13,7 +13,6 @@ import os
 import sys
 import types
 import warnings
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from qcompile.frontends.aten_raise import raise_aten
+from qcompile.frontends.pickles import PickleRefusedError, guarded_unpickling
 from qcompile.frontends.source import exception_source, node_source
 from qcompile.ir.meta import Stage, set_info, set_stage
 from qcompile.passes.base import QCompileError
@@ -121,16 +121,19 @@ def trace_module(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> 
 
 
 def load_pt2(path: str | Path) -> fx.GraphModule:
-    """Load a program saved with ``torch.export.save``."""
+    """Load a program saved with ``torch.export.save``; nothing pickled in it may run code (frontends/pickles.py)."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"no such file: {path}")
     try:
-        with quiet_torch():
+        with quiet_torch(), guarded_unpickling(str(path)):
             program = torch.export.load(str(path))
-    except (zipfile.BadZipFile, RuntimeError, EOFError, KeyError, ValueError, OSError) as exc:
+    except PickleRefusedError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zip, JSON, schema and torch errors of a damaged archive
+        detail = " ".join(str(exc).split())[:100]
         raise ModelFileError(
-            f"{path} is not a readable torch.export program ({type(exc).__name__}); re-save it with "
+            f"{path} is not a readable torch.export program ({type(exc).__name__}: {detail}); re-save it with "
             "torch.export.save"
         ) from exc
     return _finish(raise_aten(program.module()))

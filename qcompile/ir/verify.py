@@ -6,10 +6,15 @@ the weights actually stored) and the bias, must not exceed 2^31 - 1. It refuses 
 APoT (shift-add) ops are covered by the same bound on their combined codes: all terms of a weight share
 its sign, so |k| = sum_p |T_p| 2^p and every partial sum of the shift-add evaluation (and each part of
 the export's lo/hi split) is bounded by sum |k| * max|q_x|.
+The bound is computed in exact integers (Python ints), and before it every stored constant is checked
+against its contract range: weights inside their type, |q_b| <= 2^31 - 1, multipliers m in [1, 2^31),
+shifts n in [MIN_SHIFT, MAX_SHIFT], boundary scales positive and finite. A constant that saturated when it
+became an integer (round(1e30) -> INT64_MIN) is therefore refused, not taken at its wrapped absolute value.
 """
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 
@@ -18,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from qcompile.ir import intops
-from qcompile.ir.contract import INT32_MAX
+from qcompile.ir.contract import INT32_MAX, MAX_SHIFT, MIN_SHIFT
 from qcompile.ir.meta import Stage, get_info, get_stage
 from qcompile.quant.bayesian_bits import BayesianBitsActQuant
 from qcompile.quant.layernorm import ChannelLayerNorm
@@ -80,11 +85,45 @@ def _verify_integer(gm: fx.GraphModule) -> list[str]:
         if info.itype is None or info.scale is None:
             problems.append(f"{node.name}: integer value without itype/scale")
         mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(mod, nn.Module):
+            problems.extend(constant_problems(node.name, mod))
         if isinstance(mod, (intops.IntConv2d, intops.IntLinear)):
             problems.extend(_overflow_problems(node.name, mod))
         elif isinstance(mod, (intops.IntMul, intops.IntLayerNorm)) and mod.bound > INT32_MAX:
             problems.append(f"{node.name}: int32 accumulator may overflow (|acc| <= {mod.bound} > 2^31-1 with "
                             f"{mod.inp} inputs); lower the bit-widths of its inputs")
+    return problems
+
+
+def _out_of(values: torch.Tensor, lo: int, hi: int) -> list[int]:
+    """The values outside [lo, hi], compared as exact Python ints (at most three shown)."""
+    return [v for v in (int(x) for x in values.reshape(-1).tolist()) if not lo <= v <= hi][:3]
+
+
+def _requant_problems(name: str, mult: torch.Tensor, shift: torch.Tensor) -> list[str]:
+    problems = []
+    if bad := _out_of(mult, 1, 2**31 - 1):
+        problems.append(f"{name}: requantization multiplier(s) {bad} outside [1, 2^31)")
+    if bad := _out_of(shift, MIN_SHIFT, MAX_SHIFT):
+        problems.append(f"{name}: requantization shift(s) {bad} outside [{MIN_SHIFT}, {MAX_SHIFT}]")
+    return problems
+
+
+def constant_problems(name: str, op: nn.Module) -> list[str]:
+    """Every stored constant inside its contract range: weights in their type, |bias| <= 2^31-1, m, n, scales."""
+    problems = []
+    if isinstance(op, (intops.Quantize, intops.Dequantize)) and not (math.isfinite(op.scale) and op.scale > 0):
+        problems.append(f"{name}: scale {op.scale!r} is not a positive finite number")
+    mult, shift = getattr(op, "mult", None), getattr(op, "shift", None)
+    if isinstance(mult, torch.Tensor) and isinstance(shift, torch.Tensor):
+        problems.extend(_requant_problems(name, mult, shift))
+    if isinstance(op, (intops.IntConv2d, intops.IntLinear)):
+        if bad := _out_of(op.weight, op.w_type.lo, op.w_type.hi):
+            problems.append(f"{name}: weight(s) {bad} outside {op.w_type} [{op.w_type.lo}, {op.w_type.hi}]")
+        if bad := _out_of(op.bias, -INT32_MAX, INT32_MAX):
+            problems.append(f"{name}: bias value(s) {bad} outside int32")
+        if op.bias.numel() != op.weight.shape[0]:
+            problems.append(f"{name}: {op.bias.numel()} bias values for {op.weight.shape[0]} output channels")
     return problems
 
 

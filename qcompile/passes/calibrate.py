@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -22,6 +23,25 @@ from qcompile.quant import graph
 
 class CalibrationError(QCompileError):
     pass
+
+
+def _check_range(node: fx.Node, q: Any) -> None:
+    """Refuse a range that cannot give a scale, with its likely cause."""
+    amax, source = float(q.amax), node.args[0]
+    what = f"activation '{source}'"
+    if not q.calibrated:
+        raise CalibrationError(f"{what} was never reached: the calibration data gave no batches; pass --data with "
+                               "samples (or calibration batches in the API)")
+    if not math.isfinite(amax):
+        raise CalibrationError(f"{what} is not finite (NaN or Inf) on the calibration data; a weight, bias or "
+                               "input upstream is not finite, a table function is infinite there, or the values "
+                               "overflow float32: check the model")
+    if amax <= 0.0 and isinstance(source, fx.Node) and source.op == "placeholder":
+        raise CalibrationError(f"the calibration inputs '{source}' are all zero; pass --data with real samples "
+                               "(without it the example input, zeros, calibrates)")
+    if amax <= 0.0:
+        raise CalibrationError(f"{what} is always zero on the calibration data; check the data and weights, "
+                               "or remove the dead layer")
 
 
 @register_pass
@@ -53,13 +73,6 @@ class Calibrate(Pass):
             for _node, q in quants:
                 q.observing = False
         for node, q in quants:
-            amax = float(q.amax)
-            if not q.calibrated or not math.isfinite(amax) or amax <= 0.0:
-                what = ("never reached" if not q.calibrated else "not finite (a function is infinite or NaN there)"
-                    if not math.isfinite(amax) else f"always zero (range {amax})")
-                raise CalibrationError(
-                    f"activation '{node.args[0]}' is {what} on the calibration data; check the data and "
-                    "weights, or remove the dead layer"
-                )
+            _check_range(node, q)
         graph.bind_input_scales(gm)  # from here on the layers' biases sit on the int32 accumulator grid
         return PassResult(gm, True)

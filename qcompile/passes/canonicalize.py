@@ -32,6 +32,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from qcompile.errors import group_items
 from qcompile.ir import rewrite
 from qcompile.ir.meta import Stage, get_info
 from qcompile.ir.shapes import annotate_shapes
@@ -41,12 +42,16 @@ from qcompile.passes.rules.canonicalize_pointwise import pointwise_rule
 
 
 class UnsupportedOpsError(QCompileError):
-    def __init__(self, items: list[str]) -> None:
-        self.items = items
-        super().__init__(
-            f"{len(items)} unsupported op(s): " + "; ".join(items)
-            + " — rewrite them with supported ops (the README lists them)"
-        )
+    """Every node without a supported form: ``items`` (and ``details``) list them all; the message groups
+    them by ``kinds`` (op type), with the first ``examples`` (node name and source line) of each."""
+
+    what = "op(s)"
+    fix = "rewrite them with supported ops (the README lists them)"
+
+    def __init__(self, items: list[str], kinds: list[str] | None = None, examples: list[str] | None = None) -> None:
+        self.items = self.details = items
+        listed = group_items(kinds or items, examples or items)
+        super().__init__(f"{len(items)} unsupported {self.what}: {listed} — {self.fix}")
 
 
 def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> dict[str, Any]:
@@ -255,10 +260,16 @@ def describe(gm: fx.GraphModule, node: fx.Node, why: str | None = None) -> str:
     return f"{node.name} ({node.op} {why or what}{' at ' + where if where else ''})"
 
 
-def _unsupported(gm: fx.GraphModule, rejected: set[str]) -> list[str]:
-    items = []
+def _kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__
+    return str(getattr(node.target, "__name__", node.target))
+
+
+def _unsupported(gm: fx.GraphModule, rejected: set[str]) -> UnsupportedOpsError | None:
+    items, kinds, examples = [], [], []
     for node in gm.graph.nodes:
-        if node.op in ("placeholder", "output") or not node.users and node.op == "get_attr":
+        if node.op in ("placeholder", "output", "get_attr"):  # a parameter read is no op; its users are listed
             continue
         why = _unsupported_setting(gm, node)
         allowed = (
@@ -269,7 +280,10 @@ def _unsupported(gm: fx.GraphModule, rejected: set[str]) -> list[str]:
             why = why or f"{getattr(node.target, '__name__', node.target)} with unsupported arguments"
         if why or not allowed:
             items.append(describe(gm, node, why))
-    return items
+            kinds.append(_kind(gm, node))
+            where = get_info(node).source
+            examples.append(f"{node.name}{': ' + why if why else ''}{' at ' + where if where else ''}"[:120])
+    return UnsupportedOpsError(items, kinds, examples) if items else None
 
 
 @register_pass
@@ -293,6 +307,6 @@ class Canonicalize(Pass):
                 rejected.add(node.name)
         rewrite.finish(gm)
         problems = _unsupported(gm, rejected)
-        if problems:
-            raise UnsupportedOpsError(problems)
+        if problems is not None:
+            raise problems
         return PassResult(gm, modified)

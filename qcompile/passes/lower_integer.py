@@ -11,9 +11,12 @@ M[c] = s_x s / s_y.
 Residual adds use M = s_in / s_y on q_a + q_b (share-scales made the inputs' scales equal);
 average pools use M = s_x / (k * s_y) on the window sum. Max pooling, reshapes and concatenation act on
 integers. Tables, products of two activations and LayerNorms: passes/rules/lower_pointwise.py.
-A ReLU/clamp that could not fold becomes an IntClamp. Inputs get a Quantize, outputs a
-Dequantize: the only float ops. Not handled: adds/cats whose inputs have different scales (run
-share-scales first), and clamps whose bounds are not on the grid of an unfused tensor (rounded to it).
+A ReLU/clamp that could not fold becomes an IntClamp. Refused before anything becomes an
+integer, naming the layer: NaN/Inf weights, biases or scales, a q_b outside int32 (a bias out of proportion
+to s_x * s_w), and a multiplier M >= 2^30 or < 2^-46 (m * 2^-54 would keep fewer than 8 of its bits).
+Inputs get a Quantize, outputs a Dequantize: the only float ops. Not handled: adds/cats whose inputs
+have different scales (run share-scales first), and clamps whose bounds are not on the grid of an
+unfused tensor (rounded to it).
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class _Lowering:
     def requant(self, real: Any) -> dict[str, Any]:
         """Both forms of the real multiplier(s) M and the target: the requantizing ops' keyword arguments."""
         reals = np.asarray(real, dtype=np.float64)
-        mult, shift = contract.quantize_multipliers(reals)
+        mult, shift = multipliers(reals)  # refuses what neither target can hold (same domain for both)
         return {"mult": mult, "shift": shift, "fmult": contract.float_multipliers(reals), "target": self.target}
 
     def emit(self, name: str, op: nn.Module, args: tuple[Any, ...], out: IntType, scale: float,
@@ -109,10 +112,48 @@ def _weights(layer: QConv2d | QLinear, s_x: float) -> tuple[torch.Tensor, torch.
         s_w = layer.weight_quant.scale(layer.weight.detach()).double()
         b = layer.weight_quant.quant_bias(layer.bias)
     t = layer.weight_quant.itype
+    _require_finite("weights", w)
+    _require_finite("weight scales", s_w)
     q_w = torch.round(w / s_w.view(-1, *[1] * (w.dim() - 1))).clamp(t.lo, t.hi).to(torch.int64)
     bias = b.detach().double() if b is not None else torch.zeros_like(s_w)
-    q_b = torch.round(bias / (s_x * s_w)).to(torch.int64)
-    return q_w, q_b, s_w
+    return q_w, bias_codes(bias, s_x * s_w), s_w
+
+
+def _require_finite(what: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise PreconditionError(f"{what} contain NaN or Inf; fix the model's parameters")
+
+
+def bias_codes(bias: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """q_b = round(b / step) on the accumulator grid, refused before the integer cast unless it fits int32."""
+    _require_finite("bias values", bias)
+    q = torch.round(bias / step)
+    bad = ~torch.isfinite(q) | (q.abs() > contract.INT32_MAX)
+    if bool(bad.any()):
+        c = int(bad.nonzero()[0, 0]) if bias.dim() else 0
+        b, st = float(bias.reshape(-1)[c]), float(step.reshape(-1)[c] if step.dim() else step)
+        raise PreconditionError(
+            f"bias {b:.3g} of channel {c} is {b / st if st else math.inf:.3g} accumulator steps (s_x*s_w = {st:.3g}), "
+            "beyond int32; the bias is out of proportion to the weights and input range: check the model"
+        )
+    return q.to(torch.int64)
+
+
+MIN_MANTISSA = 2**8  # fewer significant bits than this and the dyadic multiplier is not the real one
+
+
+def multipliers(reals: Any) -> tuple[Any, Any]:
+    """contract.quantize_multipliers, refused when a multiplier is not finite, >= 2^30, or so small
+    (< 2^-46) that m * 2^-MAX_SHIFT keeps fewer than 8 of its bits."""
+    try:
+        m, n = contract.quantize_multipliers(reals)
+    except contract.MultiplierError as exc:
+        raise PreconditionError(f"{exc}; the input, weight and output scales are out of proportion") from None
+    if (m < MIN_MANTISSA).any():
+        tiny = float(np.asarray(reals, dtype=np.float64).reshape(-1)[int(np.argmin(m))])
+        raise PreconditionError(f"requantization multiplier {tiny:.3g} is too small for the dyadic form "
+                                "(< 2^-46); the weights are negligible against the output range: check the model")
+    return m, n
 
 
 def _apot_weights(layer: QConv2d | QLinear, q: APoTWeightQuant,
@@ -121,7 +162,7 @@ def _apot_weights(layer: QConv2d | QLinear, q: APoTWeightQuant,
     with torch.no_grad():
         k, s_w = q.codes(layer.weight), q.scale(layer.weight).double()
     bias = layer.bias.detach().double() if layer.bias is not None else torch.zeros_like(s_w)
-    return k, torch.round(bias / (s_x * s_w)).to(torch.int64), s_w
+    return k, bias_codes(bias, s_x * s_w), s_w
 
 
 def _make_op(layer: QConv2d | QLinear, q_w: torch.Tensor, requant: dict[str, Any]) -> nn.Module:
@@ -147,10 +188,10 @@ def _lower_layer(lw: _Lowering, point: fx.Node, layer: QConv2d | QLinear, out: I
                  bounds: tuple[int, int]) -> Value:
     x = lw.value(input_node(point))
     q = layer.weight_quant
-    q_w, q_b, s_w = _apot_weights(layer, q, x.scale) if isinstance(q, APoTWeightQuant) else _weights(layer, x.scale)
-    requant: dict[str, Any] = {"bias": q_b, **lw.requant((x.scale * s_w / s_y).numpy()), "inp": x.itype,
-                               "w_type": q.itype, "out": out, "lo": bounds[0], "hi": bounds[1]}
     try:
+        q_w, q_b, s_w = _apot_weights(layer, q, x.scale) if isinstance(q, APoTWeightQuant) else _weights(layer, x.scale)
+        requant: dict[str, Any] = {"bias": q_b, **lw.requant((x.scale * s_w / s_y).numpy()), "inp": x.itype,
+                                   "w_type": q.itype, "out": out, "lo": bounds[0], "hi": bounds[1]}
         op = _make_op(layer, q_w, requant)
     except PreconditionError as exc:
         raise PreconditionError(f"layer '{point.target}': {exc}") from None
@@ -161,7 +202,10 @@ def _lower_add(lw: _Lowering, point: fx.Node, out: IntType, s_y: float, bounds: 
     a, b = lw.value(input_node(point, 0)), lw.value(input_node(point, 1))
     if not math.isclose(a.scale, b.scale, rel_tol=1e-9):
         raise PreconditionError(f"inputs of add '{point.name}' have different scales; run share-scales first")
-    op = ops.IntAdd(**lw.requant(a.scale / s_y), inp=(a.itype, b.itype), out=out, lo=bounds[0], hi=bounds[1])
+    try:
+        op = ops.IntAdd(**lw.requant(a.scale / s_y), inp=(a.itype, b.itype), out=out, lo=bounds[0], hi=bounds[1])
+    except PreconditionError as exc:
+        raise PreconditionError(f"add '{point.name}': {exc}") from None
     return lw.emit(point.name, op, (a.node, b.node), out, s_y, point)
 
 
@@ -175,8 +219,11 @@ def _lower_avgpool(lw: _Lowering, point: fx.Node, pool: nn.AvgPool2d | nn.Adapti
         kernel, stride, padding = (shape[2], shape[3]), (1, 1), (0, 0)
     else:
         kernel, stride, padding = pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)
-    op = ops.IntAvgPool2d(**lw.requant(x.scale / (kernel[0] * kernel[1] * s_y)), kernel=kernel, stride=stride,
-                          padding=padding, inp=x.itype, out=out, lo=bounds[0], hi=bounds[1])
+    try:
+        op = ops.IntAvgPool2d(**lw.requant(x.scale / (kernel[0] * kernel[1] * s_y)), kernel=kernel, stride=stride,
+                              padding=padding, inp=x.itype, out=out, lo=bounds[0], hi=bounds[1])
+    except PreconditionError as exc:
+        raise PreconditionError(f"pool '{point.name}': {exc}") from None
     return lw.emit(point.name, op, (x.node,), out, s_y, point)
 
 

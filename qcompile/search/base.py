@@ -124,6 +124,33 @@ class TrainedSearch(Search):
         return ctx.teacher if self.distill > 0.0 else None
 
 
+def gate_parameters(gm: fx.GraphModule) -> list[Any]:
+    """Every learned gate / bit variable of the graph's quantizers (``gate_parameters()``)."""
+    found = [getattr(m, "gate_parameters", None) for m in gm.modules()]
+    return [p for fn in found if callable(fn) for p in fn()]
+
+
+def movement(name: str, steps: int, before: list[Any], after: list[Any], changed: list[str], needed: float,
+             knobs: str) -> dict[str, Any]:
+    """One diagnostics line after a learned search (steps, how far its variables moved, layers changed) on
+    stderr, and a warning naming ``knobs`` when no layer changed; the same facts for the report."""
+    import sys
+
+    from qcompile import distributed
+
+    moved = max((float((a.detach() - b).abs().max()) for a, b in zip(after, before, strict=True) if a.numel()),
+                default=0.0)
+    facts = {"steps": steps, "max_move": moved, "move_needed": needed, "changed_layers": changed}
+    if distributed.is_main():
+        print(f"{name}: {steps} training steps; gates moved by at most {moved:.2f} (a switch needs {needed:.2f}); "
+              f"{len(changed)} layer(s) changed" + (f": {', '.join(changed[:6])}" if changed else ""),
+              file=sys.stderr)
+        if not changed:
+            print(f"warning: {name} changed no layer within its budget ({steps} steps); raise {knobs}",
+                  file=sys.stderr)
+    return facts
+
+
 def searches() -> dict[str, type[Search]]:
     """Every registered search (built-in or from a plugin), by name."""
     return {name: cls for name, cls in sorted(PASSES.items()) if issubclass(cls, Search)}

@@ -46,7 +46,7 @@ from qcompile.quant.bayesian_bits import (
     RangeWeightQuant,
 )
 from qcompile.quant.tables import cap_table_inputs
-from qcompile.search.base import TrainedSearch, check_schedule
+from qcompile.search.base import TrainedSearch, check_schedule, gate_parameters, movement
 from qcompile.search.policies import Assignment, LayerBits
 from qcompile.train.trainer import QuantTrainer, TrainConfig
 
@@ -151,9 +151,17 @@ class BayesianBitsSearch(TrainedSearch):
         def regularizer() -> torch.Tensor:
             return self.mu * sum((w * q.expected_cost() for q, w in pairs), torch.zeros(()))
 
-        QuantTrainer(gm, data, self._config(ctx, self.epochs, self.checkpoint, self.resume),
-                     regularizer=regularizer, teacher=self.teacher(ctx)).fit()
+        gates = gate_parameters(gm)
+        before = [p.detach().clone() for p in gates]
+        trainer = QuantTrainer(gm, data, self._config(ctx, self.epochs, self.checkpoint, self.resume),
+                               regularizer=regularizer, teacher=self.teacher(ctx))
+        trainer.fit()
         record = _decide(gm, weights)
+        changed = [n for n, v in record["layers"].items()
+                   if v["w_bits"] != 8 or v["a_bits"] != 8 or v["kept_channels"] < v["channels"]]
+        record["diagnostics"] = movement(self.name, trainer.steps_per_epoch * self.epochs, before, gates, changed,
+                                         self.gate_init - THRESHOLD, "--epochs or the gates' learning rate "
+                                         f"(--option gate_lr=..., now {self.gate_lr}), or lower gate_init")
         ctx.records[self.name] = record
         _finalize(gm)
         if self.finetune_epochs:

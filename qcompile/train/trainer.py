@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from qcompile import cost, distributed
 from qcompile.data import Dataset
+from qcompile.files import write_output
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.passes.base import QCompileError
 from qcompile.quant import graph
@@ -321,10 +322,7 @@ class QuantTrainer:
             state = {"signature": _signature(self.gm), "model": self.gm.state_dict(), "epochs_done": epochs_done,
                      "quantizers": self._quantizer_state(),
                      "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()}}
-            path = Path(self.config.checkpoint)
-            tmp = path.with_name(path.name + ".tmp")
-            torch.save(state, tmp)
-            tmp.replace(path)
+            write_output(self.config.checkpoint, True, lambda tmp: torch.save(state, tmp))  # replaced every epoch
         distributed.barrier()
 
     def _resume(self) -> int:

@@ -176,3 +176,53 @@ def test_many_problems_are_summarised() -> None:
     with pytest.raises(VerificationError, match=r"\(and 2 more\)") as info:
         verify(gm)
     assert len(info.value.problems) == 7
+
+
+# ------------------------------------------------------------------ adversarial constants (a sound proof)
+
+
+INT64_MIN = -(2**63)
+S8 = IntType(8, True)
+
+
+def small_linear(bias: list[int], mult: int = 2**30, shift: int = 40, weight: int = 1) -> ops.IntLinear:
+    return ops.IntLinear(torch.full((1, 4), weight), bias, [mult], [shift], inp=U8, w_type=S8, out=U8,
+                         lo=0, hi=255)
+
+
+@pytest.mark.parametrize(("bias", "why"), [
+    (INT64_MIN, "bias value"),  # round(1e30) saturated: abs() of it stays negative in int64
+    (INT64_MIN + 1, "bias value"),
+    (2**31, "bias value"),
+    (-(2**31), "bias value"),
+])
+def test_saturated_or_oversized_bias_is_refused(bias: int, why: str) -> None:
+    with pytest.raises(VerificationError, match=why):
+        verify(integer_graph(small_linear([bias]), U8))
+
+
+def test_bound_is_exact_for_a_saturated_bias() -> None:
+    from qcompile.backends.fast import accumulator_bound
+
+    assert accumulator_bound(small_linear([INT64_MIN])) == 4 * 255 + 2**63
+
+
+@pytest.mark.parametrize(("mult", "shift", "why"), [
+    (0, 40, "multiplier"), (-5, 40, "multiplier"), (2**31, 40, "multiplier"), (2**40, 40, "multiplier"),
+    (2**30, 0, "shift"), (2**30, 63, "shift"), (2**30, -1, "shift"),
+])
+def test_extreme_multipliers_are_refused(mult: int, shift: int, why: str) -> None:
+    with pytest.raises(VerificationError, match=why):
+        verify(integer_graph(small_linear([0], mult, shift), U8))
+
+
+def test_weights_outside_their_type_are_refused() -> None:
+    with pytest.raises(VerificationError, match=r"weight\(s\) \[300"):
+        verify(integer_graph(small_linear([0], weight=300), U8))
+
+
+def test_non_finite_boundary_scale_is_refused() -> None:
+    gm = integer_graph(small_linear([0]), U8)
+    gm.get_submodule("q").scale = float("nan")
+    with pytest.raises(VerificationError, match="scale nan"):
+        verify(gm)

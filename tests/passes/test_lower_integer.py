@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from qcompile.models import train_float
 from qcompile.passes import PassError
 from qcompile.passes.base import PreconditionError
 from qcompile.passes.lower_integer import LowerInteger
-from qcompile.quant.modules import ActQuant, QLinear
+from qcompile.quant.modules import ActQuant, QConv2d, QLinear
 
 PREPARED = "canonicalize,fold-batchnorm,insert-quantizers,calibrate,assign-bitwidths{policy=%s},share-scales"
 
@@ -225,3 +226,46 @@ def test_apot_layers_lower_to_power_of_two_terms_of_their_codes(bits: int) -> No
         assert int(op.term_sign.ne(0).sum(dim=0).max()) <= q.terms
     x = torch.randn(16, 1, 8, 8)
     assert torch.equal(cm(x), cm.reference(x)) and cm.verify(x).mismatches == 0
+
+
+# ------------------------------------------------ constants the integer form cannot hold are refused
+
+
+def prepared(model: nn.Module) -> tuple[fx.GraphModule, Any]:
+    ctx = context()
+    return run_pipeline(model, PREPARED % "w8a8", ctx), ctx
+
+
+def quant_layer(gm: fx.GraphModule, cls: type) -> Any:
+    return next(m for m in gm.modules() if isinstance(m, cls))
+
+
+def out_quant(gm: fx.GraphModule) -> ActQuant:
+    (out,) = [n for n in gm.graph.nodes if n.op == "output"]
+    return gm.get_submodule(out.args[0].target)
+
+
+@pytest.mark.parametrize(("mutate", "why"), [
+    (lambda gm: quant_layer(gm, QConv2d).bias.data.fill_(1e30), "layer 'conv': bias 1e\\+30 .* beyond int32"),
+    (lambda gm: quant_layer(gm, QConv2d).weight.data.mul_(1e-30), "layer 'conv': bias .* beyond int32"),
+    (lambda gm: quant_layer(gm, QLinear).bias.data.fill_(float("nan")), "layer 'fc': bias values contain"),
+    (lambda gm: quant_layer(gm, QLinear).weight.data.fill_(float("inf")), "layer 'fc': weights contain NaN"),
+    (lambda gm: out_quant(gm).amax.fill_(1e-30), "layer 'fc': requantization multiplier .* too large"),
+    (lambda gm: out_quant(gm).amax.fill_(1e30), "layer 'fc': requantization multiplier .* too small"),
+])
+def test_unrepresentable_constants_are_refused_naming_the_layer(mutate: Any, why: str) -> None:
+    quant, ctx = prepared(ConvReluLinear().eval())
+    with torch.no_grad():
+        mutate(quant)
+    with pytest.raises(PreconditionError, match=why):
+        LowerInteger()(quant, ctx)
+
+
+def test_tiny_weights_without_bias_are_refused_by_their_multiplier() -> None:
+    model = ConvReluLinear().eval()
+    model.fc.bias = None
+    quant, ctx = prepared(model)
+    with torch.no_grad():
+        quant_layer(quant, QLinear).weight.data.mul_(1e-30)
+    with pytest.raises(PreconditionError, match="layer 'fc': requantization multiplier .* too small"):
+        LowerInteger()(quant, ctx)

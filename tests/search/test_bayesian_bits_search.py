@@ -171,3 +171,18 @@ def test_cli_sweep_over_mu_with_trained_uniform_baselines(tmp_path: Path, capsys
     assert all("kept_channels" in layer for p in points[2:] for layer in p["layers"])
     assert points[3]["rel_bops_percent"] < points[2]["rel_bops_percent"]
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_diagnostics_line_and_a_warning_when_nothing_moved(trained: tuple, capsys: pytest.CaptureFixture[str]) -> None:
+    model, data = trained
+    cm = compile_bb(model, data, "mu=0.001,epochs=1,finetune_epochs=0,gate_lr=0.0001,gate_init=6")  # cannot move
+    err = capsys.readouterr().err
+    facts = cm.records["bayesian-bits"]["diagnostics"]
+    assert facts["changed_layers"] == [] and facts["max_move"] < facts["move_needed"]
+    steps = facts["steps"]
+    assert f"bayesian-bits: {steps} training steps; gates moved by at most" in err
+    assert "warning: bayesian-bits changed no layer within its budget" in err and "--epochs" in err
+    assert "gate_lr" in err
+    cm = compile_bb(model, data, f"mu=1.0,{FAST}")  # strong pressure: layers change, no warning
+    err = capsys.readouterr().err
+    assert cm.records["bayesian-bits"]["diagnostics"]["changed_layers"] and "warning" not in err
