@@ -1,7 +1,9 @@
-"""The ``qcompile`` command line: demo, compile, eval, passes, sweep.
+"""The qcompile command line: demo, compile, eval, passes, sweep.
 
 Every user error ends in one line on stderr (``error: ...``) naming the problem and a fix, exit status 2;
 ``--debug`` shows the traceback instead. Existing output files are never overwritten without --force.
+The arguments are parsed before torch is imported (``--help`` and usage errors take well under a second);
+the commands import what they need. Ctrl-C ends any command with ``error: interrupted`` and status 130.
 """
 
 from __future__ import annotations
@@ -11,13 +13,24 @@ import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from qcompile import cli_usage, threads
 
-from qcompile import distributed
+if TYPE_CHECKING:
+    import torch
 
 USER_ERROR, CHECK_FAILED = 2, 1
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a positive whole number")
+    return value
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -30,10 +43,17 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _is_main() -> bool:
+    """Rank 0 under torchrun (the rank that writes files), or the only process."""
+    from qcompile import distributed
+
+    return distributed.is_main()
+
+
 def _progress(args: argparse.Namespace) -> bool:
     """--progress, else when stderr is a terminal; never on the other ranks under torchrun."""
     shown = bool(args.progress) if args.progress is not None else sys.stderr.isatty()
-    return shown and distributed.is_main()
+    return shown and _is_main()
 
 
 def _refuse_existing(path: Path | None, force: bool) -> None:
@@ -150,7 +170,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     cm = qcompile.compile(model, example, data=data, policy=args.policy or "w8a8", pipeline=pipeline,
                           calibration_steps=args.calibration_steps, progress=_progress(args),
                           dump=_ir_dumper(args))
-    if not distributed.is_main():  # under torchrun every rank compiles the same model; rank 0 writes
+    if not _is_main():  # under torchrun every rank compiles the same model; rank 0 writes
         return 0
     verify_inputs = data.x_test[: args.verify_samples] if args.verify and data else (example if args.verify else None)
     report = cm.report(data, verify_inputs, progress=_progress(args))
@@ -178,23 +198,51 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise qcompile.QCompileError(f"no such file: {path}")
     try:
         model = onnx.load(str(path))
-        sess = session(model, threads=args.threads)
+        sess = session(model, threads=args.threads or 1)
     except Exception as exc:  # noqa: BLE001 - protobuf and onnxruntime raise many types
         raise qcompile.QCompileError(f"{path} is not a loadable ONNX model ({type(exc).__name__})") from None
     data = qcompile.load_data(args.data)
     if data.y_test is None:
         raise qcompile.QCompileError(f"data '{args.data}' has no labels; accuracy needs labelled data")
+    expected = [d if isinstance(d, int) else None for d in sess.get_inputs()[0].shape[1:]]
+    given = list(data.x_test.shape[1:])
+    if len(expected) != len(given) or any(e is not None and e != g for e, g in zip(expected, given, strict=False)):
+        raise qcompile.QCompileError(
+            f"{path} takes inputs of shape {_dims(d or '?' for d in expected)} but the samples of '{data.name}' "
+            f"are {_dims(given)}; evaluate it on data of the shape it was compiled for"
+        )
     acc = accuracy(lambda b: run_onnx(sess, b.numpy()), data.x_test, data.y_test, progress=_progress(args),
                    what="onnxruntime")
     print(f"{path}: top-1 accuracy {acc:.2f} % on {len(data.x_test)} {data.name} test samples (onnxruntime)")
     return 0
 
 
+def _dims(shape: Any) -> str:
+    return ",".join(str(d) for d in shape)
+
+
+def _example_shape(args: argparse.Namespace, data: Any) -> tuple[int, ...]:
+    """--input-shape, else the data's; refused when the two differ."""
+    from qcompile.passes.base import QCompileError
+
+    shape = args.input_shape or (data.input_shape if data else None)
+    if shape is None:
+        raise QCompileError("the input shape is unknown; pass --input-shape C,H,W or --data")
+    if data is not None and tuple(shape) != tuple(data.input_shape):
+        raise QCompileError(f"--input-shape {_dims(shape)} does not match the samples of '{data.name}' "
+                            f"({_dims(data.input_shape)}); drop --input-shape, or pass data of that shape")
+    return tuple(shape)
+
+
 def _model_and_example(args: argparse.Namespace, data: Any) -> tuple[Any, torch.Tensor]:
     """MODEL (with --weights) and an example input of --input-shape or of the data."""
+    import torch
+
     import qcompile
     from qcompile.frontends.model_spec import load_model, load_weights
 
+    shape = _example_shape(args, data)
+    torch.manual_seed(0)  # a factory's initial weights are the same on every run (and every rank)
     model = load_model(args.model)
     if args.weights:
         if isinstance(model, Path):
@@ -202,9 +250,9 @@ def _model_and_example(args: argparse.Namespace, data: Any) -> tuple[Any, torch.
                 "--weights applies to a factory model; a .pt2 or .onnx file carries its own weights"
             )
         load_weights(model, args.weights)
-    shape = args.input_shape or (data.input_shape if data else None)
-    if shape is None:
-        raise qcompile.QCompileError("the input shape is unknown; pass --input-shape C,H,W or --data")
+    elif not isinstance(model, Path) and _is_main():
+        print(f"warning: no --weights: compiling {args.model} as it returns it (untrained unless it loads "
+              "weights itself; initialised with seed 0)", file=sys.stderr)
     return model, data.x_train[:1] if data and data.input_shape == shape else torch.zeros(1, *shape)
 
 
@@ -225,8 +273,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     model, example = _model_and_example(args, data)
     result = sw.run_sweep(model, data, points, example=example, calibration_steps=args.calibration_steps,
                           verify_samples=args.verify_samples if args.verify else 0, progress=_progress(args),
-                          log=sw.stderr_log if distributed.is_main() else None)
-    if not distributed.is_main():
+                          log=sw.stderr_log if _is_main() else None)
+    if not _is_main():
         return 0
     written = sw.write_sweep(result, out, args.force)
     print(result.table())
@@ -258,13 +306,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
-    """--debug/--progress, accepted before or after the command (subcommands must not reset them)."""
+    """--debug/--progress/--plugin/--threads, accepted before or after the command (subcommands must not reset them)."""
+    p.set_defaults(command_parser=p)
     p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
                    help="show Python tracebacks on errors")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None if top else argparse.SUPPRESS,
                    help="progress bars (default: when stderr is a terminal)")
     p.add_argument("--plugin", action="append", default=[] if top else argparse.SUPPRESS, metavar="MODULE",
                    help="import MODULE (package.module or file.py) first: it may register passes and searches")
+    p.add_argument("--threads", type=_positive, default=None if top else argparse.SUPPRESS, metavar="N",
+                   help="torch threads (eval: onnxruntime threads); default: the cores less one, or "
+                   "OMP_NUM_THREADS. Post-training compiles give the same bytes at any count; trained "
+                   "searches repeat exactly at a fixed count")
 
 
 class _SweepFlag(argparse.Action):
@@ -309,8 +362,12 @@ def _sweep_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="qcompile", description=__doc__.split("\n")[0] + "\n\nCompile trained "
-                                     "networks to mixed-precision integer-only graphs and bit-exact ONNX.")
+    from qcompile import __version__
+
+    parser = cli_usage.Parser(prog="qcompile", description="Compile trained networks to mixed-precision "
+                              "integer-only graphs and bit-exact ONNX. Run `qcompile COMMAND --help` for a "
+                              "command's options.")
+    parser.add_argument("--version", action="version", version=f"qcompile {__version__}")
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -362,7 +419,6 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     e.add_argument("model", help="the .onnx file")
     e.add_argument("--data", required=True, help="digits | fashion-mnist[:DIR] | FILE.npz with labels")
-    e.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
 
     p = sub.add_parser("passes", help="list every pass and its options")
     _common(p)
@@ -373,15 +429,42 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"demo": cmd_demo, "compile": cmd_compile, "eval": cmd_eval, "passes": cmd_passes, "sweep": cmd_sweep}
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line; a usage error is raised as UsageError, unknown flags too (with a suggestion)."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        raise cli_usage.UsageError(args.command_parser, cli_usage.unknown_arguments(args.command_parser, extras))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    cli_usage.catch_interrupts()
+    try:
+        try:
+            args = parse_args(argv)
+        except cli_usage.UsageError as exc:
+            line = str(exc) if str(exc).startswith("error: ") else cli_usage.usage_line(exc)
+            print(line, file=sys.stderr)
+            return USER_ERROR
+        status = _run(args)
+        interrupted_late = cli_usage.interrupted() and status != cli_usage.INTERRUPTED  # swallowed by a library
+        return cli_usage.report_interrupt() if interrupted_late else status
+    except KeyboardInterrupt:
+        return cli_usage.report_interrupt()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         from qcompile.frontends.model_spec import import_user_module
 
+        threads.configure(args.threads)
         for plugin in args.plugin:
             import_user_module(plugin)
         return COMMANDS[args.command](args)
     except Exception as exc:  # noqa: BLE001 - the one place errors become messages
+        if cli_usage.interrupted():  # a library turned our KeyboardInterrupt into its own error
+            return cli_usage.report_interrupt()
         if args.debug:
             traceback.print_exc()
         from qcompile.passes.base import QCompileError
@@ -393,9 +476,6 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if args.debug else " (run with --debug for the traceback)"
         print(f"error: internal error: {type(exc).__name__}: {message}{hint}", file=sys.stderr)
         return CHECK_FAILED
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

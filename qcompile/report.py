@@ -13,11 +13,18 @@ if TYPE_CHECKING:
     from qcompile.data import Dataset
 
 
+REPORT_SCHEMA = 1  # bump when a key of the report changes meaning or goes away (adding keys keeps it)
+
+
 def build_report(cm: CompiledModel, data: Dataset | None, verify_inputs: torch.Tensor | None,
                  progress: bool = False) -> dict[str, Any]:
     costs = cm.layer_costs()
     learned = cm.records.get("bayesian-bits", {}).get("layers", {})
+    from qcompile import __version__
+
     report: dict[str, Any] = {
+        "schema": REPORT_SCHEMA,
+        "qcompile": __version__,
         "pipeline": cm.pipeline,
         "layers": [{**c.as_dict(), **_learned(learned.get(c.name))} for c in costs],
         "totals": {**cost.totals(costs, cost.dense_totals(cm.float_graph, cm.example_inputs)),
