@@ -120,6 +120,24 @@ def _quantizer(args: argparse.Namespace) -> None:
     args.search = "apot"
 
 
+def _check_checkpoint(args: argparse.Namespace) -> None:
+    """Before anything loads: --resume needs an existing --checkpoint; an existing one needs --resume or --force."""
+    from qcompile.passes.base import QCompileError
+
+    path = Path(args.checkpoint) if args.checkpoint else None
+    if args.resume and path is None:
+        raise QCompileError("--resume continues a checkpoint; pass the file with --checkpoint FILE")
+    if args.resume and path is not None and not path.is_file():
+        raise QCompileError(f"--resume: there is no checkpoint {path}; fix the path, or drop --resume to train "
+                            "from the start")
+    if path is not None and not args.resume and not args.force and path.exists():
+        raise QCompileError(f"checkpoint {path} already exists; pass --resume to continue it, --force to train "
+                            "again from the start and replace it, or choose another --checkpoint")
+    if path is not None and not args.search:
+        raise QCompileError("--checkpoint is written by a learned search; add --search NAME (aqt, bayesian-bits, "
+                            "apot) or drop it")
+
+
 def _pipeline(args: argparse.Namespace) -> str | None:
     """--pipeline as given, or the default pipeline with --search NAME (and its flags) choosing the bits."""
     import dataclasses
@@ -129,6 +147,7 @@ def _pipeline(args: argparse.Namespace) -> str | None:
     from qcompile.search.base import searches
 
     _quantizer(args)
+    _check_checkpoint(args)
     if not args.search:
         return args.pipeline
     if args.pipeline:
@@ -152,6 +171,8 @@ def _pipeline(args: argparse.Namespace) -> str | None:
         if name in given:
             raise QCompileError(f"--option {item}: {name} is also given as --{name}; give it once")
         given[name] = value
+    if "checkpoint" in given and args.force:
+        given["overwrite"] = True  # --force: replace the checkpoint too
     opts = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in given.items())
     spec = args.search + ("{" + opts + "}" if opts else "")
     return search_pipeline(spec, args.calibration_steps)
