@@ -47,6 +47,7 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'qcompile' has no attribute '{name}'")
+    importlib.import_module("qcompile.api")  # first: it imports the rest in an order without cycles
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later look-ups skip this function
     return value

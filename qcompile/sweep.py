@@ -356,7 +356,8 @@ def run_sweep(model: nn.Module | str | Path, data: Dataset, points: Sequence[Swe
 def refuse_existing(folder: Path, force: bool) -> None:
     taken = [folder / name for name in OUTPUT_FILES if (folder / name).exists()]
     if taken and not force:
-        raise SweepError(f"{taken[0]} already exists; choose another output folder or pass --force to replace it")
+        raise SweepError(f"{taken[0]} already exists; choose another output folder or pass --force "
+                         "(force=True) to replace it")
     if folder.exists() and not folder.is_dir():
         raise SweepError(f"{folder} exists and is not a folder; choose another output folder")
 

@@ -37,6 +37,13 @@ def test_help_and_import_do_not_import_torch() -> None:
     assert result.stdout.strip() == "False", result.stderr
 
 
+@pytest.mark.parametrize("name", ["load_data", "Stage", "QCompileError"])
+def test_any_public_name_can_come_first(name: str) -> None:
+    code = f"import qcompile; print(qcompile.{name}.__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=False)
+    assert result.returncode == 0 and result.stdout.strip() == name, result.stderr[-2000:]
+
+
 def test_public_api_is_there_on_first_use() -> None:
     assert set(qcompile.__all__) == set(qcompile._EXPORTS)
     for name in qcompile.__all__:

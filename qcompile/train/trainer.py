@@ -355,10 +355,11 @@ class QuantTrainer:
         path, config = Path(self.config.checkpoint), self.config
         if config.resume and not path.is_file():
             raise TrainError(f"cannot resume: there is no checkpoint {path}; fix the path, or drop --resume "
-                             "to train from the start")
+                             "(resume=True) to train from the start")
         if not config.resume and not config.overwrite and path.exists():
-            raise TrainError(f"checkpoint {path} already exists; pass --resume to continue it, --force to "
-                             "train again from the start and replace it, or choose another --checkpoint")
+            raise TrainError(f"checkpoint {path} already exists; pass --resume (resume=True) to continue it, "
+                             "--force (overwrite=True) to train again from the start and replace it, or choose "
+                             "another --checkpoint")
 
     def _resume(self) -> int:
         if not self.config.checkpoint:

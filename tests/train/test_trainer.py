@@ -102,7 +102,7 @@ def test_signature_differences_name_the_tensors() -> None:
 def test_an_existing_checkpoint_is_kept_unless_resume_or_overwrite(tmp_path: Path) -> None:
     ckpt = tmp_path / "run.pt"
     ckpt.write_bytes(b"the user's earlier run")
-    with pytest.raises(TrainError, match="already exists; pass --resume to continue it, --force"):
+    with pytest.raises(TrainError, match=r"already exists; pass --resume \(resume=True\) to continue it, --force"):
         QuantTrainer(quant_graph(), toy_data(), TrainConfig(epochs=1, batch_size=32, checkpoint=str(ckpt))).fit()
     assert ckpt.read_bytes() == b"the user's earlier run"
     QuantTrainer(quant_graph(), toy_data(), TrainConfig(epochs=1, batch_size=32, checkpoint=str(ckpt),
