@@ -1,23 +1,27 @@
-"""Every fenced bash and python block of README.md runs as written, in order, in one fresh folder.
+"""Every fenced bash and python block of README.md runs as written.
 
-The folder holds a link to examples/ (the snippets use repository-relative paths) and `qcompile`,
-`python` and `torchrun` run this checkout with this interpreter. Blocks without a language are
-outputs or pipeline texts, not commands. The set-up commands (a fresh venv and pip installs) are the
-one exception: .ci/run runs exactly those on a fresh machine.
+Each block runs in a fresh folder holding a link to examples/ (the snippets use repository-relative
+paths) and, for every block but the one that makes it, the `tiny.pt` that block makes (the only thing
+one block takes from another); `qcompile`, `python` and `torchrun` run this checkout with this
+interpreter. Blocks without a language are outputs or pipeline texts, not commands. The set-up commands
+(a fresh venv and pip installs) are the one exception: .ci/run runs exactly those on a fresh machine.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).parent.parent
 FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.MULTILINE | re.DOTALL)
 SET_UP = "python3 -m venv"
+MAKES_TINY = "python examples/train_tiny.py tiny.pt"
 
 
 def snippets() -> list[tuple[str, str, int]]:
@@ -31,38 +35,43 @@ def snippets() -> list[tuple[str, str, int]]:
     return found
 
 
-def shims(folder: Path) -> Path:
-    folder.mkdir()
+def run_snippet(lang: str, body: str, work: Path) -> subprocess.CompletedProcess[str]:
+    (work / "examples").symlink_to(ROOT / "examples")
+    bin_dir = work / ".bin"
+    bin_dir.mkdir()
     for name, target in [("qcompile", "-m qcompile"), ("python", ""), ("torchrun", "-m torch.distributed.run")]:
-        script = folder / name
+        script = bin_dir / name
         script.write_text(f'#!/bin/sh\nexec "{sys.executable}" {target} "$@"\n')
         script.chmod(0o755)
-    return folder
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
+           "OMP_NUM_THREADS": "1"}
+    script = work / (".snippet.sh" if lang == "bash" else ".snippet.py")
+    script.write_text(body)
+    command = ["bash", "-euo", "pipefail", str(script)] if lang == "bash" else [sys.executable, str(script)]
+    return subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, check=False, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_pt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny.pt the README's first block makes, made the way it says."""
+    work = tmp_path_factory.mktemp("tiny")
+    result = run_snippet("bash", MAKES_TINY + "\n", work)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return work / "tiny.pt"
 
 
 def test_the_readme_has_the_snippets_it_promises() -> None:
     found = snippets()
     langs = [lang for lang, _, _ in found]
     assert langs.count("python") >= 2 and langs.count("bash") >= 5
+    assert MAKES_TINY in found[0][1]  # the first command makes what the others use
     bodies = "\n".join(body for _, body, _ in found)
-    assert " model.py:make" not in bodies and "python examples/train_tiny.py tiny.pt" in bodies
+    assert " model.py:make" not in bodies
 
 
-def test_every_readme_snippet_runs_as_written(tmp_path: Path) -> None:
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "examples").symlink_to(ROOT / "examples")
-    bin_dir = shims(tmp_path / "bin")
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(ROOT),
-           "OMP_NUM_THREADS": "1"}
-    start = time.perf_counter()
-    for index, (lang, body, line) in enumerate(snippets()):
-        script = work / f"snippet{index}.{'sh' if lang == 'bash' else 'py'}"
-        script.write_text(body)
-        command = ["bash", "-euo", "pipefail", str(script)] if lang == "bash" else [sys.executable, str(script)]
-        result = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, check=False,
-                                timeout=600)
-        assert result.returncode == 0, f"README.md line {line}:\n{body}\n{result.stdout[-1500:]}{result.stderr[-3000:]}"
-        if os.environ.get("QC_TIME_README"):
-            print(line, time.perf_counter() - start, flush=True)
-            start = time.perf_counter()
+@pytest.mark.parametrize(("lang", "body", "line"), snippets(), ids=[f"line{line}" for _, _, line in snippets()])
+def test_readme_snippet_runs_as_written(lang: str, body: str, line: int, tmp_path: Path, tiny_pt: Path) -> None:
+    if MAKES_TINY not in body:
+        shutil.copy(tiny_pt, tmp_path / "tiny.pt")
+    result = run_snippet(lang, body, tmp_path)
+    assert result.returncode == 0, f"README.md line {line}:\n{body}\n{result.stdout[-1500:]}{result.stderr[-3000:]}"
