@@ -23,16 +23,6 @@ if TYPE_CHECKING:
 USER_ERROR, CHECK_FAILED = 2, 1
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a positive whole number")
-    return value
-
-
 def _shape(text: str) -> tuple[int, ...]:
     try:
         dims = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
@@ -201,6 +191,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(layer_table(report))
     print("\n".join(summary_lines(report)))
     print(f"wrote {out}" + (f" and {report_path}" if report_path else ""))
+    _warn_untrained(args)
     if "verify" in report and report["verify"]["mismatches"]:
         print("error: onnxruntime and the reference executor disagree", file=sys.stderr)
         return CHECK_FAILED
@@ -238,6 +229,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _warn_untrained(args: argparse.Namespace) -> None:
+    """The one warning line for a factory model compiled without --weights (after a success, so that an
+    error stays the only line when something fails)."""
+    if getattr(args, "untrained", False) and _is_main():
+        print(f"warning: no --weights: compiled {args.model} as it returns it (untrained unless it loads "
+              "weights itself; initialised with seed 0)", file=sys.stderr)
+
+
 def _dims(shape: Any) -> str:
     return ",".join(str(d) for d in shape)
 
@@ -271,9 +270,8 @@ def _model_and_example(args: argparse.Namespace, data: Any) -> tuple[Any, torch.
                 "--weights applies to a factory model; a .pt2 or .onnx file carries its own weights"
             )
         load_weights(model, args.weights)
-    elif not isinstance(model, Path) and _is_main():
-        print(f"warning: no --weights: compiling {args.model} as it returns it (untrained unless it loads "
-              "weights itself; initialised with seed 0)", file=sys.stderr)
+    else:
+        args.untrained = not isinstance(model, Path)  # warned about once the command has succeeded
     return model, data.x_train[:1] if data and data.input_shape == shape else torch.zeros(1, *shape)
 
 
@@ -300,6 +298,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     written = sw.write_sweep(result, out, args.force)
     print(result.table())
     print(f"wrote {' and '.join(str(p) for p in written)}")
+    _warn_untrained(args)
     if any(r.mismatches for r in result.results):
         print("error: onnxruntime and the reference executor disagree", file=sys.stderr)
         return CHECK_FAILED
@@ -335,7 +334,7 @@ def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
                    help="progress bars (default: when stderr is a terminal)")
     p.add_argument("--plugin", action="append", default=[] if top else argparse.SUPPRESS, metavar="MODULE",
                    help="import MODULE (package.module or file.py) first: it may register passes and searches")
-    p.add_argument("--threads", type=_positive, default=None if top else argparse.SUPPRESS, metavar="N",
+    p.add_argument("--threads", type=cli_usage.positive_int, default=None if top else argparse.SUPPRESS, metavar="N",
                    help="torch threads (eval: onnxruntime threads); default: the cores less one, or "
                    "OMP_NUM_THREADS. Post-training compiles give the same bytes at any count; trained "
                    "searches repeat exactly at a fixed count")
@@ -479,10 +478,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         from qcompile.frontends.model_spec import import_user_module
 
-        threads.configure(args.threads)
-        for plugin in args.plugin:
-            import_user_module(plugin)
-        return COMMANDS[args.command](args)
+        with threads.configured(args.threads):  # restored afterwards, for callers of main() in a process
+            for plugin in args.plugin:
+                import_user_module(plugin)
+            return COMMANDS[args.command](args)
     except Exception as exc:  # noqa: BLE001 - the one place errors become messages
         if cli_usage.interrupted():  # a library turned our KeyboardInterrupt into its own error
             return cli_usage.report_interrupt()

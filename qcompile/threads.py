@@ -49,6 +49,18 @@ def configure(threads: int | None) -> int:
 
 
 @contextmanager
+def configured(threads: int | None) -> Iterator[int]:
+    """``configure(threads)`` for the body, then the count it had before."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        yield configure(threads)
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def fixed_threads(count: int = 1) -> Iterator[None]:
     """Run the body with ``count`` torch intra-op threads, then restore the previous count."""
     import torch

@@ -94,7 +94,7 @@ def run(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
     assert code != 0
-    lines = [line for line in err.strip().splitlines() if line.strip() and not line.startswith("warning: no --weights")]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
     assert len(lines) == 1, err
     assert lines[0].startswith("error: ")
     assert "Traceback" not in err
