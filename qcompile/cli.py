@@ -261,9 +261,9 @@ def _model_and_example(args: argparse.Namespace, data: Any) -> tuple[Any, torch.
     import qcompile
     from qcompile.frontends.model_spec import load_model, load_weights
 
-    shape = _example_shape(args, data)
     torch.manual_seed(0)  # a factory's initial weights are the same on every run (and every rank)
     model = load_model(args.model)
+    shape = _example_shape(args, data)
     if args.weights:
         if isinstance(model, Path):
             raise qcompile.QCompileError(
@@ -449,6 +449,18 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"demo": cmd_demo, "compile": cmd_compile, "eval": cmd_eval, "passes": cmd_passes, "sweep": cmd_sweep}
 
 
+def _check_model_file(args: argparse.Namespace) -> None:
+    """MODEL's file (file.py:factory, .pt2, .onnx) must exist; checked without importing torch."""
+    spec = getattr(args, "model", None)
+    if not spec:
+        return
+    if spec.endswith((".pt2", ".onnx")) and not Path(spec).is_file():
+        raise cli_usage.InputError(f"no such file: {spec}")
+    module = spec.rpartition(":")[0]
+    if module.endswith(".py") and not Path(module).is_file():
+        raise cli_usage.InputError(f"no such model file: {module}")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The parsed command line; a usage error is raised as UsageError, unknown flags too (with a suggestion)."""
     parser = build_parser()
@@ -476,9 +488,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
-        from qcompile.frontends.model_spec import import_user_module
-
+        _check_model_file(args)  # before torch is imported: a mistyped path is a quick answer
         with threads.configured(args.threads):  # restored afterwards, for callers of main() in a process
+            from qcompile.frontends.model_spec import import_user_module
+
             for plugin in args.plugin:
                 import_user_module(plugin)
             return COMMANDS[args.command](args)
@@ -487,9 +500,12 @@ def _run(args: argparse.Namespace) -> int:
             return cli_usage.report_interrupt()
         if args.debug:
             traceback.print_exc()
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, cli_usage.InputError):
+            print(f"error: {message}", file=sys.stderr)
+            return USER_ERROR
         from qcompile.passes.base import QCompileError
 
-        message = " ".join(str(exc).split()) or type(exc).__name__
         if isinstance(exc, QCompileError):
             print(f"error: {message}", file=sys.stderr)
             return USER_ERROR

@@ -36,6 +36,10 @@ class UsageError(Exception):
         self.parser = parser
 
 
+class InputError(Exception):
+    """A user error found before torch is imported (e.g. a model file that does not exist)."""
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are raised (UsageError) so that main prints them as one line."""
 

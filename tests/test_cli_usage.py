@@ -28,13 +28,16 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
-def test_help_and_import_do_not_import_torch() -> None:
+def test_help_import_and_missing_files_do_not_import_torch() -> None:
     code = ("import sys, contextlib, io, qcompile\nfrom qcompile.cli import main\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
             "    try:\n        main(['--help'])\n    except SystemExit:\n        pass\n"
+            "assert main(['compile', 'nofile.py:make', '-o', 'x.onnx']) == 2\n"
+            "assert main(['eval', 'nofile.onnx', '--data', 'digits']) == 2\n"
             "print('torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True)
     assert result.stdout.strip() == "False", result.stderr
+    assert result.stderr.splitlines() == ["error: no such model file: nofile.py", "error: no such file: nofile.onnx"]
 
 
 @pytest.mark.parametrize("name", ["load_data", "Stage", "QCompileError"])
