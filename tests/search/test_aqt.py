@@ -36,7 +36,7 @@ def test_a_user_search_registers_and_runs_like_a_pass() -> None:
     try:
         assert "all-six-test" in searches()
         x = torch.rand(16, 1, 8, 8)
-        pipeline = AQT.replace("aqt{epochs=2}", "all-six-test")
+        pipeline = AQT.replace("aqt{epochs=3}", "all-six-test")
         cm = qcompile.compile(DemoNet().eval(), x[:1], data=lambda: [x], pipeline=pipeline)
         assert {c.w_bits for c in cm.layer_costs()} == {6}
         assert cm.verify(x).mismatches == 0
