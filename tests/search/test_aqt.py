@@ -16,7 +16,7 @@ from qcompile.search.aqt import AqtRecipe
 from qcompile.search.base import Search, layer_kinds, searches
 from qcompile.search.policies import Assignment, LayerBits
 
-AQT = "canonicalize,fold-batchnorm,insert-quantizers,calibrate,aqt{epochs=2},share-scales,lower-integer"
+AQT = "canonicalize,fold-batchnorm,insert-quantizers,calibrate,aqt{epochs=3},share-scales,lower-integer"
 
 
 def test_policies_and_learned_searches_share_the_registry() -> None:
