@@ -34,6 +34,9 @@ class ModelError(QCompileError):
     pass
 
 
+Outputs = torch.Tensor | tuple[torch.Tensor, ...]  # a model's output: one tensor, or a tuple of several
+
+
 def default_pipeline(policy: str = "w8a8", steps: int = 32, target: str | None = None) -> str:
     text = DEFAULT_PIPELINE.replace("calibrate", f"calibrate{{steps={steps}}}" if steps != 32 else "calibrate")
     assign = f"assign-bitwidths{{policy={policy}}}" if policy != "w8a8" else "assign-bitwidths"
@@ -121,21 +124,34 @@ class CompiledModel:
     _onnx: onnx.ModelProto | None = None
     _fast: fx.GraphModule | None = None
 
-    def __call__(self, x: torch.Tensor) -> Any:
-        """Run the integer graph with the fast executor."""
+    def __call__(self, x: torch.Tensor) -> Outputs:
+        """Run the integer graph on the fast executor: float32 inputs (N, C, H, W) in, float32 out
+        (a tensor, or a tuple for a model with several outputs).
+
+        The same values, bit for bit, as ``reference(x)`` and as onnxruntime on ``to_onnx()``.
+        """
         if self._fast is None:
             self._fast = fast_plan(self.integer_graph)
         with torch.no_grad():
-            return self._fast(x)
+            out: Outputs = self._fast(x)
+        return out
 
-    def reference(self, x: torch.Tensor) -> Any:
-        return run_reference(self.integer_graph, x)
+    def reference(self, x: torch.Tensor) -> Outputs:
+        """Run the integer graph on the reference executor (int64 numpy, the executable spec); float32 out."""
+        out: Outputs = run_reference(self.integer_graph, x)
+        return out
 
-    def simulate(self, x: torch.Tensor) -> Any:
+    def simulate(self, x: torch.Tensor) -> Outputs:
+        """Run the quant graph in eval mode: the fake-quantized float model the integer graph was lowered from.
+
+        It predicts the same class as the integer graph for (practically) every sample, but is float
+        arithmetic, not bit-exact. Raises ModelError when the pipeline had no quant stage.
+        """
         if self.quant_graph is None:
             raise ModelError("this pipeline produced no quant-stage graph to simulate")
         with torch.no_grad():
-            return self.quant_graph.eval()(x)
+            out: Outputs = self.quant_graph.eval()(x)
+        return out
 
     @property
     def target(self) -> Target:
@@ -143,6 +159,7 @@ class CompiledModel:
         return get_target(self.integer_graph)
 
     def to_onnx(self) -> onnx.ModelProto:
+        """The integer-only ONNX model (standard operators, checked with ``onnx.checker`` full check), built once."""
         if self._onnx is None:
             self._onnx = export_onnx(self.integer_graph, self.ort_cpu)
         return self._onnx
@@ -155,6 +172,11 @@ class CompiledModel:
         return write_bytes(path, self.to_onnx().SerializeToString(), force)
 
     def verify(self, inputs: torch.Tensor, progress: bool = False) -> VerifyResult:
+        """Run ``inputs`` through onnxruntime (the export) and the reference executor; count differing elements.
+
+        ``VerifyResult.mismatches`` is the number of output elements that differ in any bit (0 when exact),
+        ``compared`` the number compared; ``cause`` names a known reason (the CPU) when there is one.
+        """
         return verify(self.integer_graph, self.to_onnx(), inputs, progress=progress)
 
     def layer_costs(self) -> list[cost.LayerCost]:
@@ -175,6 +197,13 @@ class CompiledModel:
 
     def report(self, data: Dataset | None = None, verify_inputs: torch.Tensor | None = None,
                progress: bool = False) -> dict[str, Any]:
+        """The JSON report, as the command line's ``--report`` writes it (a dict of JSON types).
+
+        Keys: ``schema`` (the report format's version), ``qcompile``, ``pipeline``, ``layers``,
+        ``totals``, ``passes`` (timings), ``records`` (what searches learned) when any; ``accuracy``
+        (float, simulated, integer, onnx; %) when ``data`` is labelled; ``verify`` (mismatches,
+        compared) when ``verify_inputs`` are given. See the README for every field.
+        """
         from qcompile.report import build_report
 
         return build_report(self, data, verify_inputs, progress)

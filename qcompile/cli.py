@@ -1,7 +1,9 @@
-"""The ``qcompile`` command line: demo, compile, eval, passes, sweep.
+"""The qcompile command line: demo, compile, eval, passes, sweep.
 
 Every user error ends in one line on stderr (``error: ...``) naming the problem and a fix, exit status 2;
 ``--debug`` shows the traceback instead. Existing output files are never overwritten without --force.
+The arguments are parsed before torch is imported (``--help`` and usage errors take well under a second);
+the commands import what they need. Ctrl-C ends any command with ``error: interrupted`` and status 130.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ import json
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from qcompile import cli_usage, threads
 
-from qcompile import distributed
+if TYPE_CHECKING:
+    import torch
 
 USER_ERROR, CHECK_FAILED = 2, 1
 
@@ -30,10 +33,17 @@ def _shape(text: str) -> tuple[int, ...]:
     return dims
 
 
+def _is_main() -> bool:
+    """Rank 0 under torchrun (the rank that writes files), or the only process."""
+    from qcompile import distributed
+
+    return distributed.is_main()
+
+
 def _progress(args: argparse.Namespace) -> bool:
     """--progress, else when stderr is a terminal; never on the other ranks under torchrun."""
     shown = bool(args.progress) if args.progress is not None else sys.stderr.isatty()
-    return shown and distributed.is_main()
+    return shown and _is_main()
 
 
 def _refuse_existing(path: Path | None, force: bool) -> None:
@@ -99,6 +109,24 @@ def _quantizer(args: argparse.Namespace) -> None:
     args.search = "apot"
 
 
+def _check_checkpoint(args: argparse.Namespace) -> None:
+    """Before anything loads: --resume needs an existing --checkpoint; an existing one needs --resume or --force."""
+    from qcompile.passes.base import QCompileError
+
+    path = Path(args.checkpoint) if args.checkpoint else None
+    if args.resume and path is None:
+        raise QCompileError("--resume continues a checkpoint; pass the file with --checkpoint FILE")
+    if args.resume and path is not None and not path.is_file():
+        raise QCompileError(f"--resume: there is no checkpoint {path}; fix the path, or drop --resume to train "
+                            "from the start")
+    if path is not None and not args.resume and not args.force and path.exists():
+        raise QCompileError(f"checkpoint {path} already exists; pass --resume to continue it, --force to train "
+                            "again from the start and replace it, or choose another --checkpoint")
+    if path is not None and not args.search:
+        raise QCompileError("--checkpoint is written by a learned search; add --search NAME (aqt, bayesian-bits, "
+                            "apot) or drop it")
+
+
 def _pipeline(args: argparse.Namespace) -> str | None:
     """--pipeline as given, or the default pipeline with --search NAME (and its flags) choosing the bits."""
     import dataclasses
@@ -108,6 +136,7 @@ def _pipeline(args: argparse.Namespace) -> str | None:
     from qcompile.search.base import searches
 
     _quantizer(args)
+    _check_checkpoint(args)
     if not args.search:
         return args.pipeline
     if args.pipeline:
@@ -131,6 +160,8 @@ def _pipeline(args: argparse.Namespace) -> str | None:
         if name in given:
             raise QCompileError(f"--option {item}: {name} is also given as --{name}; give it once")
         given[name] = value
+    if "checkpoint" in given and args.force:
+        given["overwrite"] = True  # --force: replace the checkpoint too
     opts = ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in given.items())
     spec = args.search + ("{" + opts + "}" if opts else "")
     return search_pipeline(spec, args.calibration_steps)
@@ -149,7 +180,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     cm = qcompile.compile(model, example, data=data, policy=args.policy or "w8a8", pipeline=pipeline,
                           calibration_steps=args.calibration_steps, progress=_progress(args),
                           dump=_ir_dumper(args), target=args.target, ort_cpu=args.ort_cpu)
-    if not distributed.is_main():  # under torchrun every rank compiles the same model; rank 0 writes
+    if not _is_main():  # under torchrun every rank compiles the same model; rank 0 writes
         return 0
     verify_inputs = data.x_test[: args.verify_samples] if args.verify and data else (example if args.verify else None)
     report = cm.report(data, verify_inputs, progress=_progress(args))
@@ -159,6 +190,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     print(layer_table(report))
     print("\n".join(summary_lines(report)))
     print(f"wrote {out}" + (f" and {report_path}" if report_path else ""))
+    _warn_untrained(args)
     if "verify" in report and report["verify"]["mismatches"]:
         print("error: onnxruntime and the reference executor disagree", file=sys.stderr)
         return CHECK_FAILED
@@ -177,33 +209,68 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise qcompile.QCompileError(f"no such file: {path}")
     try:
         model = onnx.load(str(path))
-        sess = session(model, threads=args.threads)
+        sess = session(model, threads=args.threads or 1)
     except Exception as exc:  # noqa: BLE001 - protobuf and onnxruntime raise many types
         raise qcompile.QCompileError(f"{path} is not a loadable ONNX model ({type(exc).__name__})") from None
     data = qcompile.load_data(args.data)
     if data.y_test is None:
         raise qcompile.QCompileError(f"data '{args.data}' has no labels; accuracy needs labelled data")
+    expected = [d if isinstance(d, int) else None for d in sess.get_inputs()[0].shape[1:]]
+    given = list(data.x_test.shape[1:])
+    if len(expected) != len(given) or any(e is not None and e != g for e, g in zip(expected, given, strict=False)):
+        raise qcompile.QCompileError(
+            f"{path} takes inputs of shape {_dims(d or '?' for d in expected)} but the samples of '{data.name}' "
+            f"are {_dims(given)}; evaluate it on data of the shape it was compiled for"
+        )
     acc = accuracy(lambda b: run_onnx(sess, b.numpy()), data.x_test, data.y_test, progress=_progress(args),
                    what="onnxruntime")
     print(f"{path}: top-1 accuracy {acc:.2f} % on {len(data.x_test)} {data.name} test samples (onnxruntime)")
     return 0
 
 
+def _warn_untrained(args: argparse.Namespace) -> None:
+    """The one warning line for a factory model compiled without --weights (after a success, so that an
+    error stays the only line when something fails)."""
+    if getattr(args, "untrained", False) and _is_main():
+        print(f"warning: no --weights: compiled {args.model} as it returns it (untrained unless it loads "
+              "weights itself; initialised with seed 0)", file=sys.stderr)
+
+
+def _dims(shape: Any) -> str:
+    return ",".join(str(d) for d in shape)
+
+
+def _example_shape(args: argparse.Namespace, data: Any) -> tuple[int, ...]:
+    """--input-shape, else the data's; refused when the two differ."""
+    from qcompile.passes.base import QCompileError
+
+    shape = args.input_shape or (data.input_shape if data else None)
+    if shape is None:
+        raise QCompileError("the input shape is unknown; pass --input-shape C,H,W or --data")
+    if data is not None and tuple(shape) != tuple(data.input_shape):
+        raise QCompileError(f"--input-shape {_dims(shape)} does not match the samples of '{data.name}' "
+                            f"({_dims(data.input_shape)}); drop --input-shape, or pass data of that shape")
+    return tuple(shape)
+
+
 def _model_and_example(args: argparse.Namespace, data: Any) -> tuple[Any, torch.Tensor]:
     """MODEL (with --weights) and an example input of --input-shape or of the data."""
+    import torch
+
     import qcompile
     from qcompile.frontends.model_spec import load_model, load_weights
 
+    torch.manual_seed(0)  # a factory's initial weights are the same on every run (and every rank)
     model = load_model(args.model)
+    shape = _example_shape(args, data)
     if args.weights:
         if isinstance(model, Path):
             raise qcompile.QCompileError(
                 "--weights applies to a factory model; a .pt2 or .onnx file carries its own weights"
             )
         load_weights(model, args.weights)
-    shape = args.input_shape or (data.input_shape if data else None)
-    if shape is None:
-        raise qcompile.QCompileError("the input shape is unknown; pass --input-shape C,H,W or --data")
+    else:
+        args.untrained = not isinstance(model, Path)  # warned about once the command has succeeded
     return model, data.x_train[:1] if data and data.input_shape == shape else torch.zeros(1, *shape)
 
 
@@ -224,12 +291,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     model, example = _model_and_example(args, data)
     result = sw.run_sweep(model, data, points, example=example, calibration_steps=args.calibration_steps,
                           verify_samples=args.verify_samples if args.verify else 0, progress=_progress(args),
-                          log=sw.stderr_log if distributed.is_main() else None)
-    if not distributed.is_main():
+                          log=sw.stderr_log if _is_main() else None)
+    if not _is_main():
         return 0
     written = sw.write_sweep(result, out, args.force)
     print(result.table())
     print(f"wrote {' and '.join(str(p) for p in written)}")
+    _warn_untrained(args)
     if any(r.mismatches for r in result.results):
         print("error: onnxruntime and the reference executor disagree", file=sys.stderr)
         return CHECK_FAILED
@@ -250,20 +318,29 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import torch
+
     from qcompile.demo import run_demo
 
+    if args.threads is None:  # its small CNN trains fastest on one thread; the table then ignores the core count
+        torch.set_num_threads(1)
     return run_demo(args.epochs, args.policies.split(","), Path(args.out_dir) if args.out_dir else None,
                     args.force, _progress(args))
 
 
 def _common(p: argparse.ArgumentParser, top: bool = False) -> None:
-    """--debug/--progress, accepted before or after the command (subcommands must not reset them)."""
+    """--debug/--progress/--plugin/--threads, accepted before or after the command (subcommands must not reset them)."""
+    p.set_defaults(command_parser=p)
     p.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
                    help="show Python tracebacks on errors")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None if top else argparse.SUPPRESS,
                    help="progress bars (default: when stderr is a terminal)")
     p.add_argument("--plugin", action="append", default=[] if top else argparse.SUPPRESS, metavar="MODULE",
                    help="import MODULE (package.module or file.py) first: it may register passes and searches")
+    p.add_argument("--threads", type=cli_usage.positive_int, default=None if top else argparse.SUPPRESS, metavar="N",
+                   help="torch threads (eval: onnxruntime threads); default: the cores less one, or "
+                   "OMP_NUM_THREADS. Post-training compiles give the same bytes at any count; trained "
+                   "searches repeat exactly at a fixed count")
 
 
 class _SweepFlag(argparse.Action):
@@ -310,14 +387,19 @@ def _sweep_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qcompile.errors import OneLineArgumentParser
+    from qcompile import __version__
 
-    parser = OneLineArgumentParser(prog="qcompile", description=__doc__.split("\n")[0] + "\n\nCompile trained "
-                                     "networks to mixed-precision integer-only graphs and bit-exact ONNX.")
+    parser = cli_usage.Parser(prog="qcompile", description="Compile trained networks to mixed-precision "
+                              "integer-only graphs and bit-exact ONNX. Run `qcompile COMMAND --help` for a "
+                              "command's options.")
+    parser.add_argument("--version", action="version", version=f"qcompile {__version__}")
     _common(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="train a small CNN on digits, compile it at several policies, verify")
+    demo = sub.add_parser("demo", help="train a small CNN on digits, compile it at several policies, verify",
+                          description="Trains DemoNet on digits at one torch thread unless --threads N is given "
+                          "(fastest for its small CNN; the table does not depend on the core count), compiles it at "
+                          "each policy, exports it and verifies it in onnxruntime.")
     _common(demo)
     demo.add_argument("--epochs", type=int, default=15, help="float training epochs (default 15)")
     demo.add_argument("--policies", default="w8a8,w4a8,w4a4,aqt", help="comma-separated policies")
@@ -373,7 +455,6 @@ def build_parser() -> argparse.ArgumentParser:
     _common(e)
     e.add_argument("model", help="the .onnx file")
     e.add_argument("--data", required=True, help="digits | fashion-mnist[:DIR] | FILE.npz with labels")
-    e.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads (default 1)")
 
     p = sub.add_parser("passes", help="list every pass and its options")
     _common(p)
@@ -384,34 +465,78 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS = {"demo": cmd_demo, "compile": cmd_compile, "eval": cmd_eval, "passes": cmd_passes, "sweep": cmd_sweep}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        from qcompile.frontends.model_spec import import_user_module
-        from qcompile.frontends.pickles import trusting_pickles
+def _check_model_file(args: argparse.Namespace) -> None:
+    """MODEL's file (file.py:factory, .pt2, .onnx) must exist; checked without importing torch."""
+    spec = getattr(args, "model", None)
+    if not spec:
+        return
+    if spec.endswith((".pt2", ".onnx")) and not Path(spec).is_file():
+        raise cli_usage.InputError(f"no such file: {spec}")
+    module = spec.rpartition(":")[0]
+    if module.endswith(".py") and not Path(module).is_file():
+        raise cli_usage.InputError(f"no such model file: {module}")
 
-        for plugin in args.plugin:
-            import_user_module(plugin)
-        with trusting_pickles(getattr(args, "trust_pickle", False)):
-            return COMMANDS[args.command](args)
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line; a usage error is raised as UsageError, unknown flags too (with a suggestion)."""
+    parser = build_parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        raise cli_usage.UsageError(args.command_parser, cli_usage.unknown_arguments(args.command_parser, extras))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli_usage.catch_interrupts()
+    try:
+        try:
+            args = parse_args(argv)
+        except cli_usage.UsageError as exc:
+            line = str(exc) if str(exc).startswith("error: ") else cli_usage.usage_line(exc)
+            print(line, file=sys.stderr)
+            return USER_ERROR
+        status = _run(args)
+        interrupted_late = cli_usage.interrupted() and status != cli_usage.INTERRUPTED  # swallowed by a library
+        return cli_usage.report_interrupt() if interrupted_late else status
+    except KeyboardInterrupt:
+        return cli_usage.report_interrupt()
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        _check_model_file(args)  # before torch is imported: a mistyped path is a quick answer
+        with threads.configured(args.threads):  # restored afterwards, for callers of main() in a process
+            from qcompile.frontends.model_spec import import_user_module
+            from qcompile.frontends.pickles import trusting_pickles
+
+            for plugin in args.plugin:
+                import_user_module(plugin)
+            with trusting_pickles(getattr(args, "trust_pickle", False)):
+                return COMMANDS[args.command](args)
     except Exception as exc:  # noqa: BLE001 - the one place errors become messages
+        if cli_usage.interrupted():  # a library turned our KeyboardInterrupt into its own error
+            return cli_usage.report_interrupt()
         if args.debug:
             traceback.print_exc()
             details = getattr(exc, "details", None) or getattr(exc.__cause__, "details", None) or []
             print("\n".join(details), file=sys.stderr)  # e.g. every unsupported node, one per line
         from qcompile.errors import one_line
+
+        message = one_line(str(exc) or type(exc).__name__, 290)
+        if isinstance(exc, cli_usage.InputError):
+            print(f"error: {message}", file=sys.stderr)
+            return USER_ERROR
         from qcompile.passes.base import QCompileError
 
-        message = one_line(str(exc) or type(exc).__name__, 240 if not isinstance(exc, QCompileError) else 290)
+        if not isinstance(exc, QCompileError):
+            message = one_line(str(exc) or type(exc).__name__, 240)
+
         if isinstance(exc, QCompileError):
             print(f"error: {message}", file=sys.stderr)
             return USER_ERROR
         hint = "" if args.debug else " (run with --debug for the traceback)"
         print(f"error: internal error: {type(exc).__name__}: {message}{hint}", file=sys.stderr)
         return CHECK_FAILED
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

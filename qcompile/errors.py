@@ -6,16 +6,12 @@
   Hardsigmoid x9, mul x9"``: one entry per kind, most frequent first, the first examples of the leading
   kinds in parentheses, within a character budget; the full list stays on the exception (``details``)
   for ``--debug``.
-* ``OneLineArgumentParser``: argparse's errors as one line ending in "see `qcompile compile --help`",
-  without the usage block.
+Argparse's errors become one such line in ``qcompile/cli_usage.py``.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections import Counter
-from typing import NoReturn
 
 MAX_LINE = 300
 _CUT = " ... "
@@ -48,10 +44,3 @@ def group_items(kinds: list[str], examples: list[str], budget: int = 160, shown_
         parts.append(entry if len(entry) <= budget else entry[: budget - 4] + "...)")
     return ", ".join(parts)
 
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one ``error: ...`` line pointing at ``--help`` (exit status 2)."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {one_line(message, MAX_LINE - 60)}; see `{self.prog} --help`", file=sys.stderr)
-        sys.exit(2)

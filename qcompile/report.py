@@ -14,11 +14,18 @@ if TYPE_CHECKING:
     from qcompile.data import Dataset
 
 
+REPORT_SCHEMA = 1  # bump when a key of the report changes meaning or goes away (adding keys keeps it)
+
+
 def build_report(cm: CompiledModel, data: Dataset | None, verify_inputs: torch.Tensor | None,
                  progress: bool = False) -> dict[str, Any]:
     costs = cm.layer_costs()
     learned = cm.records.get("bayesian-bits", {}).get("layers", {})
+    from qcompile import __version__
+
     report: dict[str, Any] = {
+        "schema": REPORT_SCHEMA,
+        "qcompile": __version__,
         "pipeline": cm.pipeline,
         "target": cm.target.value,
         **({"ort_cpu": cm.ort_cpu} if cm.target is Target.ORT else {}),

@@ -362,7 +362,8 @@ def refuse_existing(folder: Path, force: bool) -> None:
         raise SweepError(f"{folder} exists and is not a folder; choose another output folder")
     taken = [folder / name for name in OUTPUT_FILES if os.path.lexists(folder / name)]
     if taken and not force:
-        raise SweepError(f"{taken[0]} already exists; choose another output folder or pass --force to replace it")
+        raise SweepError(f"{taken[0]} already exists; choose another output folder or pass --force "
+                         "(force=True) to replace it")
     for path in taken:
         check_output(path, force)  # only regular files are replaced
 
@@ -413,7 +414,36 @@ def sweep_figure(sweep: Sweep) -> Any:
     fig.legend(handles, labels, loc="outside lower center", ncol=legend_columns(labels, fig.get_figwidth()),
                fontsize=8)
     fig.suptitle(f"accuracy vs cost on {sweep.data}")
+    fig.canvas.draw()  # lays the figure out, so that the point labels can be placed where they are free
+    for ax, axis in zip(axes, AXES, strict=True):
+        place_labels(ax, [(r.cost(axis), r.integer_accuracy, _short_label(r.point)) for r in sweep.results])
     return fig
+
+
+LABEL_STEP = 7.0  # points: one 6-point line and a gap
+
+
+def place_labels(ax: Any, items: Sequence[tuple[float, float, str]]) -> list[Any]:
+    """Annotate each (x, y, text) 4 points up and right of its point, moved up in steps until its box
+    overlaps no label placed before it (coinciding points get a column of labels, never one on another).
+
+    Needs a laid-out figure (``fig.canvas.draw()`` first); the labels take no part in the layout, so
+    the positions found stay valid when the figure is saved.
+    """
+    renderer = ax.figure.canvas.get_renderer()
+    placed: list[Any] = []
+    annotations = []
+    for x, y, text in items:
+        ann = ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=6,
+                          annotation_clip=False)
+        ann.set_in_layout(False)
+        step = 0
+        while any(ann.get_window_extent(renderer).overlaps(box) for box in placed):
+            step += 1
+            ann.xyann = (4, 4 + LABEL_STEP * step)
+        placed.append(ann.get_window_extent(renderer))
+        annotations.append(ann)
+    return annotations
 
 
 SEARCH_MARKERS, BASELINE_MARKERS = "o^vP*Xph", "sDd<>"
@@ -432,9 +462,6 @@ def _panel(ax: Any, sweep: Sweep, axis: Axis) -> None:
         ax.plot([r.cost(axis) for r in rs], [r.integer_accuracy for r in rs], linestyle="none", marker=marker,
                 markersize=7, color=f"C{color % 10}", markerfacecolor="none" if base else None,
                 label=method + (" (baseline)" if base else ""))
-        for r in rs:
-            ax.annotate(_short_label(r.point), (r.cost(axis), r.integer_accuracy), textcoords="offset points",
-                        xytext=(4, 4), fontsize=6)
     front = [sweep.results[i] for i in sweep.front(axis)]
     ax.plot([r.cost(axis) for r in front], [r.integer_accuracy for r in front], color="0.3", linewidth=1,
             zorder=0, label="Pareto front")

@@ -149,6 +149,23 @@ def test_the_legend_stays_inside_the_figure(label_chars: int) -> None:
     assert legend_columns(["a" * 200], 13.0) == 1 and legend_columns(["ab"] * 9, 13.0) == 6
 
 
+def test_point_labels_never_overprint() -> None:
+    """Coinciding and nearby points (the same cost and accuracy) get labels that do not overlap."""
+    results = []
+    for i, (cost_, acc) in enumerate([(2.0, 90.0)] * 4 + [(2.02, 90.05), (2.0, 90.1), (8.0, 70.0)]):
+        point = SweepPoint("aqt", "aqt", (("fraction", f"0.{i + 1}"),), ("fraction",))
+        results.append(SweepResult(point, "", {"fraction": 0.1}, {"float": 95.0, "integer": acc}, cost_,
+                                   1000, 4000, [], 0, 0.0))
+    fig = sweep_figure(Sweep("digits", results, 95.0, 4000))
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    for ax in fig.axes:
+        boxes = [t.get_window_extent(renderer) for t in ax.texts]
+        assert len(boxes) == len(results)
+        for i, a in enumerate(boxes):
+            assert not any(a.overlaps(b) for b in boxes[i + 1:]), [t.get_text() for t in ax.texts]
+
+
 def test_tiny_sweep_writes_json_png_and_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "sweep"
     out.mkdir()

@@ -2,11 +2,15 @@
 
 The view is not a second IR: it is rebuilt from the GraphModule whenever it is needed. Node attributes:
 ``label`` (op and main facts), ``bits`` (weight bits of a layer, else the value's integer bits, else None).
+The fill colour is ``bits`` (the drawings carry a legend saying so); the label spells the types out the
+way the text dump does: ``u8xi8->u4`` for an integer layer (input x weight -> output), ``w4 a8`` for a
+quant-stage layer, ``u8`` for an integer value, ``8 bits`` for an activation quantizer.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
 import torch.fx as fx
@@ -34,6 +38,20 @@ def _bits(gm: fx.GraphModule, node: fx.Node) -> int | None:
     return itype.bits if itype is not None else None
 
 
+def _bits_text(gm: fx.GraphModule, node: fx.Node, bits: int | None) -> str | None:
+    """The types as the text dump prints them (``u8xi8->u4``), else ``N bits``; None when there are none."""
+    mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+    inp, w_type, out = (getattr(mod, k, None) for k in ("inp", "w_type", "out"))
+    if w_type is not None and inp is not None and out is not None:
+        return f"{inp}x{w_type}->{out}"
+    if isinstance(mod, (QConv2d, QLinear)):
+        return f"w{mod.weight_quant.bits}"
+    itype = get_info(node).itype
+    if itype is not None:
+        return str(itype)
+    return f"{bits} bits" if bits is not None else None
+
+
 def _label(gm: fx.GraphModule, node: fx.Node, bits: int | None) -> str:
     if node.op == "call_module":
         kind = type(gm.get_submodule(str(node.target))).__name__
@@ -43,7 +61,8 @@ def _label(gm: fx.GraphModule, node: fx.Node, bits: int | None) -> str:
     else:
         head = f"{node.name}\n{node.op}"
     info = get_info(node)
-    extras = [f"{bits} bits"] if bits is not None else []
+    text = _bits_text(gm, node, bits)
+    extras = [text] if text is not None else []
     if info.shape is not None:
         extras.append("x".join(map(str, info.shape[1:])))
     return head + ("\n" + ", ".join(extras) if extras else "")
@@ -65,6 +84,18 @@ def _color(bits: int | None) -> str:
     return BIT_COLORS.get(bits, BIT_COLORS[min(BIT_COLORS, key=lambda b: abs(b - bits))])
 
 
+LEGEND_TITLE = "fill: weight bits of a layer, else bits of the value"
+
+
+def legend_entries(g: nx.DiGraph) -> list[tuple[str, str]]:
+    """(label, colour) for every colour the drawing uses, narrowest first, "no bits" last."""
+    used = sorted({b for _, b in g.nodes(data="bits") if b is not None})
+    entries = [(f"{b} bits", _color(b)) for b in used]
+    if any(b is None for _, b in g.nodes(data="bits")):
+        entries.append(("no bits (float, shapes)", NO_BITS))
+    return entries
+
+
 def write_dot(gm: fx.GraphModule, path: Path) -> None:
     g = to_networkx(gm)
     dot = nx.DiGraph()
@@ -72,11 +103,28 @@ def write_dot(gm: fx.GraphModule, path: Path) -> None:
         dot.add_node(name, label=f'"{data["label"]}"', shape="box", style="filled",
                      fillcolor=f'"{_color(data["bits"])}"')
     dot.add_edges_from(g.edges)
-    nx.nx_pydot.write_dot(dot, path)
+    legend = nx.nx_pydot.to_pydot(dot)
+    import pydot
+
+    box = pydot.Cluster("legend", label=f'"{LEGEND_TITLE}"')
+    for index, (text, color) in enumerate(legend_entries(g)):
+        box.add_node(pydot.Node(f"legend_{index}", label=f'"{text}"', shape="box", style="filled",
+                                fillcolor=f'"{color}"'))
+    legend.add_subgraph(box)
+    Path(path).write_text(legend.to_string())
 
 
 def write_png(gm: fx.GraphModule, path: Path) -> None:
-    """A left-to-right drawing by topological generation (matplotlib, no graphviz needed)."""
+    """``graph_figure(gm)`` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = graph_figure(gm)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def graph_figure(gm: fx.GraphModule) -> Any:
+    """A left-to-right drawing by topological generation, with a colour legend (matplotlib, no graphviz)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -95,7 +143,11 @@ def write_png(gm: fx.GraphModule, path: Path) -> None:
         data = g.nodes[name]
         ax.text(x, y, data["label"], ha="center", va="center", fontsize=6,
                 bbox={"boxstyle": "round", "facecolor": _color(data["bits"]), "edgecolor": "#555555"})
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=color, edgecolor="#555555", label=text) for text, color in legend_entries(g)]
+    ax.legend(handles=handles, title=LEGEND_TITLE, loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=6,
+              title_fontsize=6, frameon=False)
     ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig

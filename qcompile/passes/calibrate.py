@@ -4,6 +4,10 @@ With all quantizers observing (activations stay float, as in AQT's first phase),
 amax <- (1 - momentum) * amax + momentum * stat over ``steps`` batches, where stat is the batch max|x|
 or, with ``percentile``, that percentile of |x|. It refuses a range that is zero or not finite (an
 activation that is always zero cannot be given a scale) and names the quantizer.
+
+The forward passes run at one torch thread whatever the pool size, so the ranges (and the ONNX bytes of a
+post-training compile) do not depend on the thread count; max, the k-th value and the EMA are
+order-independent or sequential, so nothing else does either.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from tqdm import tqdm
 from qcompile.ir.meta import Stage
 from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, option, register_pass
 from qcompile.quant import graph
+from qcompile.threads import fixed_threads
 
 
 class CalibrationError(QCompileError):
@@ -63,7 +68,7 @@ class Calibrate(Pass):
             q.batches.zero_()
         gm.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), fixed_threads(1):  # the ranges, hence the ONNX bytes, at any thread count
                 batches = ctx.calibration_batches()
                 for step, batch in enumerate(tqdm(batches, "calibrate", total=self.steps, disable=not ctx.progress)):
                     if step >= self.steps:

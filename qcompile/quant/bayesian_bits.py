@@ -76,10 +76,19 @@ def _ste_round(v: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_on_grid(x: torch.Tensor, x_max: torch.Tensor, bits: int, signed: bool) -> torch.Tensor:
-    """s_b * clamp(round(x / s_b)) on the b-bit grid of the range (x already clipped)."""
+    """s_b * clamp(round(x / s_b)) on the b-bit grid of the range (x already clipped).
+
+    Straight-through where round(x / s_b) lies in [lo, hi] (the edges included: a value that rounds onto
+    the edge is not clipped), no gradient through the rounding where the clamp clips it; written out
+    with ``where`` because torch's own clamp changed its gradient at the bounds (2.14 passes none there,
+    2.13 all of it), and GatedGrid's fused gradients follow this definition.
+    """
     s = grid_scale(x_max, bits, signed)
     lo, hi = grid_bounds(bits, signed)
-    return _ste_round(x / s).clamp(lo, hi) * s
+    v = x / s
+    r = torch.round(v).detach()
+    passed = (r >= lo) & (r <= hi)
+    return torch.where(passed, _ste_round(v), r.clamp(lo, hi)) * s
 
 
 def residual_decomposition(x: torch.Tensor, x_max: torch.Tensor, signed: bool) -> list[torch.Tensor]:

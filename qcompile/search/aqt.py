@@ -33,6 +33,7 @@ class AqtRecipe(TrainedSearch):
     schedule: str = option("constant", "learning-rate schedule of the weights and ranges: constant | cosine")
     checkpoint: str = option("", "checkpoint file written after every epoch")
     resume: bool = option(False, "continue from the checkpoint")
+    overwrite: bool = option(False, "replace an existing checkpoint (the command line's --force)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -50,7 +51,7 @@ class AqtRecipe(TrainedSearch):
         apply_assignment(gm, assignment)
         config = TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
                              calibration_fraction=self.fraction, seed=ctx.seed, checkpoint=self.checkpoint,
-                             resume=self.resume, progress=ctx.progress, schedule=self.schedule,
-                             **self.distillation())
+                             resume=self.resume, overwrite=self.overwrite, progress=ctx.progress,
+                             schedule=self.schedule, **self.distillation())
         QuantTrainer(gm, ctx.dataset, config, teacher=self.teacher(ctx)).fit()
         return assignment

@@ -110,6 +110,7 @@ class BayesianBitsSearch(TrainedSearch):
     schedule: str = option("constant", "learning-rate schedule of the weights and ranges: constant | cosine")
     checkpoint: str = option("", "checkpoint file of the gated training, written after every epoch")
     resume: bool = option(False, "continue the gated training from the checkpoint")
+    overwrite: bool = option(False, "replace an existing checkpoint (the command line's --force)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -126,7 +127,8 @@ class BayesianBitsSearch(TrainedSearch):
     def _config(self, ctx: PassContext, epochs: int, checkpoint: str = "", resume: bool = False) -> TrainConfig:
         return TrainConfig(epochs=epochs, batch_size=self.batch_size, lr=self.lr, range_lr=self.range_lr,
                            gate_lr=self.gate_lr, calibration_fraction=0.0, seed=ctx.seed, checkpoint=checkpoint,
-                           resume=resume, progress=ctx.progress, schedule=self.schedule, **self.distillation())
+                           resume=resume, overwrite=self.overwrite, progress=ctx.progress, schedule=self.schedule,
+                           **self.distillation())
 
     def _freeze_weights(self, gm: fx.GraphModule) -> None:
         for _, layer in graph.layers(gm):

@@ -17,8 +17,10 @@ It trains a quant-stage graph (fake quantizers with straight-through rounding) o
 * fixed seeds: the batch order of epoch e is a permutation drawn from a generator seeded with (seed, e),
   and the global torch generator (gate samples, ...) is reseeded from (seed, e, rank) at every epoch, so a
   resumed run draws what the uninterrupted one drew;
-* a checkpoint after every epoch (model, quantizer settings, optimizers, epoch) and resume from it; a
-  checkpoint written for another model is refused;
+* a checkpoint after every epoch (model, quantizer settings, optimizers, epoch) and resume from it (which
+  says from which epoch); an existing checkpoint is never replaced unless ``resume`` (continue it) or
+  ``overwrite`` (start again) says so, ``resume`` without a checkpoint file is refused, and so is a
+  checkpoint written for another model, naming the first tensors that differ;
 * data parallel under torchrun (``qcompile/distributed.py``): the model and its regularizer run inside one
   DistributedDataParallel module (so gradients of the task loss and of the regularizer are averaged
   together and parameters used only by the regularizer still count as used), every rank trains on its
@@ -35,6 +37,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint: str = ""
     resume: bool = False
+    overwrite: bool = False  # replace an existing checkpoint instead of refusing to start
     progress: bool = False
     device: str = "cpu"  # "cuda": cuda:LOCAL_RANK under torchrun
     schedule: str = "constant"  # or "cosine": weights and ranges decay as (1 + cos(pi t / T)) / 2 over the run
@@ -97,6 +101,9 @@ class TrainConfig:
             raise TrainError(f"the distillation temperature must be positive, got {self.temperature}")
         if not 0.0 <= self.calibration_fraction < 1.0:
             raise TrainError(f"the calibration fraction must lie in [0, 1), got {self.calibration_fraction}")
+        if self.resume and not self.checkpoint:
+            raise TrainError("resume continues a checkpoint, but none is given; pass --checkpoint FILE "
+                             "(checkpoint=FILE)")
 
 
 @dataclass(frozen=True)
@@ -133,6 +140,22 @@ def parameter_groups(gm: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 def _signature(gm: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     return [(k, tuple(v.shape)) for k, v in gm.state_dict().items()]
+
+
+def signature_differences(saved: list[tuple[str, tuple[int, ...]]], ours: list[tuple[str, tuple[int, ...]]],
+                          shown: int = 2) -> str:
+    """What differs between a checkpoint's tensors and the model's: the first ``shown``, and how many more."""
+    have, want = dict(saved), dict(ours)
+    found = [f"'{k}' is {_dims(have[k])} there and {_dims(want[k])} here" for k in want if k in have
+             and have[k] != want[k]]
+    found += [f"it lacks '{k}'" for k in want if k not in have]
+    found += [f"it has '{k}', which this model lacks" for k in have if k not in want]
+    more = f" (and {len(found) - shown} more)" if len(found) > shown else ""
+    return "; ".join(found[:shown]) + more
+
+
+def _dims(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape) or "a scalar"
 
 
 class _Objective(nn.Module):
@@ -325,9 +348,23 @@ class QuantTrainer:
             write_output(self.config.checkpoint, True, lambda tmp: torch.save(state, tmp))  # replaced every epoch
         distributed.barrier()
 
+    def _check_checkpoint(self) -> None:
+        """Refuse to start a run that would replace an existing checkpoint, or resume a missing one."""
+        path, config = Path(self.config.checkpoint), self.config
+        if config.resume and not path.is_file():
+            raise TrainError(f"cannot resume: there is no checkpoint {path}; fix the path, or drop --resume "
+                             "(resume=True) to train from the start")
+        if not config.resume and not config.overwrite and path.exists():
+            raise TrainError(f"checkpoint {path} already exists; pass --resume (resume=True) to continue it, "
+                             "--force (overwrite=True) to train again from the start and replace it, or choose "
+                             "another --checkpoint")
+
     def _resume(self) -> int:
+        if not self.config.checkpoint:
+            return 0
+        self._check_checkpoint()
         path = Path(self.config.checkpoint)
-        if not (self.config.resume and self.config.checkpoint and path.is_file()):
+        if not self.config.resume:
             return 0
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
@@ -335,11 +372,19 @@ class QuantTrainer:
             raise TrainError(
                 f"cannot read checkpoint {path} ({type(exc).__name__}); delete it or fix the path"
             ) from None
-        if [tuple(s) for s in state.get("signature", [])] != [(k, v) for k, v in _signature(self.gm)]:
-            raise TrainError(f"checkpoint {path} was written for another model; delete it or use another path")
+        saved = [(str(k), tuple(v)) for k, v in state.get("signature", [])]
+        if saved != _signature(self.gm):
+            raise TrainError(f"checkpoint {path} was written for another model or search: "
+                             f"{signature_differences(saved, _signature(self.gm))}; resume it with the model "
+                             "and search that wrote it, or use another --checkpoint")
         self.gm.load_state_dict(state["model"])
         for q, saved in zip(self.quantizers, state["quantizers"], strict=True):
             q.bits, q.signed_override, q.observing = saved["bits"], saved["signed"], saved["observing"]
         for k, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][k])
-        return int(state["epochs_done"])
+        done = int(state["epochs_done"])
+        if distributed.is_main():
+            total = self.config.epochs
+            then = f"continuing at epoch {done + 1} of {total}" if done < total else "nothing left to train"
+            print(f"resuming from {path}: {done} epoch{'s' if done != 1 else ''} done, {then}", file=sys.stderr)
+        return done

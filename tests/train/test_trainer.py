@@ -13,6 +13,7 @@ from conftest import make_model, run_pipeline
 from qcompile.data import Dataset
 from qcompile.quant import graph
 from qcompile.train import QuantTrainer, TrainConfig, TrainError
+from qcompile.train.trainer import signature_differences
 
 QUANT = "canonicalize,fold-batchnorm,insert-quantizers,calibrate,assign-bitwidths{policy=w4a4}"
 
@@ -59,7 +60,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = toy_data()
     straight = quant_graph()
     QuantTrainer(straight, data, TrainConfig(epochs=3, batch_size=16)).fit()
@@ -72,9 +73,11 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
 
     with pytest.raises(Interrupted):
         QuantTrainer(quant_graph(), data, config, on_step=crash).fit()
+    capsys.readouterr()
     resumed = quant_graph()
     history = QuantTrainer(resumed, data, TrainConfig(**{**config.__dict__, "resume": True})).fit()
     assert [h.epoch for h in history] == [2]
+    assert f"resuming from {tmp_path / 'run.pt'}: 2 epochs done, continuing at epoch 3 of 3" in capsys.readouterr().err
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
 
@@ -82,8 +85,37 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path: Path) -> None:
 def test_checkpoint_of_another_model_is_refused(tmp_path: Path) -> None:
     ckpt = str(tmp_path / "other.pt")
     QuantTrainer(quant_graph("mlp"), toy_data(), TrainConfig(epochs=1, batch_size=32, checkpoint=ckpt)).fit()
-    with pytest.raises(TrainError, match="written for another model"):
+    with pytest.raises(TrainError, match="written for another model or search") as info:
         QuantTrainer(quant_graph("residual"), toy_data(), TrainConfig(epochs=2, checkpoint=ckpt, resume=True)).fit()
+    assert "it lacks 'stem.bias'" in str(info.value) and "more)" in str(info.value), info.value
+
+
+def test_signature_differences_name_the_tensors() -> None:
+    saved = [("a.weight", (4, 2)), ("b.bias", (3,)), ("gone", ())]
+    ours = [("a.weight", (8, 2)), ("b.bias", (3,)), ("new.x_max", ())]
+    text = signature_differences(saved, ours, shown=3)
+    assert "'a.weight' is 4x2 there and 8x2 here" in text
+    assert "it lacks 'new.x_max'" in text and "it has 'gone', which this model lacks" in text
+    assert signature_differences(saved, ours, shown=1).endswith("(and 2 more)")
+
+
+def test_an_existing_checkpoint_is_kept_unless_resume_or_overwrite(tmp_path: Path) -> None:
+    ckpt = tmp_path / "run.pt"
+    ckpt.write_bytes(b"the user's earlier run")
+    with pytest.raises(TrainError, match=r"already exists; pass --resume \(resume=True\) to continue it, --force"):
+        QuantTrainer(quant_graph(), toy_data(), TrainConfig(epochs=1, batch_size=32, checkpoint=str(ckpt))).fit()
+    assert ckpt.read_bytes() == b"the user's earlier run"
+    QuantTrainer(quant_graph(), toy_data(), TrainConfig(epochs=1, batch_size=32, checkpoint=str(ckpt),
+                                                        overwrite=True)).fit()
+    assert torch.load(ckpt, weights_only=True)["epochs_done"] == 1
+
+
+def test_resume_needs_an_existing_checkpoint(tmp_path: Path) -> None:
+    with pytest.raises(TrainError, match="none is given; pass --checkpoint FILE"):
+        TrainConfig(resume=True)
+    missing = TrainConfig(epochs=1, checkpoint=str(tmp_path / "missing.pt"), resume=True)
+    with pytest.raises(TrainError, match="there is no checkpoint .*missing.pt; fix the path, or drop --resume"):
+        QuantTrainer(quant_graph(), toy_data(), missing).fit()
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
