@@ -305,7 +305,18 @@ def _export_function(e: _Emitter, node: fx.Node, args: list[Any]) -> gs.Variable
         return e.op("Reshape", node.name, [args[0], shape], np.uint8)
     if node.target is torch.cat:
         return e.op("Concat", node.name, list(args[0]), np.uint8, axis=_int_const(node, node.kwargs.get("dim", 1)))
+    if node.target is torch.permute:
+        return e.op("Transpose", node.name, [args[0]], np.uint8, perm=[int(d) for d in node.args[1]])  # type: ignore[union-attr]
+    if node.target is torch.narrow:
+        return _export_narrow(e, node, args[0])
     raise ExportError(f"no ONNX lowering for {node.target}")
+
+
+def _export_narrow(e: _Emitter, node: fx.Node, x: gs.Variable) -> gs.Variable:
+    dim, start, length = (_int_const(node, v) for v in node.args[1:4])
+    bounds = [e.const(f"{node.name}_{k}", np.array([v], dtype=np.int64))
+              for k, v in (("starts", start), ("ends", start + length), ("axes", dim))]
+    return e.op("Slice", node.name, [x, *bounds], np.uint8)
 
 
 def _batch_shape(node: fx.Node) -> list[Any]:

@@ -20,6 +20,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from qcompile.ir import contract
 from qcompile.ir import intops as ops
+from qcompile.ir import movement
 from qcompile.ir.contract import IntArray
 
 Kernel = Callable[..., Any]
@@ -171,6 +172,8 @@ class ReferenceExecutor(fx.Interpreter):
             return args[0].reshape(args[1])
         if target is torch.cat:
             return np.concatenate(args[0], axis=kwargs.get("dim", args[1] if len(args) > 1 else 0))
+        if target in movement.REFERENCE:
+            return movement.REFERENCE[target](*args)
         raise TypeError(f"function {target} is not part of the integer dialect")
 
 

@@ -35,6 +35,7 @@ from torch import nn
 
 from qcompile.ir.contract import Target
 from qcompile.ir.meta import IntType
+from qcompile.ir.movement import MOVEMENT_FUNCTIONS
 
 
 def _int_buffer(values: Any, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -263,4 +264,4 @@ REQUANTIZING_OPS = (IntConv2d, IntLinear, IntShiftConv2d, IntShiftLinear, IntAdd
 SHIFT_ADD_OPS = (IntShiftConv2d, IntShiftLinear)
 INTEGER_MODULES = (Quantize, Dequantize, *REQUANTIZING_OPS, IntMaxPool2d, IntClamp)
 # call_function targets allowed on integer tensors: they move integers around without arithmetic
-INTEGER_FUNCTIONS = (torch.flatten, torch.reshape, torch.cat)
+INTEGER_FUNCTIONS = (torch.flatten, torch.reshape, torch.cat, *MOVEMENT_FUNCTIONS)

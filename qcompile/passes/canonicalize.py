@@ -32,6 +32,7 @@ from qcompile.ir import rewrite
 from qcompile.ir.meta import Stage, get_info
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.ir.verify import FLOAT_FUNCTIONS, FLOAT_MODULES
+from qcompile.passes import canonical_movement as movement
 from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, register_pass
 
 
@@ -188,7 +189,10 @@ METHOD_RULES: dict[str, Rule] = {
     "relu": _to_relu, "relu_": _to_relu, "clamp": _clamp_call, "clip": _clamp_call, "clamp_": _clamp_call,
     "flatten": _reshape, "view": _reshape, "reshape": _reshape, "add": _add, "add_": _add,
     "mean": _mean, "contiguous": _drop, "clone": _drop,
+    "squeeze": _reshape, "unsqueeze": _reshape,
 }
+FUNCTION_RULES.update({torch.squeeze: _reshape, torch.unsqueeze: _reshape, **movement.FUNCTION_RULES})
+METHOD_RULES.update(movement.METHOD_RULES)
 
 
 def _module_rule(module: nn.Module) -> Rule | None:  # noqa: C901 - a flat table of module kinds
@@ -214,6 +218,9 @@ def _is_canonical(node: fx.Node) -> bool:
         return isinstance(node.args[1], tuple) and node.args[1][:1] == (-1,)
     if node.target is torch.cat:
         return node.kwargs == {"dim": 1} and len(node.args) == 1
+    moved = movement.is_canonical(node)
+    if moved is not None:
+        return moved
     return node.target in FLOAT_FUNCTIONS
 
 

@@ -18,11 +18,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qcompile.ir.movement import MOVEMENT_FUNCTIONS
 from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
 
 CLAMPS = (torch.relu, torch.clamp)
-PASS_THROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.relu, torch.clamp)
+PASS_THROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.relu, torch.clamp, *MOVEMENT_FUNCTIONS)
 
 
 def module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
