@@ -158,7 +158,7 @@ def _trace(model: nn.Module | str | Path, example_inputs: tuple[torch.Tensor, ..
     if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
         from qcompile.frontends.onnx_import import load_onnx
 
-        gm = load_onnx(model)
+        gm = load_onnx(model, tuple(example_inputs[0].shape[1:]))
         check_input_shape(gm, example_inputs[0])
         return gm
     if isinstance(model, (str, Path)):
