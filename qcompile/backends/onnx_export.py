@@ -111,9 +111,11 @@ def _u8(v: int) -> np.ndarray:
 
 
 def requant_chain(e: _Emitter, name: str, acc: gs.Variable, mult: np.ndarray, shift: np.ndarray,
-                  bias: np.ndarray, out: IntType, lo: int, hi: int, channel_axis_rank: int) -> gs.Variable:
-    """int32 acc -> uint8 (q + zp) by the exact uint64 chain; mult/shift/bias are per channel or scalar."""
-    shape = (1, -1) + (1,) * (channel_axis_rank - 2) if mult.size > 1 else ()
+                  bias: np.ndarray, out: IntType, lo: int, hi: int, channel_axis_rank: int,
+                  param_shape: tuple[int, ...] | None = None) -> gs.Variable:
+    """int32 acc -> uint8 (q + zp) by the exact uint64 chain; mult/shift/bias are per channel or scalar
+    (or shaped ``param_shape``, e.g. one per output position)."""
+    shape = param_shape or ((1, -1) + (1,) * (channel_axis_rank - 2) if mult.size > 1 else ())
     m = mult.astype(object).reshape(-1)
     n = shift.astype(object).reshape(-1)
     b = np.broadcast_to(bias, m.shape).astype(object)

@@ -47,6 +47,26 @@ def pending_inputs(graph: gs.Graph) -> list[tuple[gs.Node, int]]:
     return found
 
 
+def _reads_data(t: gs.Tensor, seen: set[str] | None = None) -> bool:
+    """Whether ``t`` depends on the values of a graph input (not only on shapes, through Shape/Size)."""
+    seen = set() if seen is None else seen
+    if isinstance(t, gs.Constant) or t.name in seen:
+        return False
+    seen.add(t.name)
+    if not t.inputs:
+        return True  # a graph input
+    producer = t.inputs[0]
+    return producer.op not in ("Shape", "Size") and any(_reads_data(i, seen) for i in producer.inputs)
+
+
+def _refuse_data_dependent(pending: list[tuple[gs.Node, int]]) -> None:
+    for node, i in pending:
+        if _reads_data(node.inputs[i]):
+            raise DynamicShapeError(
+                f"{node.name} ({node.op}): the target shape is computed at run time from the input's values, "
+                "not only its shape; export with a constant shape (torch.flatten(x, 1) or x.reshape(-1, C, H, W))")
+
+
 def _fixed_dims(value: onnx.ValueInfoProto, batch: int | None, sample_shape: Sequence[int] | None) -> list[int]:
     dims = []
     for k, d in enumerate(value.type.tensor_type.shape.dim):
@@ -112,6 +132,7 @@ def resolve_runtime_inputs(graph: gs.Graph, model: onnx.ModelProto,
     pending = pending_inputs(graph)
     if not pending:
         return False
+    _refuse_data_dependent(pending)
     names = sorted({node.inputs[i].name for node, i in pending})
     batches: tuple[int, ...] = PROBE_BATCHES if _batch_is_symbolic(model) else ()
     runs = [_run_at(model, names, b, sample_shape) for b in batches] if batches else [

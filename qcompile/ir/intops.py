@@ -22,8 +22,10 @@ Every requantizing op carries both forms of its multiplier M: the dyadic ``mult`
 ``fmult = float32(M)``, and its ``target`` says which one ``rq`` uses (``contract.Target``: ``integer`` =
 dyadic, ``ort`` = float32 multiply with round half to even). ``requant_target(op)`` reads it.
 
-Not handled here: average pooling with count_include_pad=False or ceil_mode (their divisor varies per
-window), and non-zero real-domain zero points.
+* ``IntAvgPoolTable``: average pooling whose divisor varies per window (ceil_mode, count_include_pad=False,
+  adaptive pools to any size): separable 0/1 window sums and one multiplier per output position.
+
+Not handled here: non-zero real-domain zero points.
 """
 
 from __future__ import annotations
@@ -260,7 +262,40 @@ class IntClamp(IntOp):
         return f"{self.inp} [{self.lo},{self.hi}]"
 
 
-REQUANTIZING_OPS = (IntConv2d, IntLinear, IntShiftConv2d, IntShiftLinear, IntAdd, IntAvgPool2d)
+class IntAvgPoolTable(_Requantizing):
+    """Average pooling whose divisor varies per output position, as a separable window sum.
+
+    ``rows`` [H_out, H] and ``cols`` [W_out, W] are 0/1 window-membership matrices (a window's part inside
+    the input; padding adds 0), so acc[n, c, i, j] = sum_h sum_w rows[i, h] q_x[n, c, h, w] cols[j, w], and
+    q_y = clamp(rq(acc, M[i, j]), lo, hi) with one multiplier per output position, M[i, j] = s_x / (d[i, j]
+    s_y) for the pool's divisor d (the window's size inside the input with count_include_pad=False, its
+    size inside the padded input otherwise, the override if given; an adaptive pool's bin size).
+    ``mult``/``shift``/``fmult`` have shape [H_out, W_out]. Covers AvgPool2d with ceil_mode,
+    count_include_pad=False or divisor_override, and AdaptiveAvgPool2d to any size.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+    def __init__(self, rows: Any, cols: Any, mult: Any, shift: Any, *, inp: IntType, out: IntType, lo: int,
+                 hi: int, fmult: Any = None, target: Target | str = Target.INTEGER) -> None:
+        super().__init__()
+        self.register_buffer("rows", _int_buffer(rows))
+        self.register_buffer("cols", _int_buffer(cols))
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
+        self.inp = inp
+
+    def accumulator_bound(self) -> int:
+        """max |acc|: the largest window times the largest |q_x|."""
+        window = int(self.rows.sum(dim=1).max()) * int(self.cols.sum(dim=1).max())
+        return window * max(abs(self.inp.lo), abs(self.inp.hi))
+
+    def extra_repr(self) -> str:
+        (h_out, h), (w_out, w) = self.rows.shape, self.cols.shape
+        return f"{self.inp}->{self.out} [{self.lo},{self.hi}], ({h}, {w}) -> ({h_out}, {w_out})"
+
+
+REQUANTIZING_OPS = (IntConv2d, IntLinear, IntShiftConv2d, IntShiftLinear, IntAdd, IntAvgPool2d, IntAvgPoolTable)
 SHIFT_ADD_OPS = (IntShiftConv2d, IntShiftLinear)
 INTEGER_MODULES = (Quantize, Dequantize, *REQUANTIZING_OPS, IntMaxPool2d, IntClamp)
 # call_function targets allowed on integer tensors: they move integers around without arithmetic

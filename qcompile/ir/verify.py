@@ -5,7 +5,8 @@ The integer verifier also proves the absence of int32 overflow: for every convol
 the weights actually stored) and the bias, must not exceed 2^31 - 1. It refuses the graph otherwise.
 APoT (shift-add) ops are covered by the same bound on their combined codes: all terms of a weight share
 its sign, so |k| = sum_p |T_p| 2^p and every partial sum of the shift-add evaluation (and each part of
-the export's lo/hi split) is bounded by sum |k| * max|q_x|.
+the export's lo/hi split) is bounded by sum |k| * max|q_x|. Other ops with an accumulator state its bound
+themselves (``accumulator_bound()``, e.g. IntAvgPoolTable: largest window * max|q_x|), checked the same way.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ def _verify_integer(gm: fx.GraphModule) -> list[str]:
         mod = gm.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(mod, (intops.IntConv2d, intops.IntLinear)):
             problems.extend(_overflow_problems(node.name, mod))
+        elif mod is not None and hasattr(mod, "accumulator_bound") and mod.accumulator_bound() > INT32_MAX:
+            problems.append(f"{node.name}: int32 accumulator may overflow (|acc| <= {mod.accumulator_bound()} > "
+                            "2^31-1); lower the bit-width of its input")
     return problems
 
 

@@ -9,10 +9,12 @@ Rewrites (each keeps the computed function identical):
   +, torch.add, x.add(y), +=                               -> operator.add(a, b)
   torch.cat / concat / concatenate on the channel axis     -> torch.cat([...], dim=1)
   F.max_pool2d / F.avg_pool2d / F.adaptive_avg_pool2d      -> the pooling modules
-  mean over (H, W)                                         -> AdaptiveAvgPool2d(1) (+ flatten)
+  mean over (H, W), or a chain of single-axis means       -> AdaptiveAvgPool2d(1) (+ flatten / reshape)
+  squeeze / unsqueeze                                      -> torch.reshape (as flatten/view above)
+  transposes, slices, splits; adaptive pools to k x k; stochastic depth in eval mode
+                                                           -> canonical_movement.py, canonical_pool.py
 Shapes come from one run on the example inputs. Anything else (or a supported op with an unsupported
-setting: non-unit alpha, a scalar operand, a concat across another axis, ceil_mode average pooling,
-an adaptive pool to more than 1x1) is reported in one UnsupportedOpsError listing every such node
+setting: non-unit alpha, a scalar operand, a concat across another axis) is reported in one UnsupportedOpsError listing every such node
 with its op and source line. Control flow is the frontend's business, not this pass's.
 """
 
@@ -33,6 +35,7 @@ from qcompile.ir.meta import Stage, get_info
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.ir.verify import FLOAT_FUNCTIONS, FLOAT_MODULES
 from qcompile.passes import canonical_movement as movement
+from qcompile.passes import canonical_pool as pools
 from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, register_pass
 
 
@@ -51,10 +54,6 @@ def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> di
     bound.update(zip(names, node.args, strict=False))
     bound.update(node.kwargs)
     return bound
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 Rule = Callable[[fx.GraphModule, fx.Node], bool]
@@ -145,28 +144,7 @@ def _avg_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _adaptive_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return _swap_module(gm, node, nn.AdaptiveAvgPool2d(_bind(node, ("input", "output_size"), {})["output_size"]))
-
-
-def _mean(gm: fx.GraphModule, node: fx.Node) -> bool:
-    b = _bind(node, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
-    src_shape = get_info(b["input"]).shape
-    dims = b["dim"] if isinstance(b["dim"], (list, tuple)) else [b["dim"]]
-    if src_shape is None or len(src_shape) != 4 or sorted(d % 4 for d in dims) != [2, 3]:
-        return False
-    name = rewrite.add_module(gm, node.name, nn.AdaptiveAvgPool2d(1))
-    with gm.graph.inserting_before(node):
-        pooled = gm.graph.call_module(name, (b["input"],))
-    pooled.meta.update(node.meta)
-    if b["keepdim"]:
-        node.replace_all_uses_with(pooled)
-    else:
-        with gm.graph.inserting_before(node):
-            flat = gm.graph.call_function(torch.flatten, (pooled, 1))
-        flat.meta.update(node.meta)
-        node.replace_all_uses_with(flat)
-    gm.graph.erase_node(node)
-    return True
+    return pools.adaptive(gm, node, _bind(node, ("input", "output_size"), {})["output_size"])
 
 
 def _drop(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -182,17 +160,18 @@ FUNCTION_RULES: dict[Any, Rule] = {
     operator.add: _add, operator.iadd: _add, torch.add: _add,
     torch.cat: _cat, torch.concat: _cat, torch.concatenate: _cat,
     F.max_pool2d: _max_pool, F.avg_pool2d: _avg_pool, torch._C._nn.avg_pool2d: _avg_pool,
-    F.adaptive_avg_pool2d: _adaptive_pool, torch.mean: _mean,
+    F.adaptive_avg_pool2d: _adaptive_pool,
     F.dropout: _drop, F.dropout1d: _drop, F.dropout2d: _drop, F.alpha_dropout: _drop,
 }
 METHOD_RULES: dict[str, Rule] = {
     "relu": _to_relu, "relu_": _to_relu, "clamp": _clamp_call, "clip": _clamp_call, "clamp_": _clamp_call,
     "flatten": _reshape, "view": _reshape, "reshape": _reshape, "add": _add, "add_": _add,
-    "mean": _mean, "contiguous": _drop, "clone": _drop,
+    "contiguous": _drop, "clone": _drop,
     "squeeze": _reshape, "unsqueeze": _reshape,
 }
-FUNCTION_RULES.update({torch.squeeze: _reshape, torch.unsqueeze: _reshape, **movement.FUNCTION_RULES})
-METHOD_RULES.update(movement.METHOD_RULES)
+FUNCTION_RULES.update({torch.squeeze: _reshape, torch.unsqueeze: _reshape, **movement.FUNCTION_RULES,
+                       torch.mean: pools.mean_chain})
+METHOD_RULES.update({**movement.METHOD_RULES, "mean": pools.mean_chain})
 
 
 def _module_rule(module: nn.Module) -> Rule | None:  # noqa: C901 - a flat table of module kinds
@@ -226,9 +205,9 @@ def _is_canonical(node: fx.Node) -> bool:
 
 def _rule_for(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
     if node.op == "call_module":
-        return _module_rule(gm.get_submodule(str(node.target)))
+        return pools.module_rule(gm, node) or _module_rule(gm.get_submodule(str(node.target)))
     if node.op == "call_function":
-        return None if _is_canonical(node) else FUNCTION_RULES.get(node.target)
+        return None if _is_canonical(node) else FUNCTION_RULES.get(node.target) or pools.function_rule(node.target)
     if node.op == "call_method":
         return METHOD_RULES.get(str(node.target))
     return None
@@ -236,10 +215,6 @@ def _rule_for(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
 
 def _unsupported_setting(gm: fx.GraphModule, node: fx.Node) -> str | None:
     mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-    if isinstance(mod, nn.AvgPool2d) and (mod.ceil_mode or not mod.count_include_pad or mod.divisor_override):
-        return "AvgPool2d with ceil_mode/count_include_pad=False/divisor_override"
-    if isinstance(mod, nn.AdaptiveAvgPool2d) and _pair(mod.output_size) != (1, 1):
-        return f"AdaptiveAvgPool2d to {mod.output_size} (only 1x1 is supported)"
     if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
         return f"Conv2d with padding_mode={mod.padding_mode}"
     return None

@@ -32,6 +32,7 @@ from qcompile.ir import intops as ops
 from qcompile.ir.meta import IntType, NodeInfo, Stage, get_info, set_info, set_target
 from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.ir.shapes import annotate_shapes, pair
+from qcompile.passes.lower_pools import lower_pool_table
 from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, option, register_pass
 from qcompile.quant import graph
 from qcompile.quant.apot import APoTWeightQuant, terms_of_codes
@@ -165,6 +166,9 @@ def _lower_add(lw: _Lowering, point: fx.Node, out: IntType, s_y: float, bounds: 
 
 def _lower_avgpool(lw: _Lowering, point: fx.Node, pool: nn.AvgPool2d | nn.AdaptiveAvgPool2d, out: IntType,
                    s_y: float, bounds: tuple[int, int]) -> Value:
+    table = lower_pool_table(lw, point, pool, out, s_y, bounds)
+    if table is not None:  # the divisor varies per window
+        return table
     src = input_node(point)
     x = lw.value(src)
     if isinstance(pool, nn.AdaptiveAvgPool2d):
