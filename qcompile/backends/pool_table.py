@@ -44,8 +44,8 @@ def _reference(op: ops.IntAvgPoolTable, x: IntArray) -> IntArray:
     return reference.requantize_op(op, acc, _table_shape(op))
 
 
-def _requant(acc: torch.Tensor, op: ops.IntAvgPoolTable) -> torch.Tensor:
-    shape = _table_shape(op)
+def requant_shaped(acc: torch.Tensor, op: Any, shape: tuple[int, ...]) -> torch.Tensor:
+    """The op's requantization (its target's), its parameters broadcast with ``shape`` (fast executor)."""
     if op.target is Target.ORT:
         v = acc.to(torch.float32).mul_(op.fmult.view(shape))
         return v.round_().clamp_(op.lo, op.hi)
@@ -58,7 +58,7 @@ def _requant(acc: torch.Tensor, op: ops.IntAvgPoolTable) -> torch.Tensor:
 @fast._kernel(ops.IntAvgPoolTable)
 def _fast(op: ops.IntAvgPoolTable, x: torch.Tensor) -> torch.Tensor:
     acc = torch.matmul(torch.matmul(op.rows.double(), x.double()), op.cols.double().T)
-    return _requant(acc, op)
+    return requant_shaped(acc, op, _table_shape(op))
 
 
 def _accumulator(e: onnx_export._Emitter, name: str, op: ops.IntAvgPoolTable, x: gs.Variable) -> gs.Variable:

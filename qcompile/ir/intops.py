@@ -25,6 +25,9 @@ dyadic, ``ort`` = float32 multiply with round half to even). ``requant_target(op
 * ``IntAvgPoolTable``: average pooling whose divisor varies per window (ceil_mode, count_include_pad=False,
   adaptive pools to any size): separable 0/1 window sums and one multiplier per output position.
 
+* ``IntRescale``: acc = gain * q_x + offset, requantized (multiplication by / addition of a constant).
+* ``IntSub``: q_y = clamp(rq(q_a - q_b, m, n), lo, hi) on one shared input scale.
+
 Not handled here: non-zero real-domain zero points.
 """
 
@@ -295,7 +298,47 @@ class IntAvgPoolTable(_Requantizing):
         return f"{self.inp}->{self.out} [{self.lo},{self.hi}], ({h}, {w}) -> ({h_out}, {w_out})"
 
 
-REQUANTIZING_OPS = (IntConv2d, IntLinear, IntShiftConv2d, IntShiftLinear, IntAdd, IntAvgPool2d, IntAvgPoolTable)
+class IntRescale(_Requantizing):
+    """A constant affine map of one tensor: acc = gain * q_x + offset, q_y = clamp(rq(acc, M), lo, hi).
+
+    ``offset`` (int64) and the multipliers broadcast against one sample with ``param_shape`` (e.g. (C, 1, 1)
+    per channel, (1, 1, 1) scalar). Multiplication by a constant c > 0: gain 1, offset 0, M = s_x c / s_y.
+    Addition of a constant c: gain 2^k, offset round(c 2^k / s_x) (the constant on a grid 2^k finer than
+    the input's), M = s_x / (2^k s_y).
+    """
+
+    offset: torch.Tensor
+
+    def __init__(self, mult: Any, shift: Any, *, gain: int, offset: Any, param_shape: tuple[int, ...],
+                 inp: IntType, out: IntType, lo: int, hi: int, fmult: Any = None,
+                 target: Target | str = Target.INTEGER) -> None:
+        super().__init__()
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
+        self.register_buffer("offset", _int_buffer(offset).reshape(-1))
+        self.gain, self.param_shape, self.inp = int(gain), tuple(int(d) for d in param_shape), inp
+
+    def accumulator_bound(self) -> int:
+        return self.gain * max(abs(self.inp.lo), abs(self.inp.hi)) + int(self.offset.abs().max())
+
+    def extra_repr(self) -> str:
+        return f"{self.inp}->{self.out} [{self.lo},{self.hi}], gain={self.gain}, params={self.param_shape}"
+
+
+class IntSub(_Requantizing):
+    """Difference of two tensors on one scale: q_y = clamp(rq(q_a - q_b, m, n), lo, hi)."""
+
+    def __init__(self, mult: int, shift: int, *, inp: tuple[IntType, IntType], out: IntType, lo: int, hi: int,
+                 fmult: Any = None, target: Target | str = Target.INTEGER) -> None:
+        super().__init__()
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
+        self.inp = inp
+
+    def extra_repr(self) -> str:
+        return f"{self.inp[0]}-{self.inp[1]}->{self.out} [{self.lo},{self.hi}]"
+
+
+REQUANTIZING_OPS = (IntConv2d, IntLinear, IntShiftConv2d, IntShiftLinear, IntAdd, IntAvgPool2d, IntAvgPoolTable,
+                    IntRescale, IntSub)
 SHIFT_ADD_OPS = (IntShiftConv2d, IntShiftLinear)
 INTEGER_MODULES = (Quantize, Dequantize, *REQUANTIZING_OPS, IntMaxPool2d, IntClamp)
 # call_function targets allowed on integer tensors: they move integers around without arithmetic

@@ -20,16 +20,17 @@ from torch import nn
 
 from qcompile.ir import intops
 from qcompile.ir.contract import INT32_MAX
+from qcompile.ir.elementwise import CONSTANT_MODULES
 from qcompile.ir.meta import Stage, get_info, get_stage
 from qcompile.ir.movement import MOVEMENT_FUNCTIONS
 from qcompile.quant.bayesian_bits import BayesianBitsActQuant
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
 
 FLOAT_FUNCTIONS = (torch.relu, torch.clamp, torch.flatten, torch.reshape, operator.add, torch.cat,
-                   *MOVEMENT_FUNCTIONS)
+                   *MOVEMENT_FUNCTIONS, operator.sub)
 POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
-FLOAT_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, *POOL_MODULES)
-QUANT_MODULES = (QConv2d, QLinear, ActQuant, BayesianBitsActQuant, *POOL_MODULES)
+FLOAT_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, *POOL_MODULES, *CONSTANT_MODULES)
+QUANT_MODULES = (QConv2d, QLinear, ActQuant, BayesianBitsActQuant, *POOL_MODULES, *CONSTANT_MODULES)
 
 
 class VerificationError(Exception):

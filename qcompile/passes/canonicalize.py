@@ -11,8 +11,9 @@ Rewrites (each keeps the computed function identical):
   F.max_pool2d / F.avg_pool2d / F.adaptive_avg_pool2d      -> the pooling modules
   mean over (H, W), or a chain of single-axis means       -> AdaptiveAvgPool2d(1) (+ flatten / reshape)
   squeeze / unsqueeze                                      -> torch.reshape (as flatten/view above)
-  transposes, slices, splits; adaptive pools to k x k; stochastic depth in eval mode
-                                                           -> canonical_movement.py, canonical_pool.py
+  transposes, slices, splits; adaptive pools to k x k; stochastic depth in eval mode; arithmetic
+  with constants, a - b                                    -> canonical_movement.py, canonical_pool.py,
+                                                              canonical_constants.py
 Shapes come from one run on the example inputs. Anything else (or a supported op with an unsupported
 setting: non-unit alpha, a scalar operand, a concat across another axis) is reported in one UnsupportedOpsError listing every such node
 with its op and source line. Control flow is the frontend's business, not this pass's.
@@ -34,6 +35,7 @@ from qcompile.ir import rewrite
 from qcompile.ir.meta import Stage, get_info
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.ir.verify import FLOAT_FUNCTIONS, FLOAT_MODULES
+from qcompile.passes import canonical_constants as constants
 from qcompile.passes import canonical_movement as movement
 from qcompile.passes import canonical_pool as pools
 from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, register_pass
@@ -170,8 +172,10 @@ METHOD_RULES: dict[str, Rule] = {
     "squeeze": _reshape, "unsqueeze": _reshape,
 }
 FUNCTION_RULES.update({torch.squeeze: _reshape, torch.unsqueeze: _reshape, **movement.FUNCTION_RULES,
-                       torch.mean: pools.mean_chain})
-METHOD_RULES.update({**movement.METHOD_RULES, "mean": pools.mean_chain})
+                       torch.mean: pools.mean_chain, **constants.FUNCTION_RULES,
+                       **{f: constants.add_rule(_add) for f in (operator.add, operator.iadd, torch.add)}})
+METHOD_RULES.update({**movement.METHOD_RULES, "mean": pools.mean_chain, **constants.METHOD_RULES,
+                     "add": constants.add_rule(_add), "add_": constants.add_rule(_add)})
 
 
 def _module_rule(module: nn.Module) -> Rule | None:  # noqa: C901 - a flat table of module kinds
@@ -198,6 +202,8 @@ def _is_canonical(node: fx.Node) -> bool:
     if node.target is torch.cat:
         return node.kwargs == {"dim": 1} and len(node.args) == 1
     moved = movement.is_canonical(node)
+    if moved is None:
+        moved = constants.is_canonical(node)
     if moved is not None:
         return moved
     return node.target in FLOAT_FUNCTIONS

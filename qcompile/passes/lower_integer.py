@@ -32,6 +32,7 @@ from qcompile.ir import intops as ops
 from qcompile.ir.meta import IntType, NodeInfo, Stage, get_info, set_info, set_target
 from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.ir.shapes import annotate_shapes, pair
+from qcompile.passes.lower_elementwise import lower_elementwise
 from qcompile.passes.lower_pools import lower_pool_table
 from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, option, register_pass
 from qcompile.quant import graph
@@ -196,6 +197,9 @@ def _lower_quant(lw: _Lowering, qnode: fx.Node, q: ActQuant) -> Value:
         return _lower_layer(lw, point, mod, out, s_y, bounds)
     if point.op == "call_function" and point.target is operator.add:
         return _lower_add(lw, point, out, s_y, bounds)
+    lowered = lower_elementwise(lw, point, mod, out, s_y, bounds)
+    if lowered is not None:
+        return lowered
     assert isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)), f"unexpected quantization point '{point.name}'"
     return _lower_avgpool(lw, point, mod, out, s_y, bounds)
 

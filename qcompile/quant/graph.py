@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qcompile.ir.elementwise import CONSTANT_MODULES
 from qcompile.ir.movement import MOVEMENT_FUNCTIONS
 from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
@@ -61,8 +62,8 @@ def is_quant_point(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "placeholder":
         return True
     if node.op == "call_function":
-        return node.target is operator.add
-    return isinstance(module(gm, node), (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d))
+        return node.target in (operator.add, operator.sub)
+    return isinstance(module(gm, node), (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d, *CONSTANT_MODULES))
 
 
 def chain_end(node: fx.Node) -> fx.Node:
@@ -116,7 +117,7 @@ def scale_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     """Groups (size >= 2) of activation quantizers that must share one scale, in graph order."""
     g: nx.Graph = nx.Graph()
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in (operator.add, torch.cat):
+        if node.op == "call_function" and node.target in (operator.add, operator.sub, torch.cat):
             inputs = input_nodes(node) if node.target is torch.cat else [input_node(node, 0), input_node(node, 1)]
             found = [r for src in inputs for r in roots(gm, src)]
             nx.add_path(g, found)
