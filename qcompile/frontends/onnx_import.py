@@ -30,7 +30,7 @@ import onnx
 import onnx_graphsurgeon as gs
 import torch.fx as fx
 
-from qcompile.frontends import onnx_movement  # noqa: F401 - registers its converters
+from qcompile.frontends import onnx_arith, onnx_movement  # noqa: F401 - register their converters
 from qcompile.frontends.onnx_shapes import resolve_runtime_inputs
 from qcompile.frontends.onnx_ops import Builder, DynamicShapeError, OnnxImportError, attr_name
 from qcompile.frontends.torch_fx import ModelFileError, quiet_torch
