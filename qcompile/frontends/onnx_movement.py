@@ -7,8 +7,9 @@ Each keeps the computed function (the canonical forms are those of ``ir/movement
   Split(axis >= 1; sizes from input, attribute or num_outputs, else equal parts)
                                                    -> one torch.narrow per output
   Squeeze / Unsqueeze (not of the batch axis)      -> torch.reshape(x, (-1, *output shape[1:]))
-  ReduceMean over a subset of (2, 3) of NCHW       -> torch.mean(x, axes, keepdim) (canonicalize turns
-                                                      (2, 3), and a chain of single-axis means, into a pool)
+  ReduceMean over axes other than the batch       -> torch.mean(x, axes, keepdim) (canonicalize turns
+                                                      (2, 3) of NCHW, and a chain of single-axis means
+                                                      reducing H and W, into a pool; it refuses others)
 
 Shape-like inputs computed at run time are constants by now (``onnx_shapes.py``), and shapes are static.
 Not handled: steps other than 1, slicing or splitting the batch, perms that move the batch.
@@ -111,11 +112,11 @@ def _squeeze(imp: Builder, node: gs.Node) -> None:
 def _reduce_mean(imp: Builder, node: gs.Node) -> None:
     axes = _ints_input(node, 1, None) or [int(a) for a in node.attrs.get("axes", [])]
     rank = len(node.inputs[0].shape or [])
-    spatial = sorted({a % rank for a in axes}) if rank else []
-    if rank != 4 or not spatial or not set(spatial) <= {2, 3}:
+    reduced = sorted({a % rank for a in axes}) if rank else []
+    if not reduced or 0 in reduced:
         raise Unsupported(f"mean over axes {axes} of a rank-{rank} tensor (only over H and/or W of NCHW)")
     keep = bool(node.attrs.get("keepdims", 1))
-    dims = tuple(spatial) if len(spatial) > 1 else spatial[0]
+    dims = tuple(reduced) if len(reduced) > 1 else reduced[0]
     imp.emit_function(node, torch.mean, (imp.value(node.inputs[0]), dims), {"keepdim": keep})
 
 

@@ -92,25 +92,26 @@ def _mean_axes(node: fx.Node) -> tuple[fx.Node, list[int], bool] | None:
     return src, dims, keep
 
 
-def _original_axes(node: fx.Node) -> tuple[fx.Node, set[int], list[fx.Node]] | None:
-    """Follow a chain of means back to a 4-D tensor: (that tensor, the axes of it reduced, the chain)."""
+Chain = tuple[fx.Node, set[int], list[fx.Node], list[int]]  # base, reduced axes, the means, axes of the output
+
+
+def _original_axes(node: fx.Node) -> Chain | None:
+    """Follow a chain of means back to a 4-D tensor: (that tensor, its axes reduced, the chain, and for each
+    axis of ``node``'s output the base axis it is)."""
     found = _mean_axes(node)
     if found is None:
         return None
     src, dims, keep = found
-    shape = get_info(src).shape
-    if shape is None:
-        return None
-    inner = _original_axes(src) if len(shape) < 4 else None
+    inner = _original_axes(src) if _mean_axes(src) is not None and len(src.users) == 1 else None
     if inner is None:
-        if len(shape) != 4:
+        shape = get_info(src).shape
+        if shape is None or len(shape) != 4:
             return None
-        return src, {d % 4 for d in dims}, [node]
-    base, reduced, chain = inner
-    if len(src.users) != 1:
-        return None
-    kept = [a for a in range(4) if a not in reduced]  # the axes of ``src``, by their original index
-    return base, reduced | {kept[d % len(kept)] for d in dims}, [*chain, node]
+        inner = (src, set(), [], [0, 1, 2, 3])
+    base, reduced, chain, axes = inner
+    here = {axes[d % len(axes)] for d in dims}
+    left = axes if keep else [a for a in axes if a not in here]
+    return base, reduced | here, [*chain, node], left
 
 
 def mean_chain(gm: fx.GraphModule, node: fx.Node) -> bool:
