@@ -35,9 +35,9 @@ from qcompile.ir import rewrite
 from qcompile.ir.meta import Stage, get_info
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.ir.verify import FLOAT_FUNCTIONS, FLOAT_MODULES
-from qcompile.passes import canonical_constants as constants
-from qcompile.passes import canonical_movement as movement
-from qcompile.passes import canonical_pool as pools
+from qcompile.passes.rules import canonical_constants as constants
+from qcompile.passes.rules import canonical_movement as movement
+from qcompile.passes.rules import canonical_pool as pools
 from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, register_pass
 
 
