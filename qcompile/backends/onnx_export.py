@@ -308,7 +308,8 @@ def _export_function(e: _Emitter, node: fx.Node, args: list[Any]) -> gs.Variable
     if node.target is torch.cat:
         return e.op("Concat", node.name, list(args[0]), np.uint8, axis=_int_const(node, node.kwargs.get("dim", 1)))
     if node.target is torch.permute:
-        return e.op("Transpose", node.name, [args[0]], np.uint8, perm=[int(d) for d in node.args[1]])  # type: ignore[union-attr]
+        perm: Any = node.args[1]
+        return e.op("Transpose", node.name, [args[0]], np.uint8, perm=[int(d) for d in perm])
     if node.target is torch.narrow:
         return _export_narrow(e, node, args[0])
     raise ExportError(f"no ONNX lowering for {node.target}")

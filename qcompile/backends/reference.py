@@ -18,9 +18,8 @@ import torch
 import torch.fx as fx
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qcompile.ir import contract
+from qcompile.ir import contract, movement
 from qcompile.ir import intops as ops
-from qcompile.ir import movement
 from qcompile.ir.contract import IntArray
 
 Kernel = Callable[..., Any]

@@ -25,14 +25,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import torch.fx as fx
 
 from qcompile.frontends import onnx_arith, onnx_movement  # noqa: F401 - register their converters
-from qcompile.frontends.onnx_shapes import resolve_runtime_inputs
 from qcompile.frontends.onnx_ops import Builder, DynamicShapeError, OnnxImportError, attr_name
+from qcompile.frontends.onnx_shapes import resolve_runtime_inputs
 from qcompile.frontends.torch_fx import ModelFileError, quiet_torch
 from qcompile.ir.meta import Stage, set_info, set_stage
 from qcompile.passes.base import QCompileError

@@ -83,9 +83,9 @@ def _verify_integer(gm: fx.GraphModule) -> list[str]:
         mod = gm.get_submodule(node.target) if node.op == "call_module" else None
         if isinstance(mod, (intops.IntConv2d, intops.IntLinear)):
             problems.extend(_overflow_problems(node.name, mod))
-        elif mod is not None and hasattr(mod, "accumulator_bound") and mod.accumulator_bound() > INT32_MAX:
-            problems.append(f"{node.name}: int32 accumulator may overflow (|acc| <= {mod.accumulator_bound()} > "
-                            "2^31-1); lower the bit-width of its input")
+        elif callable(bound := getattr(mod, "accumulator_bound", None)) and int(bound()) > INT32_MAX:
+            problems.append(f"{node.name}: int32 accumulator may overflow (|acc| <= {int(bound())} > 2^31-1); "
+                            "lower the bit-width of its input")
     return problems
 
 

@@ -12,11 +12,11 @@ Rewrites (each keeps the computed function identical):
   mean over (H, W), or a chain of single-axis means       -> AdaptiveAvgPool2d(1) (+ flatten / reshape)
   squeeze / unsqueeze                                      -> torch.reshape (as flatten/view above)
   transposes, slices, splits; adaptive pools to k x k; stochastic depth in eval mode; arithmetic
-  with constants, a - b                                    -> canonical_movement.py, canonical_pool.py,
+  with constants, a - b                                    -> rules/canonical_movement.py, canonical_pool.py,
                                                               canonical_constants.py
 Shapes come from one run on the example inputs. Anything else (or a supported op with an unsupported
-setting: non-unit alpha, a scalar operand, a concat across another axis) is reported in one UnsupportedOpsError listing every such node
-with its op and source line. Control flow is the frontend's business, not this pass's.
+setting: non-unit alpha, a concat across another axis) is reported in one UnsupportedOpsError listing
+every such node with its op and source line. Control flow is the frontend's business, not this pass's.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from qcompile.ir import rewrite
 from qcompile.ir.meta import Stage, get_info
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.ir.verify import FLOAT_FUNCTIONS, FLOAT_MODULES
+from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, register_pass
 from qcompile.passes.rules import canonical_constants as constants
 from qcompile.passes.rules import canonical_movement as movement
 from qcompile.passes.rules import canonical_pool as pools
-from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, register_pass
 
 
 class UnsupportedOpsError(QCompileError):

@@ -32,9 +32,9 @@ from qcompile.ir import intops as ops
 from qcompile.ir.meta import IntType, NodeInfo, Stage, get_info, set_info, set_target
 from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.ir.shapes import annotate_shapes, pair
+from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, option, register_pass
 from qcompile.passes.rules.lower_elementwise import lower_elementwise
 from qcompile.passes.rules.lower_pools import lower_pool_table
-from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, option, register_pass
 from qcompile.quant import graph
 from qcompile.quant.apot import APoTWeightQuant, terms_of_codes
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear

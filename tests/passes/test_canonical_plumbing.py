@@ -69,16 +69,19 @@ def test_adaptive_pools_identity_divisor_and_irregular() -> None:
     class Before(Conv):
         def __init__(self) -> None:
             super().__init__()
-            self.same, self.halves, self.odd = nn.AdaptiveAvgPool2d(8), nn.AdaptiveAvgPool2d((4, None)), nn.AdaptiveAvgPool2d(3)
+            self.same, self.halves = nn.AdaptiveAvgPool2d(8), nn.AdaptiveAvgPool2d((4, None))
+            self.odd = nn.AdaptiveAvgPool2d(3)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.same(self.conv(x))
-            return torch.cat([self.halves(y).flatten(1), self.odd(y).flatten(1), F.adaptive_avg_pool2d(y, 2).flatten(1)], 1)
+            parts = [self.halves(y).flatten(1), self.odd(y).flatten(1), F.adaptive_avg_pool2d(y, 2).flatten(1)]
+            return torch.cat(parts, 1)
 
     class Expected(Conv):
         def __init__(self) -> None:
             super().__init__()
-            self.halves, self.odd, self.two = nn.AvgPool2d((2, 1), (2, 1)), nn.AdaptiveAvgPool2d(3), nn.AvgPool2d((4, 4), (4, 4))
+            self.halves, self.odd = nn.AvgPool2d((2, 1), (2, 1)), nn.AdaptiveAvgPool2d(3)
+            self.two = nn.AvgPool2d((4, 4), (4, 4))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             y = self.conv(x)

@@ -57,7 +57,7 @@ def _per_sample(c: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor 
     return c if torch.broadcast_shapes(c.shape, shape[1:]) == tuple(shape[1:]) else None
 
 
-def _channel_vector(layer: nn.Module, c: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
+def _channel_vector(layer: Any, c: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor | None:
     """``c`` as one value per output channel of ``layer`` (whose output has ``shape``), None if it is not."""
     channels = layer.weight.shape[0] if not isinstance(layer, (nn.BatchNorm1d, nn.BatchNorm2d)) else layer.num_features
     if c.numel() == 1:

@@ -63,11 +63,12 @@ def _permute(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _transpose(gm: fx.GraphModule, node: fx.Node) -> bool:
     src, *ab = [*node.args, *node.kwargs.values()]
+    ab_: list[Any] = ab
     shape = _shape(src)
     if not isinstance(src, fx.Node) or shape is None or len(ab) != 2 or not all(isinstance(d, int) for d in ab):
         return False
     perm = list(range(len(shape)))
-    a, b = ab[0] % len(shape), ab[1] % len(shape)
+    a, b = ab_[0] % len(shape), ab_[1] % len(shape)
     perm[a], perm[b] = perm[b], perm[a]
     return _to_permute(gm, node, src, perm)
 
@@ -89,7 +90,7 @@ def _finish_as(gm: fx.GraphModule, node: fx.Node, value: fx.Node, reshape_to: tu
 
 def _narrow(gm: fx.GraphModule, node: fx.Node) -> bool:
     names = ("input", "dim", "start", "length")
-    b = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    b: dict[str, Any] = dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
     shape = _shape(b.get("input"))
     if shape is None or not all(isinstance(b.get(k), int) for k in names[1:]):
         return False
@@ -189,7 +190,8 @@ def _split_rule(kind: str, names: tuple[str, ...], defaults: dict[str, Any]) -> 
             return False
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         for user in users:
-            i = int(user.args[1]) % len(sizes)  # type: ignore[call-overload]
+            index: Any = user.args[1]
+            i = int(index) % len(sizes)
             piece = _narrow_node(gm, user, src, dim, starts[i], sizes[i])
             out = _shape(user)
             _finish_as(gm, user, piece, out[1:] if kind == "unbind" and out is not None else None)
@@ -206,9 +208,9 @@ _unbind = _split_rule("unbind", ("input", "dim"), {"dim": 0})
 
 
 def _is_canonical_narrow(node: fx.Node) -> bool:
-    args = node.args
+    args: Any = node.args
     return (not node.kwargs and len(args) == 4 and all(isinstance(a, int) for a in args[1:])
-            and 0 < int(args[1]) and int(args[2]) >= 0)  # type: ignore[call-overload]
+            and 0 < int(args[1]) and int(args[2]) >= 0)
 
 
 def _is_canonical_permute(node: fx.Node) -> bool:

@@ -32,8 +32,9 @@ IDENTITY_FUNCTIONS = ("stochastic_depth", "drop_path")
 
 
 def _output_size(output_size: Any, in_hw: tuple[int, int]) -> tuple[int, int]:
-    size = (output_size, output_size) if isinstance(output_size, int) or output_size is None else output_size
-    return tuple(in_hw[a] if size[a] is None else int(size[a]) for a in range(2))  # type: ignore[return-value]
+    size: Any = (output_size, output_size) if isinstance(output_size, int) or output_size is None else output_size
+    h, w = (in_hw[a] if size[a] is None else int(size[a]) for a in range(2))
+    return h, w
 
 
 def adaptive(gm: fx.GraphModule, node: fx.Node, output_size: Any) -> bool:
@@ -84,7 +85,7 @@ def _mean_axes(node: fx.Node) -> tuple[fx.Node, list[int], bool] | None:
     if not is_mean or len(node.args) < 2 and "dim" not in node.kwargs:
         return None
     src = node.args[0]
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+    dims: Any = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
     dims = list(dims) if isinstance(dims, (list, tuple)) else [dims]
     keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
     if not isinstance(src, fx.Node) or not all(isinstance(d, int) for d in dims) or not isinstance(keep, bool):
