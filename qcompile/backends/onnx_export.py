@@ -44,6 +44,7 @@ import torch.fx as fx
 from qcompile.ir import intops as ops
 from qcompile.ir.contract import Target
 from qcompile.ir.meta import IntType, get_info, get_target
+from qcompile.ir.movement import upsample_nearest
 from qcompile.ir.rewrite import input_node
 from qcompile.passes.base import QCompileError
 
@@ -312,6 +313,11 @@ def _export_function(e: _Emitter, node: fx.Node, args: list[Any]) -> gs.Variable
         return e.op("Transpose", node.name, [args[0]], np.uint8, perm=[int(d) for d in perm])
     if node.target is torch.narrow:
         return _export_narrow(e, node, args[0])
+    if node.target is upsample_nearest:
+        factors: Any = node.args[1]
+        scales = e.const(f"{node.name}_scales", np.array([1, 1, *factors], dtype=np.float32))
+        return e.op("Resize", node.name, [args[0], gs.Variable.empty(), scales], np.uint8, mode="nearest",
+                    coordinate_transformation_mode="asymmetric", nearest_mode="floor")
     raise ExportError(f"no ONNX lowering for {node.target}")
 
 

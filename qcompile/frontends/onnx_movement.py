@@ -7,6 +7,7 @@ Each keeps the computed function (the canonical forms are those of ``ir/movement
   Split(axis >= 1; sizes from input, attribute or num_outputs, else equal parts)
                                                    -> one torch.narrow per output
   Squeeze / Unsqueeze (not of the batch axis)      -> torch.reshape(x, (-1, *output shape[1:]))
+  Resize / Upsample (nearest, integer factors)     -> F.interpolate(mode="nearest") (canonicalize: upsample_nearest)
   ReduceMean over axes other than the batch       -> torch.mean(x, axes, keepdim) (canonicalize turns
                                                       (2, 3) of NCHW, and a chain of single-axis means
                                                       reducing H and W, into a pool; it refuses others)
@@ -120,7 +121,33 @@ def _reduce_mean(imp: Builder, node: gs.Node) -> None:
     imp.emit_function(node, torch.mean, (imp.value(node.inputs[0]), dims), {"keepdim": keep})
 
 
+EXACT_NEAREST = {("asymmetric", "floor"), ("half_pixel", "round_prefer_floor"), ("half_pixel", "round_prefer_ceil"),
+                 ("pytorch_half_pixel", "round_prefer_floor"), ("pytorch_half_pixel", "round_prefer_ceil")}
+
+
+def _resize(imp: Builder, node: gs.Node) -> None:
+    """Nearest Resize by integer factors: every mode listed picks source pixel floor(i / a) (no ties occur)."""
+    mode = node.attrs.get("mode", "nearest")
+    coords = (node.attrs.get("coordinate_transformation_mode", "half_pixel"),
+              node.attrs.get("nearest_mode", "round_prefer_floor"))
+    if mode != "nearest" or coords not in EXACT_NEAREST:
+        raise Unsupported(f"mode {mode} with {coords[0]} / {coords[1]} (only nearest upsampling)")
+    in_shape = _static_shape(node.inputs[0])
+    scales, sizes = _constant(_present(node, 2)), _constant(_present(node, 3))
+    if sizes is not None and sizes.size:
+        factors = [s / i for s, i in zip(sizes.reshape(-1)[2:].tolist(), in_shape[2:], strict=True)]
+    elif scales is not None and scales.size:
+        factors = scales.reshape(-1).tolist()[2:]
+    else:
+        raise Unsupported("neither constant scales nor sizes")
+    if len(in_shape) != 4 or not all(float(f).is_integer() and f >= 1 for f in factors):
+        raise Unsupported(f"factors {factors} (only integer upsampling of NCHW)")
+    imp.emit_function(node, torch.nn.functional.interpolate, (imp.value(node.inputs[0]),),
+                      {"scale_factor": tuple(float(f) for f in factors), "mode": "nearest"})
+
+
 onnx_ops.CONVERTERS.update({
+    "Resize": _resize, "Upsample": _resize,
     "Transpose": _transpose, "Slice": _slice, "Split": _split, "Squeeze": _squeeze, "Unsqueeze": _squeeze,
     "ReduceMean": _reduce_mean,
 })

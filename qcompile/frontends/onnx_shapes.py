@@ -11,6 +11,8 @@ runs once in onnxruntime on zeros at the compiled input shape with these tensors
   other computed input must be the same at both batches (it is a per-sample constant then).
 * A model with a static batch runs at that batch, once: its batch stays what it is (a target such as
   [1, 2, 58, 8, 8] of a batch-1 export keeps the batch first and is generalized by the Reshape converter).
+* A Resize to computed sizes ([N, C, 2H, 2W] from Shape) becomes the same Resize by scales (1, 1, 2, 2)
+  when the input's per-sample shape is static.
 * Other symbolic input dimensions take the compiled input shape (``sample_shape``, without the batch).
 
 The resolved constants replace the inputs, and shapes are inferred again, so the converters see static
@@ -139,5 +141,18 @@ def resolve_runtime_inputs(graph: gs.Graph, model: onnx.ModelProto,
         _run_at(model, names, None, sample_shape)]
     for node, i in pending:
         name = node.inputs[i].name
+        if node.op == "Resize" and i == 3 and _resize_by_scales(node, runs[0][name]):
+            continue
         node.inputs[i] = gs.Constant(f"{name}_resolved", _resolved(node, i, [r[name] for r in runs], batches))
+    return True
+
+
+def _resize_by_scales(node: gs.Node, sizes: np.ndarray) -> bool:
+    """A Resize to computed ``sizes`` (whose batch entry follows the batch) as the same Resize by scales."""
+    shape = node.inputs[0].shape
+    if shape is None or len(shape) != sizes.size or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        return False
+    scales = [1.0, *(float(o) / float(d) for o, d in zip(sizes.reshape(-1)[1:], shape[1:], strict=True))]
+    node.inputs[2] = gs.Constant(f"{node.name}_scales", np.array(scales, dtype=np.float32))
+    node.inputs[3] = gs.Variable.empty()
     return True

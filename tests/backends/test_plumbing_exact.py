@@ -85,9 +85,26 @@ class PoolsAndConstants(nn.Module):
         return self.fc(z.mean(3).mean(2) * 2.0 - 0.125)
 
 
-BLOCKS = {"shuffle": ShuffleUnit, "vgg7": VGGHead, "vgg-irregular": lambda: VGGHead(2, 2),
+class Upsampling(nn.Module):
+    """An FPN-style top-down path: nn.Upsample and F.interpolate (nearest, integer factors), concat, add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, 2, padding=1)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.lateral = nn.Conv2d(3, 4, 1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top = F.relu(self.stem(x))
+        merged = self.up(top) + self.lateral(x)
+        wide = torch.cat([F.interpolate(top, size=(8, 8)), merged], 1)
+        return self.fc(F.interpolate(wide, scale_factor=(1, 2)).mean((2, 3)))
+
+
+BLOCKS = {"upsample": Upsampling, "shuffle": ShuffleUnit, "vgg7": VGGHead, "vgg-irregular": lambda: VGGHead(2, 2),
           "pools-constants": PoolsAndConstants}
-ONNX_BLOCKS = ["shuffle", "vgg7", "pools-constants"]  # the TorchScript exporter refuses a 3 -> 2 adaptive pool
+ONNX_BLOCKS = ["shuffle", "vgg7", "pools-constants", "upsample"]  # TorchScript's exporter refuses a 3 -> 2 pool
 
 
 def _model(name: str) -> nn.Module:

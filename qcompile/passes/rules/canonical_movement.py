@@ -7,6 +7,8 @@ inputs, so shape arithmetic such as ``x.size(0)`` or ``x.shape[1] // g`` is dead
   x[:, a:b, ...] (slices with step 1, ints, Ellipsis)    -> torch.narrow(x, dim, a, b - a) per sliced axis
                                                          (+ torch.reshape when an int index drops an axis)
   torch.narrow(x, dim, start, length) (any spelling)     -> torch.narrow(x, dim >= 1, start >= 0, length)
+  F.interpolate / nn.Upsample (mode nearest, integer factors or sizes)
+                                                         -> upsample_nearest(x, (a, b))
   x.chunk / torch.chunk / torch.split / x.split / tensor_split(sections) / unbind, then getitem(i)
                                                          -> one torch.narrow per used piece
                                                          (+ torch.reshape for unbind, which drops the axis)
@@ -22,9 +24,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from qcompile.ir import rewrite
 from qcompile.ir.meta import get_info
+from qcompile.ir.movement import upsample_nearest
 
 Rule = Callable[[fx.GraphModule, fx.Node], bool]
 
@@ -224,10 +228,58 @@ def is_canonical(node: fx.Node) -> bool | None:
         return _is_canonical_narrow(node)
     if node.target is torch.permute:
         return _is_canonical_permute(node)
+    if node.target is upsample_nearest:
+        return _is_canonical_upsample(node)
     return None
 
 
+def _factors(in_hw: tuple[int, ...], scale: Any, size: Any) -> tuple[int, int] | None:
+    """Integer upsampling factors from F.interpolate's ``scale_factor`` or ``size``; None if not integers."""
+    if size is not None:
+        out = (size, size) if isinstance(size, int) else tuple(size)
+        ok = all(o % i == 0 and o >= i for o, i in zip(out, in_hw, strict=True))
+        return (out[0] // in_hw[0], out[1] // in_hw[1]) if ok else None
+    pair = (scale, scale) if isinstance(scale, (int, float)) else tuple(scale or ())
+    if len(pair) != 2 or not all(float(f).is_integer() and f >= 1 for f in pair):
+        return None
+    return int(pair[0]), int(pair[1])
+
+
+def upsample(gm: fx.GraphModule, node: fx.Node, size: Any, scale: Any, mode: str,
+             align_corners: Any = None) -> bool:
+    """Nearest upsampling by integer factors -> upsample_nearest(x, factors) (the identity is removed)."""
+    src, shape = node.args[0], _shape(node.args[0])
+    if not isinstance(src, fx.Node) or shape is None or len(shape) != 4 or mode != "nearest" or align_corners:
+        return False
+    factors = _factors(shape[2:], scale, size)
+    if factors is None:
+        return False
+    if factors == (1, 1):
+        return _to_permute(gm, node, src, [0, 1, 2, 3])
+    rewrite.replace_node(gm, node, "call_function", upsample_nearest, (src, factors))
+    return True
+
+
+def _interpolate(gm: fx.GraphModule, node: fx.Node) -> bool:
+    names = ("input", "size", "scale_factor", "mode", "align_corners")
+    b: dict[str, Any] = {"size": None, "scale_factor": None, "mode": "nearest", "align_corners": None}
+    b |= dict(zip(names, node.args, strict=False)) | dict(node.kwargs)
+    return upsample(gm, node, b["size"], b["scale_factor"], b["mode"], b["align_corners"])
+
+
+def upsample_module(gm: fx.GraphModule, node: fx.Node) -> bool:
+    mod: Any = gm.get_submodule(str(node.target))
+    return upsample(gm, node, mod.size, mod.scale_factor, mod.mode, getattr(mod, "align_corners", None))
+
+
+def _is_canonical_upsample(node: fx.Node) -> bool:
+    args: Any = node.args
+    return (not node.kwargs and len(args) == 2 and isinstance(args[1], tuple)
+            and all(isinstance(f, int) for f in args[1]))
+
+
 FUNCTION_RULES: dict[Any, Rule] = {
+    F.interpolate: _interpolate, F.upsample: _interpolate, F.upsample_nearest: _interpolate,
     torch.permute: _permute, torch.transpose: _transpose, torch.swapaxes: _transpose, torch.swapdims: _transpose,
     torch.narrow: _narrow, operator.getitem: _getitem, torch.chunk: _chunk, torch.split: _split,
     torch.tensor_split: _tensor_split, torch.unbind: _unbind,
