@@ -2,5 +2,6 @@
 
 from qcompile.backends import (
     elementwise,  # noqa: E402,F401 - registers IntRescale's and IntSub's
+    linear_nd,  # noqa: E402,F401 - exports Linear on rank-3/4 inputs
     pool_table,  # noqa: E402,F401 - registers IntAvgPoolTable's kernels and emitters
 )

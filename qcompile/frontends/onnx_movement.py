@@ -7,6 +7,7 @@ Each keeps the computed function (the canonical forms are those of ``ir/movement
   Split(axis >= 1; sizes from input, attribute or num_outputs, else equal parts)
                                                    -> one torch.narrow per output
   Squeeze / Unsqueeze (not of the batch axis)      -> torch.reshape(x, (-1, *output shape[1:]))
+  Gather(x, constant index or contiguous run)     -> torch.narrow (+ torch.reshape for a scalar index)
   Resize / Upsample (nearest, integer factors)     -> F.interpolate(mode="nearest") (canonicalize: upsample_nearest)
   ReduceMean over axes other than the batch       -> torch.mean(x, axes, keepdim) (canonicalize turns
                                                       (2, 3) of NCHW, and a chain of single-axis means
@@ -121,6 +122,24 @@ def _reduce_mean(imp: Builder, node: gs.Node) -> None:
     imp.emit_function(node, torch.mean, (imp.value(node.inputs[0]), dims), {"keepdim": keep})
 
 
+def _gather(imp: Builder, node: gs.Node) -> None:
+    """Gather of a constant index (x[:, i]) or a contiguous run of indices along an axis other than the batch."""
+    shape = _static_shape(node.inputs[0])
+    axis = int(node.attrs.get("axis", 0)) % len(shape)
+    indices = _constant(node.inputs[1])
+    if indices is None or axis == 0 or indices.ndim > 1 or indices.size == 0:
+        raise Unsupported("run-time, multi-dimensional or batch-axis indices")
+    flat = [int(i) % shape[axis] for i in indices.reshape(-1)]
+    if flat != list(range(flat[0], flat[0] + len(flat))):
+        raise Unsupported(f"indices {flat} are not a contiguous run")
+    piece = imp.fx_graph.call_function(torch.narrow, (imp.value(node.inputs[0]), axis, flat[0], len(flat)))
+    if indices.ndim == 0:
+        out = [d for i, d in enumerate(shape) if i != axis]
+        imp.emit_function(node, torch.reshape, (piece, (-1, *out[1:])))
+    else:
+        imp._finish(node, piece)
+
+
 EXACT_NEAREST = {("asymmetric", "floor"), ("half_pixel", "round_prefer_floor"), ("half_pixel", "round_prefer_ceil"),
                  ("pytorch_half_pixel", "round_prefer_floor"), ("pytorch_half_pixel", "round_prefer_ceil")}
 
@@ -147,7 +166,7 @@ def _resize(imp: Builder, node: gs.Node) -> None:
 
 
 onnx_ops.CONVERTERS.update({
-    "Resize": _resize, "Upsample": _resize,
+    "Resize": _resize, "Upsample": _resize, "Gather": _gather,
     "Transpose": _transpose, "Slice": _slice, "Split": _split, "Squeeze": _squeeze, "Unsqueeze": _squeeze,
     "ReduceMean": _reduce_mean,
 })

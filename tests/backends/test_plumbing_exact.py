@@ -102,9 +102,28 @@ class Upsampling(nn.Module):
         return self.fc(F.interpolate(wide, scale_factor=(1, 2)).mean((2, 3)))
 
 
-BLOCKS = {"upsample": Upsampling, "shuffle": ShuffleUnit, "vgg7": VGGHead, "vgg-irregular": lambda: VGGHead(2, 2),
+class ChannelsLast(nn.Module):
+    """ConvNeXt's block layout without its LayerNorm/GELU: permute to NHWC, Linear-ReLU-Linear over channels,
+    a per-channel layer scale, permute back, residual add; then tokens [N, L, C] through the same MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.up, self.down = nn.Linear(6, 12), nn.Linear(12, 6)
+        self.layer_scale = nn.Parameter(torch.rand(6) * 0.5 + 0.2)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        y = self.down(F.relu(self.up(x.permute(0, 2, 3, 1))))
+        x = x + (self.layer_scale * y).permute(0, 3, 1, 2)
+        tokens = self.down(F.relu(self.up(x.flatten(2).transpose(1, 2))))
+        return self.fc(tokens[:, 0])
+
+
+BLOCKS = {"upsample": Upsampling, "channels-last": ChannelsLast, "shuffle": ShuffleUnit, "vgg7": VGGHead, "vgg-irregular": lambda: VGGHead(2, 2),
           "pools-constants": PoolsAndConstants}
-ONNX_BLOCKS = ["shuffle", "vgg7", "pools-constants", "upsample"]  # TorchScript's exporter refuses a 3 -> 2 pool
+ONNX_BLOCKS = ["shuffle", "vgg7", "pools-constants", "upsample", "channels-last"]  # TorchScript's exporter refuses a 3 -> 2 pool
 
 
 def _model(name: str) -> nn.Module:
