@@ -121,9 +121,10 @@ class ChannelsLast(nn.Module):
         return self.fc(tokens[:, 0])
 
 
-BLOCKS = {"upsample": Upsampling, "channels-last": ChannelsLast, "shuffle": ShuffleUnit, "vgg7": VGGHead, "vgg-irregular": lambda: VGGHead(2, 2),
-          "pools-constants": PoolsAndConstants}
-ONNX_BLOCKS = ["shuffle", "vgg7", "pools-constants", "upsample", "channels-last"]  # TorchScript's exporter refuses a 3 -> 2 pool
+BLOCKS = {"upsample": Upsampling, "channels-last": ChannelsLast, "shuffle": ShuffleUnit, "vgg7": VGGHead,
+          "vgg-irregular": lambda: VGGHead(2, 2), "pools-constants": PoolsAndConstants}
+# all but vgg-irregular: TorchScript's exporter refuses an adaptive pool from 3 x 3 to 2 x 2
+ONNX_BLOCKS = ["shuffle", "vgg7", "pools-constants", "upsample", "channels-last"]
 
 
 def _model(name: str) -> nn.Module:
