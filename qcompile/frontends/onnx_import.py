@@ -62,8 +62,9 @@ class UnsupportedOnnxOpsError(UnsupportedOpsError):
         QCompileError.__init__(
             self,
             f"{len(items)} unsupported ONNX node(s): " + "; ".join(items) + " — re-export the model using "
-            "Conv, Gemm, MatMul, Add, BatchNormalization, Relu, Clip, MaxPool, AveragePool, GlobalAveragePool, "
-            "ReduceMean, Flatten, Reshape, Concat, Identity and Dropout only",
+            "Conv, Gemm, MatMul, Add, Sub, Mul/Div by constants, BatchNormalization, Relu, Clip, MaxPool, "
+            "AveragePool, GlobalAveragePool, ReduceMean, Flatten, Reshape, Transpose, Slice, Split, Gather, Squeeze, "
+            "Unsqueeze, Resize, Concat, Identity and Dropout only",
         )
 
 

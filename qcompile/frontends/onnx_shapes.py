@@ -139,11 +139,16 @@ def resolve_runtime_inputs(graph: gs.Graph, model: onnx.ModelProto,
     batches: tuple[int, ...] = PROBE_BATCHES if _batch_is_symbolic(model) else ()
     runs = [_run_at(model, names, b, sample_shape) for b in batches] if batches else [
         _run_at(model, names, None, sample_shape)]
+    made: dict[tuple[str, bytes], gs.Constant] = {}  # one constant per tensor and value (names stay unique)
     for node, i in pending:
         name = node.inputs[i].name
         if node.op == "Resize" and i == 3 and _resize_by_scales(node, runs[0][name]):
             continue
-        node.inputs[i] = gs.Constant(f"{name}_resolved", _resolved(node, i, [r[name] for r in runs], batches))
+        value = _resolved(node, i, [r[name] for r in runs], batches)
+        key = (name, value.tobytes() + str(value.shape).encode())
+        if key not in made:
+            made[key] = gs.Constant(f"{name}_resolved{'_' + str(len(made)) if made else ''}", value)
+        node.inputs[i] = made[key]
     return True
 
 
