@@ -8,7 +8,8 @@ Each keeps the computed function (the canonical forms are those of ``ir/movement
                                                    -> one torch.narrow per output
   Squeeze / Unsqueeze (not of the batch axis)      -> torch.reshape(x, (-1, *output shape[1:]))
   Gather(x, constant index or contiguous run)     -> torch.narrow (+ torch.reshape for a scalar index)
-  Resize / Upsample (nearest, integer factors)     -> F.interpolate(mode="nearest") (canonicalize: upsample_nearest)
+  Resize / Upsample (nearest or linear 2-D, integer factors)
+                                                  -> F.interpolate(mode="nearest" / "bilinear")
   ReduceMean over axes other than the batch       -> torch.mean(x, axes, keepdim) (canonicalize turns
                                                       (2, 3) of NCHW, and a chain of single-axis means
                                                       reducing H and W, into a pool; it refuses others)
@@ -18,6 +19,8 @@ Not handled: steps other than 1, slicing or splitting the batch, perms that move
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import onnx_graphsurgeon as gs
@@ -144,13 +147,17 @@ EXACT_NEAREST = {("asymmetric", "floor"), ("half_pixel", "round_prefer_floor"), 
                  ("pytorch_half_pixel", "round_prefer_floor"), ("pytorch_half_pixel", "round_prefer_ceil")}
 
 
+LINEAR_COORDINATES = {"half_pixel": False, "pytorch_half_pixel": False, "align_corners": True}
+
+
 def _resize(imp: Builder, node: gs.Node) -> None:
     """Nearest Resize by integer factors: every mode listed picks source pixel floor(i / a) (no ties occur)."""
     mode = node.attrs.get("mode", "nearest")
     coords = (node.attrs.get("coordinate_transformation_mode", "half_pixel"),
               node.attrs.get("nearest_mode", "round_prefer_floor"))
-    if mode != "nearest" or coords not in EXACT_NEAREST:
-        raise Unsupported(f"mode {mode} with {coords[0]} / {coords[1]} (only nearest upsampling)")
+    linear = mode == "linear" and coords[0] in LINEAR_COORDINATES
+    if not linear and (mode != "nearest" or coords not in EXACT_NEAREST):
+        raise Unsupported(f"mode {mode} with {coords[0]} / {coords[1]} (only nearest or bilinear upsampling)")
     in_shape = _static_shape(node.inputs[0])
     scales, sizes = _constant(_present(node, 2)), _constant(_present(node, 3))
     if sizes is not None and sizes.size:
@@ -161,8 +168,11 @@ def _resize(imp: Builder, node: gs.Node) -> None:
         raise Unsupported("neither constant scales nor sizes")
     if len(in_shape) != 4 or not all(float(f).is_integer() and f >= 1 for f in factors):
         raise Unsupported(f"factors {factors} (only integer upsampling of NCHW)")
-    imp.emit_function(node, torch.nn.functional.interpolate, (imp.value(node.inputs[0]),),
-                      {"scale_factor": tuple(float(f) for f in factors), "mode": "nearest"})
+    kwargs: dict[str, Any] = {"scale_factor": tuple(float(f) for f in factors),
+                              "mode": "bilinear" if linear else "nearest"}
+    if linear:
+        kwargs["align_corners"] = LINEAR_COORDINATES[coords[0]]
+    imp.emit_function(node, torch.nn.functional.interpolate, (imp.value(node.inputs[0]),), kwargs)
 
 
 onnx_ops.CONVERTERS.update({

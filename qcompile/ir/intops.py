@@ -268,8 +268,9 @@ class IntClamp(IntOp):
 class IntAvgPoolTable(_Requantizing):
     """Average pooling whose divisor varies per output position, as a separable window sum.
 
-    ``rows`` [H_out, H] and ``cols`` [W_out, W] are 0/1 window-membership matrices (a window's part inside
-    the input; padding adds 0), so acc[n, c, i, j] = sum_h sum_w rows[i, h] q_x[n, c, h, w] cols[j, w], and
+    ``rows`` [H_out, H] and ``cols`` [W_out, W] are non-negative integer weights: 0/1 window membership for
+    pools (a window's part inside the input; padding adds 0), interpolation weights for bilinear
+    upsampling, so acc[n, c, i, j] = sum_h sum_w rows[i, h] q_x[n, c, h, w] cols[j, w], and
     q_y = clamp(rq(acc, M[i, j]), lo, hi) with one multiplier per output position, M[i, j] = s_x / (d[i, j]
     s_y) for the pool's divisor d (the window's size inside the input with count_include_pad=False, its
     size inside the padded input otherwise, the override if given; an adaptive pool's bin size).

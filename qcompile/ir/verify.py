@@ -28,7 +28,7 @@ from qcompile.quant.modules import ActQuant, QConv2d, QLinear
 
 FLOAT_FUNCTIONS = (torch.relu, torch.clamp, torch.flatten, torch.reshape, operator.add, torch.cat,
                    *MOVEMENT_FUNCTIONS, operator.sub)
-POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Upsample)  # Upsample: bilinear only
 FLOAT_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, *POOL_MODULES, *CONSTANT_MODULES)
 QUANT_MODULES = (QConv2d, QLinear, ActQuant, BayesianBitsActQuant, *POOL_MODULES, *CONSTANT_MODULES)
 

@@ -189,7 +189,7 @@ def _module_rule(module: nn.Module) -> Rule | None:  # noqa: C901 - a flat table
         return lambda gm, n: _to_clamp(gm, n, module.min_val, module.max_val)
     if isinstance(module, nn.Flatten):
         return _reshape
-    if isinstance(module, nn.Upsample):
+    if isinstance(module, nn.Upsample) and module.mode != "bilinear":  # bilinear modules are canonical
         return movement.upsample_module
     return None
 

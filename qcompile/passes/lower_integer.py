@@ -165,11 +165,12 @@ def _lower_add(lw: _Lowering, point: fx.Node, out: IntType, s_y: float, bounds: 
     return lw.emit(point.name, op, (a.node, b.node), out, s_y, point)
 
 
-def _lower_avgpool(lw: _Lowering, point: fx.Node, pool: nn.AvgPool2d | nn.AdaptiveAvgPool2d, out: IntType,
-                   s_y: float, bounds: tuple[int, int]) -> Value:
+def _lower_avgpool(lw: _Lowering, point: fx.Node, pool: nn.Module, out: IntType, s_y: float,
+                   bounds: tuple[int, int]) -> Value:
     table = lower_pool_table(lw, point, pool, out, s_y, bounds)
-    if table is not None:  # the divisor varies per window
+    if table is not None:  # the divisor varies per window (or bilinear weights)
         return table
+    assert isinstance(pool, (nn.AvgPool2d, nn.AdaptiveAvgPool2d))
     src = input_node(point)
     x = lw.value(src)
     if isinstance(pool, nn.AdaptiveAvgPool2d):
@@ -200,7 +201,7 @@ def _lower_quant(lw: _Lowering, qnode: fx.Node, q: ActQuant) -> Value:
     lowered = lower_elementwise(lw, point, mod, out, s_y, bounds)
     if lowered is not None:
         return lowered
-    assert isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)), f"unexpected quantization point '{point.name}'"
+    assert isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Upsample)), f"unexpected point '{point.name}'"
     return _lower_avgpool(lw, point, mod, out, s_y, bounds)
 
 

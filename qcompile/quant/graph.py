@@ -63,7 +63,8 @@ def is_quant_point(gm: fx.GraphModule, node: fx.Node) -> bool:
         return True
     if node.op == "call_function":
         return node.target in (operator.add, operator.sub)
-    return isinstance(module(gm, node), (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d, *CONSTANT_MODULES))
+    return isinstance(module(gm, node), (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Upsample,
+                                         *CONSTANT_MODULES))
 
 
 def chain_end(node: fx.Node) -> fx.Node:

@@ -86,7 +86,7 @@ class PoolsAndConstants(nn.Module):
 
 
 class Upsampling(nn.Module):
-    """An FPN-style top-down path: nn.Upsample and F.interpolate (nearest, integer factors), concat, add."""
+    """An FPN-style top-down path: nn.Upsample and F.interpolate (nearest and bilinear, integer factors)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -99,7 +99,9 @@ class Upsampling(nn.Module):
         top = F.relu(self.stem(x))
         merged = self.up(top) + self.lateral(x)
         wide = torch.cat([F.interpolate(top, size=(8, 8)), merged], 1)
-        return self.fc(F.interpolate(wide, scale_factor=(1, 2)).mean((2, 3)))
+        smooth = F.interpolate(wide, scale_factor=2, mode="bilinear") + F.interpolate(
+            wide, scale_factor=2, mode="bilinear", align_corners=True)
+        return self.fc(F.interpolate(smooth, scale_factor=(1, 2)).mean((2, 3)))
 
 
 class ChannelsLast(nn.Module):

@@ -1,5 +1,5 @@
-"""IntAvgPoolTable and IntRescale against independent math (PyTorch's float pooling, the real-valued formula),
-and reference == fast executor, for both targets."""
+"""IntAvgPoolTable (pools, bilinear) and IntRescale against independent math (PyTorch's pooling and
+interpolation, the real-valued formula), and reference == fast executor, for both targets."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from qcompile.backends import fast, reference
 from qcompile.ir import contract
 from qcompile.ir import intops as ops
 from qcompile.ir.meta import IntType
-from qcompile.passes.rules.lower_pools import adaptive_axis, pool_axis
+from qcompile.passes.rules.lower_pools import adaptive_axis, bilinear_axis, pool_axis
 
 U8 = IntType(8, False)
 POOLS = [  # kernel, stride, padding, ceil_mode, count_include_pad, input size
@@ -72,3 +72,14 @@ def test_rescale_adds_and_scales_as_the_real_formula(target: str) -> None:
     want = ((q.double() * s_x + c.double()) / s_y).clamp(-127, 127)
     assert np.abs(got - want.numpy()).max() <= 0.5 + 1e-3
     assert torch.equal(fast.run_op(op, q.float()), torch.from_numpy(got).float())
+
+
+@pytest.mark.parametrize("target", ["ort", "integer"])
+@pytest.mark.parametrize(("size", "out", "corners"), [((4, 3), (8, 6), False), ((4, 3), (8, 9), True),
+                                                      ((3, 5), (7, 10), False)])
+def test_bilinear_table_is_pytorchs_interpolation(size: tuple[int, int], out: tuple[int, int], corners: bool,
+                                                  target: str) -> None:
+    q = torch.randint(0, 256, (2, 3, *size), generator=torch.Generator().manual_seed(3))
+    want = F.interpolate(q.double(), size=out, mode="bilinear", align_corners=corners)
+    (rows, d_h), (cols, d_w) = bilinear_axis(size[0], out[0], corners), bilinear_axis(size[1], out[1], corners)
+    _check(_table_op(rows, cols, np.outer(d_h, d_w).astype(np.float64), target), q, want)

@@ -9,6 +9,7 @@ inputs, so shape arithmetic such as ``x.size(0)`` or ``x.shape[1] // g`` is dead
   torch.narrow(x, dim, start, length) (any spelling)     -> torch.narrow(x, dim >= 1, start >= 0, length)
   F.interpolate / nn.Upsample (mode nearest, integer factors or sizes)
                                                          -> upsample_nearest(x, (a, b))
+  the same with mode bilinear                           -> nn.Upsample(scale_factor=(a, b), mode="bilinear")
   x.chunk / torch.chunk / torch.split / x.split / tensor_split(sections) / unbind, then getitem(i)
                                                          -> one torch.narrow per used piece
                                                          (+ torch.reshape for unbind, which drops the axis)
@@ -25,6 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
+from torch import nn
 
 from qcompile.ir import rewrite
 from qcompile.ir.meta import get_info
@@ -249,11 +251,18 @@ def upsample(gm: fx.GraphModule, node: fx.Node, size: Any, scale: Any, mode: str
              align_corners: Any = None) -> bool:
     """Nearest upsampling by integer factors -> upsample_nearest(x, factors) (the identity is removed)."""
     src, shape = node.args[0], _shape(node.args[0])
-    if not isinstance(src, fx.Node) or shape is None or len(shape) != 4 or mode != "nearest" or align_corners:
+    if not isinstance(src, fx.Node) or shape is None or len(shape) != 4 or mode not in ("nearest", "bilinear"):
         return False
     factors = _factors(shape[2:], scale, size)
     if factors is None:
         return False
+    if mode == "bilinear":  # a weighted average: a quantization point, lowered to IntAvgPoolTable
+        if node.op == "call_module":
+            return True
+        up = nn.Upsample(scale_factor=tuple(float(f) for f in factors), mode="bilinear",
+                         align_corners=bool(align_corners))
+        rewrite.replace_node(gm, node, "call_module", rewrite.add_module(gm, node.name, up), (src,))
+        return True
     if factors == (1, 1):
         return _to_permute(gm, node, src, [0, 1, 2, 3])
     rewrite.replace_node(gm, node, "call_function", upsample_nearest, (src, factors))

@@ -8,6 +8,11 @@ run). Adaptive pooling to n bins: bin i covers [floor(i L / n), ceil((i + 1) L /
 length. The divisor of output (i, j) is the product of the two axes' divisors, and
 M[i, j] = s_x / (d[i, j] s_y).
 
+Bilinear upsampling (nn.Upsample(mode="bilinear")) is the same op with integer weights: per axis, output i
+weighs two neighbours by 1 - frac and frac of PyTorch's source coordinate, scaled to integers by their
+common denominator D (2 s for a factor s without align_corners), and d[i, j] = D_h D_w; the result is the
+exactly rounded weighted average, requantized like a pool.
+
 A pool whose every window is a full k x k one (no ceil_mode overhang, count_include_pad or no padding, no
 override) keeps the plain ``IntAvgPool2d`` (one multiplier, onnxruntime's fused kernel); canonicalize has
 already turned adaptive pools to 1 x 1 or to a divisor of the input into those, and identities away.
@@ -15,6 +20,8 @@ already turned adaptive pools to 1 x 1 or to a divisor of the input into those, 
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,25 +59,53 @@ def adaptive_axis(size: int, n_out: int) -> Axis:
     return member, member.sum(axis=1)
 
 
-def _axes(pool: nn.AvgPool2d | nn.AdaptiveAvgPool2d, in_hw: tuple[int, int],
+def bilinear_axis(size: int, n_out: int, align_corners: bool) -> Axis:
+    """Integer weights of linear interpolation along one axis (PyTorch's source coordinates, exact rationals):
+    output i reads src = i (L - 1) / (n - 1) with align_corners, else max(0, (i + 1/2) L / n - 1/2), and
+    weighs floor(src) by 1 - frac, the next index (clamped) by frac; all weights over one common denominator."""
+    srcs = []
+    for i in range(n_out):
+        if align_corners:
+            src = Fraction(i * (size - 1), max(n_out - 1, 1))
+        else:
+            src = max(Fraction(0), Fraction(2 * i + 1, 2) * Fraction(size, n_out) - Fraction(1, 2))
+        srcs.append(src)
+    denominator = math.lcm(*(s.denominator for s in srcs))
+    member = np.zeros((n_out, size), dtype=np.int64)
+    for i, src in enumerate(srcs):
+        i0 = min(math.floor(src), size - 1)
+        frac = src - i0
+        member[i, i0] += int((1 - frac) * denominator)
+        member[i, min(i0 + 1, size - 1)] += int(frac * denominator)
+    return member, np.full(n_out, denominator, dtype=np.int64)
+
+
+def _axes(pool: nn.Module, in_hw: tuple[int, int],
           out_hw: tuple[int, int]) -> tuple[Axis, Axis, int | None]:
     if isinstance(pool, nn.AdaptiveAvgPool2d):
         return adaptive_axis(in_hw[0], out_hw[0]), adaptive_axis(in_hw[1], out_hw[1]), None
+    if isinstance(pool, nn.Upsample):
+        corners = bool(pool.align_corners)
+        return bilinear_axis(in_hw[0], out_hw[0], corners), bilinear_axis(in_hw[1], out_hw[1], corners), None
+    assert isinstance(pool, nn.AvgPool2d)
     k, s, p = pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)
     axes = [pool_axis(in_hw[a], out_hw[a], k[a], s[a], p[a], bool(pool.count_include_pad)) for a in range(2)]
     return axes[0], axes[1], pool.divisor_override
 
 
-def is_regular(pool: nn.AvgPool2d | nn.AdaptiveAvgPool2d, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
+def is_regular(pool: nn.Module, in_hw: tuple[int, int], out_hw: tuple[int, int]) -> bool:
     """Whether the plain IntAvgPool2d computes this pool (every window full, one divisor)."""
+    if isinstance(pool, nn.Upsample):
+        return False
     if isinstance(pool, nn.AdaptiveAvgPool2d):
         return out_hw == (1, 1)
+    assert isinstance(pool, nn.AvgPool2d)
     k, s, p = pair(pool.kernel_size), pair(pool.stride), pair(pool.padding)
     floor_out = tuple((in_hw[a] + 2 * p[a] - k[a]) // s[a] + 1 for a in range(2))
     return floor_out == out_hw and pool.divisor_override is None and (bool(pool.count_include_pad) or p == (0, 0))
 
 
-def lower_pool_table(lw: _Lowering, point: fx.Node, pool: nn.AvgPool2d | nn.AdaptiveAvgPool2d, out: IntType,
+def lower_pool_table(lw: _Lowering, point: fx.Node, pool: nn.Module, out: IntType,
                      s_y: float, bounds: tuple[int, int]) -> Value | None:
     """IntAvgPoolTable for an irregular pool; None when the plain IntAvgPool2d applies."""
     src = input_node(point)
