@@ -30,8 +30,6 @@ Never part of the test run or CI.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import logging
 import tempfile
 import time
@@ -48,6 +46,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from torch import nn
 
 import qcompile
+from qcompile.frontends.torch_fx import quiet_torch
 from qcompile.report import format_table
 
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
@@ -85,7 +84,7 @@ class Reader(CalibrationDataReader):
 def export(model: nn.Module, x: torch.Tensor, path: Path, dynamic: bool) -> str:
     """The TorchScript exporter (opset 17), or the dynamo exporter where it refuses; returns which."""
     axes = {"x": {0: "batch"}, "logits": {0: "batch"}} if dynamic else None
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    with quiet_torch(), warnings.catch_warnings():  # the exporters print whole graphs when they refuse
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, (x[:1],), str(path), dynamo=False, opset_version=17, input_names=["x"],
