@@ -313,3 +313,23 @@ def call_targets(gm: fx.GraphModule) -> list[Any]:
             out.append(node.target)
     return out
 
+
+
+# ------------------------------------------------------------------ torchvision-style building blocks
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """torchvision's ShuffleNetV2 channel shuffle, verbatim in structure."""
+    batchsize, num_channels, height, width = x.size()
+    channels_per_group = num_channels // groups
+    x = x.view(batchsize, groups, channels_per_group, height, width)
+    x = torch.transpose(x, 1, 2).contiguous()
+    return x.view(batchsize, -1, height, width)
+
+
+def stochastic_depth(x: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:
+    """Stands in for torchvision.ops.stochastic_depth (wrapped as an fx leaf there too)."""
+    return x
+
+
+torch.fx.wrap("stochastic_depth")

@@ -45,6 +45,7 @@ import torch.fx as fx
 from qcompile.ir import intops as ops
 from qcompile.ir.contract import Target
 from qcompile.ir.meta import IntType, get_info, get_target
+from qcompile.ir.movement import upsample_nearest
 from qcompile.ir.rewrite import input_node
 from qcompile.passes.base import QCompileError
 
@@ -112,9 +113,11 @@ def _u8(v: int) -> np.ndarray:
 
 
 def requant_chain(e: _Emitter, name: str, acc: gs.Variable, mult: np.ndarray, shift: np.ndarray,
-                  bias: np.ndarray, out: IntType, lo: int, hi: int, channel_axis_rank: int) -> gs.Variable:
-    """int32 acc -> uint8 (q + zp) by the exact uint64 chain; mult/shift/bias are per channel or scalar."""
-    shape = (1, -1) + (1,) * (channel_axis_rank - 2) if mult.size > 1 else ()
+                  bias: np.ndarray, out: IntType, lo: int, hi: int, channel_axis_rank: int,
+                  param_shape: tuple[int, ...] | None = None) -> gs.Variable:
+    """int32 acc -> uint8 (q + zp) by the exact uint64 chain; mult/shift/bias are per channel or scalar
+    (or shaped ``param_shape``, e.g. one per output position)."""
+    shape = param_shape or ((1, -1) + (1,) * (channel_axis_rank - 2) if mult.size > 1 else ())
     m = mult.astype(object).reshape(-1)
     n = shift.astype(object).reshape(-1)
     b = np.broadcast_to(bias, m.shape).astype(object)
@@ -307,7 +310,24 @@ def _export_function(e: _Emitter, node: fx.Node, args: list[Any]) -> gs.Variable
         return e.op("Reshape", node.name, [args[0], shape], np.uint8)
     if node.target is torch.cat:
         return e.op("Concat", node.name, list(args[0]), np.uint8, axis=_int_const(node, node.kwargs.get("dim", 1)))
+    if node.target is torch.permute:
+        perm: Any = node.args[1]
+        return e.op("Transpose", node.name, [args[0]], np.uint8, perm=[int(d) for d in perm])
+    if node.target is torch.narrow:
+        return _export_narrow(e, node, args[0])
+    if node.target is upsample_nearest:
+        factors: Any = node.args[1]
+        scales = e.const(f"{node.name}_scales", np.array([1, 1, *factors], dtype=np.float32))
+        return e.op("Resize", node.name, [args[0], gs.Variable.empty(), scales], np.uint8, mode="nearest",
+                    coordinate_transformation_mode="asymmetric", nearest_mode="floor")
     raise ExportError(f"no ONNX lowering for {node.target}")
+
+
+def _export_narrow(e: _Emitter, node: fx.Node, x: gs.Variable) -> gs.Variable:
+    dim, start, length = (_int_const(node, v) for v in node.args[1:4])
+    bounds = [e.const(f"{node.name}_{k}", np.array([v], dtype=np.int64))
+              for k, v in (("starts", start), ("ends", start + length), ("axes", dim))]
+    return e.op("Slice", node.name, [x, *bounds], np.uint8)
 
 
 def _batch_shape(node: fx.Node) -> list[Any]:

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from numpy.lib.stride_tricks import sliding_window_view
 
-from qcompile.ir import contract
+from qcompile.ir import contract, movement
 from qcompile.ir import intops as ops
 from qcompile.ir.contract import IntArray
 
@@ -189,6 +189,8 @@ class ReferenceExecutor(fx.Interpreter):
             return args[0].reshape(args[1])
         if target is torch.cat:
             return np.concatenate(args[0], axis=kwargs.get("dim", args[1] if len(args) > 1 else 0))
+        if target in movement.REFERENCE:
+            return movement.REFERENCE[target](*args)
         raise TypeError(f"function {target} is not part of the integer dialect")
 
 

@@ -185,7 +185,41 @@ def _add(gm: fx.GraphModule, node: fx.Node) -> None:
         rewrite.replace_node(gm, node, "call_function", operator.add, tuple(node.args[:2]))
 
 
+def _index(dim: Any, item: Any) -> tuple[Any, ...]:
+    return (*[slice(None)] * _int(dim, 0), item)
+
+
+def _slice(gm: fx.GraphModule, node: fx.Node) -> None:
+    """aten.slice(x, dim, start, end, step) -> x[:, ..., start:end:step] (canonicalize makes it a narrow)."""
+    x, dim, start, end, step = (list(node.args) + [0, None, None, 1][len(node.args) - 1:])[:5]
+    rewrite.replace_node(gm, node, "call_function", operator.getitem, (x, _index(dim, slice(start, end, step))))
+
+
+def _select(gm: fx.GraphModule, node: fx.Node) -> None:
+    x, dim, index = node.args[:3]
+    rewrite.replace_node(gm, node, "call_function", operator.getitem, (x, _index(dim, index)))
+
+
+MOVEMENT_RAISES: dict[Any, Raise] = {
+    aten.permute.default: _function(torch.permute),
+    aten.transpose.int: _function(torch.transpose),
+    aten.narrow.default: _function(torch.narrow),
+    aten.split.Tensor: _function(torch.split),
+    aten.split_with_sizes.default: _function(torch.split),
+    aten.chunk.default: _function(torch.chunk),
+    aten.unbind.int: _function(torch.unbind),
+    aten.squeeze.dim: _function(torch.squeeze),
+    aten.squeeze.dims: _function(torch.squeeze),
+    aten.unsqueeze.default: _function(torch.unsqueeze),
+    aten._unsafe_view.default: _function(torch.reshape),
+    aten.contiguous.default: _drop,
+    aten.slice.Tensor: _slice,
+    aten.select.int: _select,
+}
+
+
 RAISES: dict[Any, Raise] = {
+    **MOVEMENT_RAISES,
     aten.conv2d.default: _conv,
     aten.linear.default: _linear,
     aten.batch_norm.default: _batch_norm,

@@ -3,9 +3,10 @@
 Steps: load the model with its external data (from the model's folder) and validate it (``onnx.checker``);
 require an ai.onnx opset in 11..21 and no control flow; infer shapes (with data propagation) and fold
 constants with onnx-graphsurgeon, so weights computed by constant subgraphs and shapes of static tensors
-become constants; resolve every Reshape target that is still computed at run time (``x.view(x.size(0), -1)``
-with a symbolic batch) by folding the model at batch 2 and at batch 3: only the first entry may differ,
-and it must equal the batch, which makes it 0 ("copy the input's batch"); then convert node by node
+become constants; compute every shape input that is still computed at run time (Reshape targets of
+``x.view(x.size(0), -1)`` with a symbolic batch, Slice ends of ``x.chunk``; ``frontends/onnx_shapes.py``:
+at batches 2 and 3 only a Reshape's first entry may differ, and it must equal the batch, which makes it 0,
+"copy the input's batch"; a static batch stays as it is); then convert node by node
 (``frontends/onnx_ops.py`` holds the converters and the math of each). Every node's ``NodeInfo.source``
 is ``"<onnx node name> (<op_type>)"`` (unnamed nodes are called ``OpType_index``; a layer that absorbed
 the bias Add after it lists both, joined by " + ").
@@ -21,14 +22,15 @@ inference), calls of local ONNX functions (not inlined; reported as unsupported 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import torch
 import torch.fx as fx
 
+from qcompile.frontends import onnx_arith, onnx_movement  # noqa: F401 - register their converters
 from qcompile.frontends.onnx_check import (
     OnnxValidationError,
     check_declared_shape,
@@ -38,6 +40,7 @@ from qcompile.frontends.onnx_check import (
 )
 from qcompile.frontends.onnx_ops import Builder, DynamicShapeError, OnnxImportError, attr_name
 from qcompile.frontends.onnx_pointwise import fuse_patterns
+from qcompile.frontends.onnx_shapes import resolve_runtime_inputs
 from qcompile.frontends.torch_fx import ModelFileError, quiet_torch
 from qcompile.ir.meta import Stage, set_info, set_stage
 from qcompile.passes.canonicalize import UnsupportedOpsError
@@ -49,7 +52,6 @@ __all__ = [
 
 OPSETS = range(11, 22)
 CONTROL_FLOW = ("If", "Loop", "Scan")
-PROBE_BATCHES = (2, 3)
 
 
 class OpsetError(OnnxImportError):
@@ -137,52 +139,11 @@ def _folded(model: onnx.ModelProto) -> gs.Graph:
     return graph
 
 
-def _at_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
-    """A copy of ``model`` whose inputs have batch ``batch``; other shapes are forgotten or symbolic."""
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.value_info[:]
-    for value in probe.graph.input:
-        if value.type.tensor_type.shape.dim:
-            value.type.tensor_type.shape.dim[0].dim_value = batch
-    for value in probe.graph.output:
-        if value.type.tensor_type.shape.dim:
-            value.type.tensor_type.shape.dim[0].dim_param = "batch"
-    return probe
-
-
-def _resolved_target(node: gs.Node, at_2: np.ndarray | None, at_3: np.ndarray | None) -> np.ndarray:
-    """The target of a Reshape folded at batches 2 and 3, its batch entry replaced by 0 (copy the batch)."""
-    if at_2 is None or at_3 is None or at_2.shape != at_3.shape:
-        raise DynamicShapeError(
-            f"{node.name} (Reshape): the target shape is computed at run time and does not fold even at a fixed "
-            "batch; export with a constant shape (torch.flatten(x, 1) or x.reshape(-1, C, H, W))"
-        )
-    differ = np.flatnonzero(at_2.reshape(-1) != at_3.reshape(-1)).tolist()
-    if differ and (differ != [0] or (int(at_2[0]), int(at_3[0])) != PROBE_BATCHES):
-        raise DynamicShapeError(
-            f"{node.name} (Reshape): the target shape is {at_2.tolist()} at batch 2 and {at_3.tolist()} at "
-            "batch 3, so it does not keep the batch first; reshape per sample (x.reshape(x.size(0), ...))"
-        )
-    target = at_2.astype(np.int64).reshape(-1)
-    target[differ] = 0
-    return target
-
-
-def _resolve_reshapes(graph: gs.Graph, model: onnx.ModelProto) -> None:
-    """Replace each run-time Reshape target by a constant (see the module docstring); drop dead shape code."""
-    pending = [n for n in graph.nodes if n.op == "Reshape" and len(n.inputs) > 1
-               and not isinstance(n.inputs[1], gs.Constant)]
-    if not pending:
-        return
-    probes = [_folded(_at_batch(model, b)).tensors() for b in PROBE_BATCHES]
-    for node in pending:
-        name = node.inputs[1].name
-        found = [p[name].values if isinstance(p.get(name), gs.Constant) else None for p in probes]
-        target = _resolved_target(node, *(None if f is None else np.asarray(f) for f in found))
-        node.inputs[1] = gs.Constant(f"{name}_resolved", target)
-    with quiet_torch():  # graphsurgeon logs what it removes
-        graph.cleanup().toposort()
+def _refolded(graph: gs.Graph) -> gs.Graph:
+    """``graph`` with its shapes inferred again from scratch (after run-time shape inputs became constants)."""
+    model = gs.export_onnx(graph)
+    del model.graph.value_info[:]
+    return _folded(model)
 
 
 def _placeholders(builder: Builder) -> None:
@@ -205,18 +166,19 @@ def load_onnx(path: str | Path, example: torch.Tensor | None = None) -> fx.Graph
 
     With ``example`` (an input batch), the model must also declare a fitting input shape and run in
     onnxruntime on it (frontends/onnx_check.py); nodes qcompile cannot import are named before
-    onnxruntime's complaint, which is reported for everything else.
+    onnxruntime's complaint, which is reported for everything else. Its shape (without the batch) also
+    fixes symbolic input dimensions where run-time shapes must be computed (``frontends/onnx_shapes.py``).
     """
     path = Path(path)
     model = _read(path)
     _check_opset(model, path)
     _check_control_flow(model, path)
     if example is None:
-        return _import(model, path)
+        return _import(model, path, None)
     check_declared_shape(model, path, tuple(example.shape[1:]))
     problem = onnxruntime_problem(path, model, example)
     try:
-        gm = _import(model, path)
+        gm = _import(model, path, tuple(example.shape[1:]))
     except UnsupportedOnnxOpsError:
         raise
     except Exception:
@@ -229,9 +191,10 @@ def load_onnx(path: str | Path, example: torch.Tensor | None = None) -> fx.Graph
     return gm
 
 
-def _import(model: onnx.ModelProto, path: Path) -> fx.GraphModule:
+def _import(model: onnx.ModelProto, path: Path, sample_shape: Sequence[int] | None) -> fx.GraphModule:
     graph = _folded(model)
-    _resolve_reshapes(graph, model)
+    resolve_runtime_inputs(graph, model, sample_shape)
+    graph = _refolded(graph)  # shapes again, after folding: a Slice with folded ends gets its output shape
     fuse_patterns(graph)  # erf-form GELU -> Gelu (frontends/onnx_pointwise.py, which adds its converters)
     builder = Builder(graph)
     _placeholders(builder)

@@ -94,11 +94,14 @@ def _constant_attr(imp: Builder, node: gs.Node, c: gs.Constant) -> fx.Node:
 
 
 def _mul(imp: Builder, node: gs.Node) -> None:
+    """Mul of two activations (a product); with a constant operand, onnx_arith's multiply by a constant."""
     a, b = node.inputs
-    if isinstance(a, gs.Constant) and isinstance(b, gs.Constant):
-        raise Unsupported("multiplies two constants")
-    args = [_constant_attr(imp, node, t) if isinstance(t, gs.Constant) else imp.value(t) for t in (a, b)]
-    imp.emit_function(node, operator.mul, tuple(args))
+    if isinstance(a, gs.Constant) or isinstance(b, gs.Constant):
+        from qcompile.frontends.onnx_arith import multiply_constant
+
+        multiply_constant(imp, node)
+        return
+    imp.emit_function(node, operator.mul, (imp.value(a), imp.value(b)))
 
 
 def _transpose(imp: Builder, node: gs.Node) -> None:

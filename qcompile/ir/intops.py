@@ -28,8 +28,13 @@ Every requantizing op carries both forms of its multiplier M: the dyadic ``mult`
 ``fmult = float32(M)``, and its ``target`` says which one ``rq`` uses (``contract.Target``: ``integer`` =
 dyadic, ``ort`` = float32 multiply with round half to even). ``requant_target(op)`` reads it.
 
-Not handled here: average pooling with count_include_pad=False or ceil_mode (their divisor varies per
-window), and non-zero real-domain zero points.
+* ``IntAvgPoolTable``: average pooling whose divisor varies per window (ceil_mode, count_include_pad=False,
+  adaptive pools to any size): separable 0/1 window sums and one multiplier per output position.
+
+* ``IntRescale``: acc = gain * q_x + offset, requantized (multiplication by / addition of a constant).
+* ``IntSub``: q_y = clamp(rq(q_a - q_b, m, n), lo, hi) on one shared input scale.
+
+Not handled here: non-zero real-domain zero points.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from torch import nn
 
 from qcompile.ir.contract import Target
 from qcompile.ir.meta import IntType
+from qcompile.ir.movement import MOVEMENT_FUNCTIONS
 
 
 def _int_buffer(values: Any, dtype: torch.dtype = torch.int64) -> torch.Tensor:
@@ -265,12 +271,85 @@ class IntClamp(IntOp):
         return f"{self.inp} [{self.lo},{self.hi}]"
 
 
+class IntAvgPoolTable(_Requantizing):
+    """Average pooling whose divisor varies per output position, as a separable window sum.
+
+    ``rows`` [H_out, H] and ``cols`` [W_out, W] are non-negative integer weights: 0/1 window membership for
+    pools (a window's part inside the input; padding adds 0), interpolation weights for bilinear
+    upsampling, so acc[n, c, i, j] = sum_h sum_w rows[i, h] q_x[n, c, h, w] cols[j, w], and
+    q_y = clamp(rq(acc, M[i, j]), lo, hi) with one multiplier per output position, M[i, j] = s_x / (d[i, j]
+    s_y) for the pool's divisor d (the window's size inside the input with count_include_pad=False, its
+    size inside the padded input otherwise, the override if given; an adaptive pool's bin size).
+    ``mult``/``shift``/``fmult`` have shape [H_out, W_out]. Covers AvgPool2d with ceil_mode,
+    count_include_pad=False or divisor_override, and AdaptiveAvgPool2d to any size.
+    """
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+    def __init__(self, rows: Any, cols: Any, mult: Any, shift: Any, *, inp: IntType, out: IntType, lo: int,
+                 hi: int, fmult: Any = None, target: Target | str = Target.INTEGER) -> None:
+        super().__init__()
+        self.register_buffer("rows", _int_buffer(rows))
+        self.register_buffer("cols", _int_buffer(cols))
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
+        self.inp = inp
+
+    def accumulator_bound(self) -> int:
+        """max |acc|: the largest window times the largest |q_x|."""
+        window = int(self.rows.sum(dim=1).max()) * int(self.cols.sum(dim=1).max())
+        return window * max(abs(self.inp.lo), abs(self.inp.hi))
+
+    def extra_repr(self) -> str:
+        (h_out, h), (w_out, w) = self.rows.shape, self.cols.shape
+        return f"{self.inp}->{self.out} [{self.lo},{self.hi}], ({h}, {w}) -> ({h_out}, {w_out})"
+
+
+class IntRescale(_Requantizing):
+    """A constant affine map of one tensor: acc = gain * q_x + offset, q_y = clamp(rq(acc, M), lo, hi).
+
+    ``offset`` (int64) and the multipliers broadcast against one sample with ``param_shape`` (e.g. (C, 1, 1)
+    per channel, (1, 1, 1) scalar). Multiplication by a constant c > 0: gain 1, offset 0, M = s_x c / s_y.
+    Addition of a constant c: gain 2^k, offset round(c 2^k / s_x) (the constant on a grid 2^k finer than
+    the input's), M = s_x / (2^k s_y).
+    """
+
+    offset: torch.Tensor
+
+    def __init__(self, mult: Any, shift: Any, *, gain: int, offset: Any, param_shape: tuple[int, ...],
+                 inp: IntType, out: IntType, lo: int, hi: int, fmult: Any = None,
+                 target: Target | str = Target.INTEGER) -> None:
+        super().__init__()
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
+        self.register_buffer("offset", _int_buffer(offset).reshape(-1))
+        self.gain, self.param_shape, self.inp = int(gain), tuple(int(d) for d in param_shape), inp
+
+    def accumulator_bound(self) -> int:
+        return self.gain * max(abs(self.inp.lo), abs(self.inp.hi)) + int(self.offset.abs().max())
+
+    def extra_repr(self) -> str:
+        return f"{self.inp}->{self.out} [{self.lo},{self.hi}], gain={self.gain}, params={self.param_shape}"
+
+
+class IntSub(_Requantizing):
+    """Difference of two tensors on one scale: q_y = clamp(rq(q_a - q_b, m, n), lo, hi)."""
+
+    def __init__(self, mult: int, shift: int, *, inp: tuple[IntType, IntType], out: IntType, lo: int, hi: int,
+                 fmult: Any = None, target: Target | str = Target.INTEGER) -> None:
+        super().__init__()
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
+        self.inp = inp
+
+    def extra_repr(self) -> str:
+        return f"{self.inp[0]}-{self.inp[1]}->{self.out} [{self.lo},{self.hi}]"
+
+
 REQUANTIZING_OPS: tuple[type[_Requantizing], ...] = (IntConv2d, IntLinear, IntShiftConv2d, IntShiftLinear, IntAdd,
-                                                      IntAvgPool2d)
+                                                      IntAvgPool2d, IntAvgPoolTable, IntRescale, IntSub)
 SHIFT_ADD_OPS = (IntShiftConv2d, IntShiftLinear)
 INTEGER_MODULES: tuple[type[IntOp], ...] = (Quantize, Dequantize, *REQUANTIZING_OPS, IntMaxPool2d, IntClamp)
 # call_function targets allowed on integer tensors: they move integers around without arithmetic
-INTEGER_FUNCTIONS = (torch.flatten, torch.reshape, torch.cat)
+INTEGER_FUNCTIONS = (torch.flatten, torch.reshape, torch.cat, *MOVEMENT_FUNCTIONS)
 
 
 # ---------------------------------------------------------------- pointwise ops (tables, products)

@@ -14,10 +14,14 @@ Rewrites (each keeps the computed function identical):
   method; any registered table function), a * b of two
   activations                                              -> TableFunction / operator.mul
                                                               (passes/rules/canonicalize_pointwise.py)
+  mean over (H, W), or a chain of single-axis means       -> AdaptiveAvgPool2d(1) (+ flatten / reshape)
+  squeeze / unsqueeze                                      -> torch.reshape (as flatten/view above)
+  transposes, slices, splits; adaptive pools to k x k; stochastic depth in eval mode; arithmetic
+  with constants, a - b                                    -> rules/canonical_movement.py, canonical_pool.py,
+                                                              canonical_constants.py
 Shapes come from one run on the example inputs. Anything else (or a supported op with an unsupported
-setting: non-unit alpha, a scalar operand, a concat across another axis, ceil_mode average pooling,
-an adaptive pool to more than 1x1) is reported in one UnsupportedOpsError listing every such node
-with its op and source line. Control flow is the frontend's business, not this pass's.
+setting: non-unit alpha, a concat across another axis) is reported in one UnsupportedOpsError listing
+every such node with its op and source line. Control flow is the frontend's business, not this pass's.
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ from qcompile.ir.meta import Stage, get_info
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.ir.verify import FLOAT_FUNCTIONS, FLOAT_MODULES
 from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, register_pass
-from qcompile.passes.rules.canonicalize_pointwise import pointwise_rule
+from qcompile.passes.rules import canonical_constants as constants
+from qcompile.passes.rules import canonical_movement as movement
+from qcompile.passes.rules import canonical_pool as pools
+from qcompile.passes.rules.canonicalize_pointwise import is_canonical_mul, pointwise_rule
 
 
 class UnsupportedOpsError(QCompileError):
@@ -60,10 +67,6 @@ def _bind(node: fx.Node, names: tuple[str, ...], defaults: dict[str, Any]) -> di
     bound.update(zip(names, node.args, strict=False))
     bound.update(node.kwargs)
     return bound
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
 
 Rule = Callable[[fx.GraphModule, fx.Node], bool]
@@ -154,28 +157,7 @@ def _avg_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _adaptive_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return _swap_module(gm, node, nn.AdaptiveAvgPool2d(_bind(node, ("input", "output_size"), {})["output_size"]))
-
-
-def _mean(gm: fx.GraphModule, node: fx.Node) -> bool:
-    b = _bind(node, ("input", "dim", "keepdim"), {"dim": None, "keepdim": False})
-    src_shape = get_info(b["input"]).shape
-    dims = b["dim"] if isinstance(b["dim"], (list, tuple)) else [b["dim"]]
-    if src_shape is None or len(src_shape) != 4 or sorted(d % 4 for d in dims) != [2, 3]:
-        return False
-    name = rewrite.add_module(gm, node.name, nn.AdaptiveAvgPool2d(1))
-    with gm.graph.inserting_before(node):
-        pooled = gm.graph.call_module(name, (b["input"],))
-    pooled.meta.update(node.meta)
-    if b["keepdim"]:
-        node.replace_all_uses_with(pooled)
-    else:
-        with gm.graph.inserting_before(node):
-            flat = gm.graph.call_function(torch.flatten, (pooled, 1))
-        flat.meta.update(node.meta)
-        node.replace_all_uses_with(flat)
-    gm.graph.erase_node(node)
-    return True
+    return pools.adaptive(gm, node, _bind(node, ("input", "output_size"), {})["output_size"])
 
 
 def _drop(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -191,14 +173,20 @@ FUNCTION_RULES: dict[Any, Rule] = {
     operator.add: _add, operator.iadd: _add, torch.add: _add,
     torch.cat: _cat, torch.concat: _cat, torch.concatenate: _cat,
     F.max_pool2d: _max_pool, F.avg_pool2d: _avg_pool, torch._C._nn.avg_pool2d: _avg_pool,
-    F.adaptive_avg_pool2d: _adaptive_pool, torch.mean: _mean,
+    F.adaptive_avg_pool2d: _adaptive_pool,
     F.dropout: _drop, F.dropout1d: _drop, F.dropout2d: _drop, F.alpha_dropout: _drop,
 }
 METHOD_RULES: dict[str, Rule] = {
     "relu": _to_relu, "relu_": _to_relu, "clamp": _clamp_call, "clip": _clamp_call, "clamp_": _clamp_call,
     "flatten": _reshape, "view": _reshape, "reshape": _reshape, "add": _add, "add_": _add,
-    "mean": _mean, "contiguous": _drop, "clone": _drop,
+    "contiguous": _drop, "clone": _drop,
+    "squeeze": _reshape, "unsqueeze": _reshape,
 }
+FUNCTION_RULES.update({torch.squeeze: _reshape, torch.unsqueeze: _reshape, **movement.FUNCTION_RULES,
+                       torch.mean: pools.mean_chain, **constants.FUNCTION_RULES,
+                       **{f: constants.add_rule(_add) for f in (operator.add, operator.iadd, torch.add)}})
+METHOD_RULES.update({**movement.METHOD_RULES, "mean": pools.mean_chain, **constants.METHOD_RULES,
+                     "add": constants.add_rule(_add), "add_": constants.add_rule(_add)})
 
 
 def _module_rule(module: nn.Module) -> Rule | None:  # noqa: C901 - a flat table of module kinds
@@ -212,6 +200,8 @@ def _module_rule(module: nn.Module) -> Rule | None:  # noqa: C901 - a flat table
         return lambda gm, n: _to_clamp(gm, n, module.min_val, module.max_val)
     if isinstance(module, nn.Flatten):
         return _reshape
+    if isinstance(module, nn.Upsample) and module.mode != "bilinear":  # bilinear modules are canonical
+        return movement.upsample_module
     return None
 
 
@@ -224,17 +214,30 @@ def _is_canonical(node: fx.Node) -> bool:
         return isinstance(node.args[1], tuple) and node.args[1][:1] == (-1,)
     if node.target is torch.cat:
         return node.kwargs == {"dim": 1} and len(node.args) == 1
+    moved = movement.is_canonical(node)
+    if moved is None:
+        moved = constants.is_canonical(node)
+    if moved is not None:
+        return moved
     return node.target in FLOAT_FUNCTIONS
 
 
 def _rule_for(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
-    pointwise = pointwise_rule(gm, node)  # registered pointwise functions and products (canonicalize_pointwise)
-    if pointwise is not None or node.target is operator.mul:
-        return pointwise
+    """Pointwise functions and products (canonicalize_pointwise) first; the other rules where they decline
+    (a product with a constant is canonical_constants' multiply)."""
+    if is_canonical_mul(node):  # a product of two activations, as lower-integer takes it
+        return None
+    pointwise, other = pointwise_rule(gm, node), _other_rule(gm, node)
+    if pointwise is None or other is None:
+        return pointwise or other
+    return lambda g, n: pointwise(g, n) or other(g, n)
+
+
+def _other_rule(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
     if node.op == "call_module":
-        return _module_rule(gm.get_submodule(str(node.target)))
+        return pools.module_rule(gm, node) or _module_rule(gm.get_submodule(str(node.target)))
     if node.op == "call_function":
-        return None if _is_canonical(node) else FUNCTION_RULES.get(node.target)
+        return None if _is_canonical(node) else FUNCTION_RULES.get(node.target) or pools.function_rule(node.target)
     if node.op == "call_method":
         return METHOD_RULES.get(str(node.target))
     return None
@@ -242,10 +245,6 @@ def _rule_for(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
 
 def _unsupported_setting(gm: fx.GraphModule, node: fx.Node) -> str | None:
     mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-    if isinstance(mod, nn.AvgPool2d) and (mod.ceil_mode or not mod.count_include_pad or mod.divisor_override):
-        return "AvgPool2d with ceil_mode/count_include_pad=False/divisor_override"
-    if isinstance(mod, nn.AdaptiveAvgPool2d) and _pair(mod.output_size) != (1, 1):
-        return f"AdaptiveAvgPool2d to {mod.output_size} (only 1x1 is supported)"
     if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
         return f"Conv2d with padding_mode={mod.padding_mode}"
     return None

@@ -37,7 +37,9 @@ from qcompile.ir.meta import IntType, NodeInfo, Stage, get_info, set_info, set_t
 from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.ir.shapes import annotate_shapes, pair
 from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, option, register_pass
+from qcompile.passes.rules.lower_elementwise import lower_elementwise
 from qcompile.passes.rules.lower_pointwise import lower_point
+from qcompile.passes.rules.lower_pools import lower_pool_table
 from qcompile.quant import graph
 from qcompile.quant.apot import APoTWeightQuant, terms_of_codes
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
@@ -209,8 +211,12 @@ def _lower_add(lw: _Lowering, point: fx.Node, out: IntType, s_y: float, bounds: 
     return lw.emit(point.name, op, (a.node, b.node), out, s_y, point)
 
 
-def _lower_avgpool(lw: _Lowering, point: fx.Node, pool: nn.AvgPool2d | nn.AdaptiveAvgPool2d, out: IntType,
-                   s_y: float, bounds: tuple[int, int]) -> Value:
+def _lower_avgpool(lw: _Lowering, point: fx.Node, pool: nn.Module, out: IntType, s_y: float,
+                   bounds: tuple[int, int]) -> Value:
+    table = lower_pool_table(lw, point, pool, out, s_y, bounds)
+    if table is not None:  # the divisor varies per window (or bilinear weights)
+        return table
+    assert isinstance(pool, (nn.AvgPool2d, nn.AdaptiveAvgPool2d))
     src = input_node(point)
     x = lw.value(src)
     if isinstance(pool, nn.AdaptiveAvgPool2d):
@@ -243,7 +249,9 @@ def _lower_quant(lw: _Lowering, qnode: fx.Node, q: ActQuant) -> Value:
         return _lower_add(lw, point, out, s_y, bounds)
     if (pointwise := lower_point(lw, point, mod, out, s_y, bounds)) is not None:  # tables, products
         return pointwise
-    assert isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)), f"unexpected quantization point '{point.name}'"
+    if (lowered := lower_elementwise(lw, point, mod, out, s_y, bounds)) is not None:  # constants, a - b
+        return lowered
+    assert isinstance(mod, (nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Upsample)), f"unexpected point '{point.name}'"
     return _lower_avgpool(lw, point, mod, out, s_y, bounds)
 
 

@@ -18,12 +18,14 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qcompile.ir.elementwise import CONSTANT_MODULES
+from qcompile.ir.movement import MOVEMENT_FUNCTIONS
 from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
 from qcompile.quant.tables import TableFunction
 
 CLAMPS = (torch.relu, torch.clamp)
-PASS_THROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.relu, torch.clamp)
+PASS_THROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.relu, torch.clamp, *MOVEMENT_FUNCTIONS)
 # pointwise ops whose output gets its own quantizer (nn.LayerNorm covers its subclass ChannelLayerNorm)
 NEW_SCALE_MODULES: tuple[type, ...] = (TableFunction, nn.LayerNorm, nn.Softmax)
 
@@ -63,8 +65,9 @@ def is_quant_point(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "placeholder":
         return True
     if node.op == "call_function":
-        return node.target in (operator.add, operator.mul)
-    return isinstance(module(gm, node), (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d, *NEW_SCALE_MODULES))
+        return node.target in (operator.add, operator.mul, operator.sub)
+    return isinstance(module(gm, node), (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Upsample,
+                                         *NEW_SCALE_MODULES, *CONSTANT_MODULES))
 
 
 def chain_end(node: fx.Node) -> fx.Node:
@@ -118,7 +121,7 @@ def scale_groups(gm: fx.GraphModule) -> list[list[fx.Node]]:
     """Groups (size >= 2) of activation quantizers that must share one scale, in graph order."""
     g: nx.Graph = nx.Graph()
     for node in gm.graph.nodes:
-        if node.op == "call_function" and node.target in (operator.add, torch.cat):
+        if node.op == "call_function" and node.target in (operator.add, operator.sub, torch.cat):
             inputs = input_nodes(node) if node.target is torch.cat else [input_node(node, 0), input_node(node, 1)]
             found = [r for src in inputs for r in roots(gm, src)]
             nx.add_path(g, found)

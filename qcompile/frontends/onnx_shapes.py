@@ -1,0 +1,163 @@
+"""Shape inputs computed at run time (``Shape -> Gather -> Div -> Unsqueeze -> Concat`` chains), resolved.
+
+PyTorch's exporter writes ``x.view(b, g, c // g, h, w)`` or ``x.chunk(2, 1)`` as arithmetic on ``Shape``
+outputs; ONNX shape inference cannot always fold it (a Slice whose ends are computed leaves its output
+shape unknown, and everything after it). Here every such input (a Reshape target, Slice
+starts/ends/axes/steps, Split sizes, Squeeze/Unsqueeze/ReduceMean axes) is *computed* instead: the model
+runs once in onnxruntime on zeros at the compiled input shape with these tensors as extra outputs.
+
+* A model whose input has a symbolic batch runs at batches 2 and 3. A Reshape target may differ in its
+  first entry only, and that entry must equal the batch: it becomes 0 ("copy the input's batch"). Every
+  other computed input must be the same at both batches (it is a per-sample constant then).
+* A model with a static batch runs at that batch, once: its batch stays what it is (a target such as
+  [1, 2, 58, 8, 8] of a batch-1 export keeps the batch first and is generalized by the Reshape converter).
+* A Resize to computed sizes ([N, C, 2H, 2W] from Shape) becomes the same Resize by scales (1, 1, 2, 2)
+  when the input's per-sample shape is static.
+* Other symbolic input dimensions take the compiled input shape (``sample_shape``, without the batch).
+
+The resolved constants replace the inputs, and shapes are inferred again, so the converters see static
+shapes everywhere. Not handled: values that depend on the input's data (not only its shape), and models
+onnxruntime cannot run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+
+from qcompile.frontends.onnx_ops import DynamicShapeError
+
+SHAPE_INPUTS: dict[str, tuple[int, ...]] = {
+    "Reshape": (1,), "Slice": (1, 2, 3, 4), "Split": (1,), "Squeeze": (1,), "Unsqueeze": (1,),
+    "ReduceMean": (1,), "Resize": (1, 2, 3),
+}
+PROBE_BATCHES = (2, 3)
+
+
+def pending_inputs(graph: gs.Graph) -> list[tuple[gs.Node, int]]:
+    """(node, input index) of every shape-like input that is not a constant."""
+    found = []
+    for node in graph.nodes:
+        for i in SHAPE_INPUTS.get(node.op, ()):
+            t = node.inputs[i] if i < len(node.inputs) else None
+            if t is not None and t.name and not isinstance(t, gs.Constant):
+                found.append((node, i))
+    return found
+
+
+def _reads_data(t: gs.Tensor, seen: set[str] | None = None) -> bool:
+    """Whether ``t`` depends on the values of a graph input (not only on shapes, through Shape/Size)."""
+    seen = set() if seen is None else seen
+    if isinstance(t, gs.Constant) or t.name in seen:
+        return False
+    seen.add(t.name)
+    if not t.inputs:
+        return True  # a graph input
+    producer = t.inputs[0]
+    return producer.op not in ("Shape", "Size") and any(_reads_data(i, seen) for i in producer.inputs)
+
+
+def _refuse_data_dependent(pending: list[tuple[gs.Node, int]]) -> None:
+    for node, i in pending:
+        if _reads_data(node.inputs[i]):
+            raise DynamicShapeError(
+                f"{node.name} ({node.op}): the target shape is computed at run time from the input's values, "
+                "not only its shape; export with a constant shape (torch.flatten(x, 1) or x.reshape(-1, C, H, W))")
+
+
+def _fixed_dims(value: onnx.ValueInfoProto, batch: int | None, sample_shape: Sequence[int] | None) -> list[int]:
+    dims = []
+    for k, d in enumerate(value.type.tensor_type.shape.dim):
+        if d.HasField("dim_value"):
+            dims.append(int(d.dim_value))
+        elif k == 0 and batch is not None:
+            dims.append(batch)
+        elif sample_shape is not None and 0 < k <= len(sample_shape):
+            dims.append(int(sample_shape[k - 1]))
+        else:
+            raise DynamicShapeError(
+                f"input '{value.name}' has a symbolic dimension {k} ({d.dim_param or '?'}) that shapes depend on; "
+                "give the input shape (--input-shape C,H,W) or export with a fixed size")
+    return dims
+
+
+def _run_at(model: onnx.ModelProto, names: list[str], batch: int | None,
+            sample_shape: Sequence[int] | None) -> dict[str, np.ndarray]:
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    del probe.graph.value_info[:]
+    del probe.graph.output[:]
+    for name in names:
+        probe.graph.output.append(onnx.ValueInfoProto(name=name))
+    feeds = {}
+    for value in probe.graph.input:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        feeds[value.name] = np.zeros(_fixed_dims(value, batch, sample_shape), dtype=dtype)
+    try:
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        values = session.run(names, feeds)
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DynamicShapeError(f"cannot compute the model's run-time shapes in onnxruntime ({first}); export "
+                                "with constant shapes or a fixed input size") from exc
+    return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}
+
+
+def _resolved(node: gs.Node, index: int, found: list[np.ndarray], batches: tuple[int, ...]) -> np.ndarray:
+    first = found[0].astype(np.int64).reshape(found[0].shape)
+    if len(found) == 1 or all(np.array_equal(first, f) for f in found[1:]):
+        return first
+    flat = [f.reshape(-1) for f in found]
+    differ = np.flatnonzero(flat[0] != flat[1]).tolist() if flat[0].shape == flat[1].shape else None
+    if node.op == "Reshape" and differ == [0] and tuple(int(f[0]) for f in flat) == batches:
+        target = flat[0].astype(np.int64).copy()
+        target[0] = 0  # copy the input's batch
+        return target
+    raise DynamicShapeError(
+        f"{node.name} ({node.op}): input {index} is {flat[0].tolist()} at batch {batches[0]} and "
+        f"{flat[1].tolist()} at batch {batches[1]}, so it depends on the batch in a way qcompile cannot keep; "
+        "reshape and slice per sample (keep the batch first, as x.reshape(x.size(0), ...) does)")
+
+
+def _batch_is_symbolic(model: onnx.ModelProto) -> bool:
+    dims = [v.type.tensor_type.shape.dim for v in model.graph.input]
+    return any(len(d) > 0 and not d[0].HasField("dim_value") for d in dims)
+
+
+def resolve_runtime_inputs(graph: gs.Graph, model: onnx.ModelProto,
+                           sample_shape: Sequence[int] | None = None) -> bool:
+    """Replace every pending shape-like input of ``graph`` by its computed constant; True if any was."""
+    pending = pending_inputs(graph)
+    if not pending:
+        return False
+    _refuse_data_dependent(pending)
+    names = sorted({node.inputs[i].name for node, i in pending})
+    batches: tuple[int, ...] = PROBE_BATCHES if _batch_is_symbolic(model) else ()
+    runs = [_run_at(model, names, b, sample_shape) for b in batches] if batches else [
+        _run_at(model, names, None, sample_shape)]
+    made: dict[tuple[str, bytes], gs.Constant] = {}  # one constant per tensor and value (names stay unique)
+    for node, i in pending:
+        name = node.inputs[i].name
+        if node.op == "Resize" and i == 3 and _resize_by_scales(node, runs[0][name]):
+            continue
+        value = _resolved(node, i, [r[name] for r in runs], batches)
+        key = (name, value.tobytes() + str(value.shape).encode())
+        if key not in made:
+            made[key] = gs.Constant(f"{name}_resolved{'_' + str(len(made)) if made else ''}", value)
+        node.inputs[i] = made[key]
+    return True
+
+
+def _resize_by_scales(node: gs.Node, sizes: np.ndarray) -> bool:
+    """A Resize to computed ``sizes`` (whose batch entry follows the batch) as the same Resize by scales."""
+    shape = node.inputs[0].shape
+    if shape is None or len(shape) != sizes.size or not all(isinstance(d, int) and d > 0 for d in shape[1:]):
+        return False
+    scales = [1.0, *(float(o) / float(d) for o, d in zip(sizes.reshape(-1)[1:], shape[1:], strict=True))]
+    node.inputs[2] = gs.Constant(f"{node.name}_scales", np.array(scales, dtype=np.float32))
+    node.inputs[3] = gs.Variable.empty()
+    return True
