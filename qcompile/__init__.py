@@ -24,9 +24,9 @@ if TYPE_CHECKING:
     from qcompile.api import CompiledModel, compile
     from qcompile.backends.ort import VerifyResult
     from qcompile.data import Dataset, load_data
+    from qcompile.errors import QCompileError
     from qcompile.ir.meta import IntType, NodeInfo, Stage
     from qcompile.passes import PASSES, Pass, PassContext, PassResult, parse_pipeline, register_pass
-    from qcompile.passes.base import QCompileError
     from qcompile.quant.tables import register_table_function
 
 __version__ = "0.1.0"

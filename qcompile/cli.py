@@ -90,7 +90,7 @@ QUANTIZERS = ("uniform", "apot")
 
 def _quantizer(args: argparse.Namespace) -> None:
     """--quantizer apot [--w-bits N] selects the apot search (and insert-quantizers{scheme=apot})."""
-    from qcompile.passes.base import QCompileError
+    from qcompile.errors import QCompileError
     from qcompile.quant.apot import APOT_BITS
 
     quantizer = args.quantizer or "uniform"
@@ -111,7 +111,7 @@ def _quantizer(args: argparse.Namespace) -> None:
 
 def _check_checkpoint(args: argparse.Namespace) -> None:
     """Before anything loads: --resume needs an existing --checkpoint; an existing one needs --resume or --force."""
-    from qcompile.passes.base import QCompileError
+    from qcompile.errors import QCompileError
 
     path = Path(args.checkpoint) if args.checkpoint else None
     if args.resume and path is None:
@@ -132,7 +132,7 @@ def _pipeline(args: argparse.Namespace) -> str | None:
     import dataclasses
 
     from qcompile.api import search_pipeline
-    from qcompile.passes.base import QCompileError
+    from qcompile.errors import QCompileError
     from qcompile.search.base import searches
 
     _quantizer(args)
@@ -242,7 +242,7 @@ def _dims(shape: Any) -> str:
 
 def _example_shape(args: argparse.Namespace, data: Any) -> tuple[int, ...]:
     """--input-shape, else the data's; refused when the two differ."""
-    from qcompile.passes.base import QCompileError
+    from qcompile.errors import QCompileError
 
     shape = args.input_shape or (data.input_shape if data else None)
     if shape is None:
@@ -526,7 +526,7 @@ def _run(args: argparse.Namespace) -> int:
         if isinstance(exc, cli_usage.InputError):
             print(f"error: {message}", file=sys.stderr)
             return USER_ERROR
-        from qcompile.passes.base import QCompileError
+        from qcompile.errors import QCompileError
 
         if not isinstance(exc, QCompileError):
             message = one_line(str(exc) or type(exc).__name__, 240)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qcompile.passes.base import QCompileError
+from qcompile.errors import QCompileError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 SEED = 0

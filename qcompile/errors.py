@@ -17,6 +17,10 @@ MAX_LINE = 300
 _CUT = " ... "
 
 
+class QCompileError(Exception):
+    """Base of every error qcompile reports to a user; its message is one line that names a fix."""
+
+
 def one_line(text: str, limit: int = MAX_LINE) -> str:
     text = " ".join(text.split())
     if len(text) <= limit:

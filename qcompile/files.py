@@ -20,7 +20,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from qcompile.passes.base import QCompileError
+from qcompile.errors import QCompileError
 
 
 class OutputPathError(QCompileError):

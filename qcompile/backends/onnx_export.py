@@ -42,12 +42,12 @@ import onnx_graphsurgeon as gs
 import torch
 import torch.fx as fx
 
+from qcompile.errors import QCompileError
 from qcompile.ir import intops as ops
 from qcompile.ir.contract import Target
 from qcompile.ir.meta import IntType, get_info, get_target
 from qcompile.ir.movement import upsample_nearest
 from qcompile.ir.rewrite import input_node
-from qcompile.passes.base import QCompileError
 
 BASE_OPSET = 21
 UINT2_OPSET = 25

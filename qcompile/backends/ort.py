@@ -18,8 +18,8 @@ import torch
 import torch.fx as fx
 
 from qcompile.backends.reference import run_reference
+from qcompile.errors import QCompileError
 from qcompile.ir.meta import get_target
-from qcompile.passes.base import QCompileError
 
 
 class TargetMismatchError(QCompileError):

@@ -16,8 +16,8 @@ from types import ModuleType
 import torch
 from torch import nn
 
+from qcompile.errors import QCompileError
 from qcompile.frontends.torch_fx import ModelFileError
-from qcompile.passes.base import QCompileError
 
 
 class ModelSpecError(QCompileError):

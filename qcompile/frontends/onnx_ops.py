@@ -46,8 +46,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qcompile.errors import QCompileError
 from qcompile.ir.meta import set_info
-from qcompile.passes.base import QCompileError
 
 Dim = int | str | None
 

@@ -27,7 +27,6 @@ import operator
 import numpy as np
 import onnx_graphsurgeon as gs
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -82,15 +81,6 @@ def _softmax(imp: Builder, node: gs.Node) -> None:
 def _gelu(imp: Builder, node: gs.Node) -> None:
     approximate = str(node.attrs.get("approximate", "none"))
     imp.emit_function(node, F.gelu, (imp.value(node.inputs[0]),), {"approximate": approximate})
-
-
-def _constant_attr(imp: Builder, node: gs.Node, c: gs.Constant) -> fx.Node:
-    """A graph attribute holding constant ``c`` (canonicalize folds such a scale into the conv before it)."""
-    name, i = onnx_ops.attr_name(f"{node.name}_{c.name}"), 1
-    while hasattr(imp.root, name):
-        name, i = f"{name}_{i}", i + 1
-    imp.root.register_buffer(name, torch.from_numpy(np.array(c.values, dtype=np.float32)))
-    return imp.fx_graph.get_attr(name)
 
 
 def _mul(imp: Builder, node: gs.Node) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from qcompile.passes.base import QCompileError
+from qcompile.errors import QCompileError
 
 _TRUST: contextvars.ContextVar[bool] = contextvars.ContextVar("qcompile_trust_pickle", default=False)
 

@@ -20,11 +20,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qcompile.errors import QCompileError
 from qcompile.frontends.aten_raise import raise_aten
 from qcompile.frontends.pickles import PickleRefusedError, guarded_unpickling
 from qcompile.frontends.source import exception_source, node_source
 from qcompile.ir.meta import Stage, set_info, set_stage
-from qcompile.passes.base import QCompileError
 
 
 class TraceError(QCompileError):

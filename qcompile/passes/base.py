@@ -14,14 +14,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import torch
 import torch.fx as fx
 
+from qcompile.errors import QCompileError
 from qcompile.ir.meta import Stage, get_stage, set_stage
 
 if TYPE_CHECKING:
     from qcompile.data import Dataset
-
-
-class QCompileError(Exception):
-    """Base of every error qcompile reports to a user; its message is one line that names a fix."""
 
 
 class PreconditionError(QCompileError):

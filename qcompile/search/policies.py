@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qcompile.passes.base import QCompileError
+from qcompile.errors import QCompileError
 
 
 class PolicyError(QCompileError):

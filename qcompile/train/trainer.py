@@ -41,7 +41,7 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.fx as fx
@@ -51,11 +51,13 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from qcompile import cost, distributed
-from qcompile.data import Dataset
+from qcompile.errors import QCompileError
 from qcompile.files import write_output
 from qcompile.ir.shapes import annotate_shapes
-from qcompile.passes.base import QCompileError
 from qcompile.quant import graph
+
+if TYPE_CHECKING:  # data imports the passes, which import the searches, which import this module
+    from qcompile.data import Dataset
 
 
 class TrainError(QCompileError):
