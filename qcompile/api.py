@@ -168,6 +168,8 @@ class CompiledModel:
         """Write the ONNX file atomically, onto a regular file only (qcompile.files); kept unless ``force``."""
         from qcompile.files import check_output, write_bytes
 
+        if Path(path).is_file() and not force:  # the Python spelling of the fix (the CLI says --force)
+            raise ModelError(f"{path} already exists; choose another output path or pass force=True to replace it")
         check_output(path, force)  # before the export runs
         return write_bytes(path, self.to_onnx().SerializeToString(), force)
 

@@ -46,8 +46,7 @@ def check_output(path: str | Path, force: bool) -> Path:
         raise OutputPathError(f"{path} is {_kind(mode)}, not a file; qcompile only writes regular files: "
                               "choose a file path")
     if mode is not None and not force:
-        raise OutputPathError(f"{path} already exists; choose another path or pass --force (force=True in Python) "
-                              "to replace it")
+        raise OutputPathError(f"{path} already exists; choose another path or pass --force to replace it")
     if not path.parent.is_dir():
         raise OutputPathError(f"the folder {path.parent} does not exist; create it or choose another output path")
     return path

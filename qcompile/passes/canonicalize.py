@@ -214,6 +214,8 @@ def _is_canonical(node: fx.Node) -> bool:
         return isinstance(node.args[1], tuple) and node.args[1][:1] == (-1,)
     if node.target is torch.cat:
         return node.kwargs == {"dim": 1} and len(node.args) == 1
+    if node.target is operator.mul:  # a product of two activations; a multiply by a constant is not
+        return is_canonical_mul(node)
     moved = movement.is_canonical(node)
     if moved is None:
         moved = constants.is_canonical(node)
@@ -225,8 +227,6 @@ def _is_canonical(node: fx.Node) -> bool:
 def _rule_for(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
     """Pointwise functions and products (canonicalize_pointwise) first; the other rules where they decline
     (a product with a constant is canonical_constants' multiply)."""
-    if is_canonical_mul(node):  # a product of two activations, as lower-integer takes it
-        return None
     pointwise, other = pointwise_rule(gm, node), _other_rule(gm, node)
     if pointwise is None or other is None:
         return pointwise or other

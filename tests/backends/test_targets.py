@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
@@ -16,7 +14,7 @@ from qcompile.backends.ort import TargetMismatchError, run_onnx, session, verify
 from qcompile.ir import contract
 from qcompile.ir import intops as ops
 from qcompile.ir.contract import Target
-from qcompile.ir.meta import IntType
+from qcompile.ir.meta import IntType, NodeInfo
 from qcompile.passes.base import PreconditionError
 from qcompile.passes.lower_integer import LowerInteger
 
@@ -67,7 +65,10 @@ def _single_op_model(op: ops.IntOp, target: Target, inputs: int, outputs: int) -
     """The target's ONNX emitter for one op on a uint8 input (no boundary ops), checked."""
     e = onnx_export._Emitter(target)
     x = gs.Variable("x", dtype=np.uint8, shape=["batch", inputs])
-    y = onnx_export.emitters(target)[type(op)](e, SimpleNamespace(name="layer"), op, [x])
+    g = torch.fx.Graph()
+    placeholder = g.placeholder("x")
+    placeholder.meta["qc"] = NodeInfo(shape=(1, inputs))
+    y = onnx_export.emitters(target)[type(op)](e, g.call_module("layer", (placeholder,)), op, [x])
     y.shape = ["batch", outputs]
     graph = gs.Graph(nodes=e.nodes, inputs=[x], outputs=[y], opset=e.opset, ir_version=onnx_export.IR_VERSION[e.opset])
     model = gs.export_onnx(graph)
