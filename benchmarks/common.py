@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from onnxruntime.quantization import CalibrationDataReader
 from torch import nn
 
 import qcompile
@@ -110,6 +111,21 @@ def measure_interleaved(fns: dict[str, Callable[[], Any]], repeats: int = 20, wa
             fn()
             times[k].append(time.perf_counter() - start)
     return {k: Timing(statistics.median(v), min(v), len(v)) for k, v in times.items()}
+
+
+class Reader(CalibrationDataReader):
+    """onnxruntime's quantize_static calibration reader over fixed input batches (the input named ``name``)."""
+
+    def __init__(self, name: str, batches: list[torch.Tensor]) -> None:
+        self.name, self.batches = name, batches
+        self.it = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        b = next(self.it, None)
+        return None if b is None else {self.name: b.numpy()}
+
+    def rewind(self) -> None:
+        self.it = iter(self.batches)
 
 
 class Stopwatch:

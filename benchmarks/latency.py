@@ -42,7 +42,7 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -179,19 +179,6 @@ class Case:
     quality_y: torch.Tensor | None                    # labels (accuracy) or None (agreement with float)
 
 
-class Reader(CalibrationDataReader):
-    def __init__(self, name: str, batches: list[torch.Tensor]) -> None:
-        self.name, self.batches = name, batches
-        self.it = iter(batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        b = next(self.it, None)
-        return None if b is None else {self.name: b.numpy()}
-
-    def rewind(self) -> None:
-        self.it = iter(self.batches)
-
-
 def export_fp32(model: nn.Module, x: torch.Tensor, path: Path) -> None:
     torch.onnx.export(model.eval(), (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
                       output_names=["logits"], dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
@@ -206,7 +193,7 @@ def quantize_qdq(fp32: Path, out: Path, batches: list[torch.Tensor]) -> None:
     except Exception as exc:  # noqa: BLE001 - pre-processing is advice, not a requirement
         print(f"  quant_pre_process failed ({type(exc).__name__}: {exc}); quantizing the raw export", flush=True)
         pre = fp32
-    quantize_static(str(pre), str(out), Reader("x", batches), quant_format=QuantFormat.QDQ,
+    quantize_static(str(pre), str(out), common.Reader("x", batches), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
 
 

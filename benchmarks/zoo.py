@@ -38,11 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import common
 import numpy as np
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from torch import nn
 
 import qcompile
@@ -66,19 +67,6 @@ def build(name: str) -> tuple[nn.Module, int | None]:
         kwargs.update(aux_logits=False, init_weights=True)
     model = torchvision.models.get_model(arch, **kwargs).eval()
     return model, int(size) if size else None
-
-
-class Reader(CalibrationDataReader):
-    def __init__(self, name: str, batches: list[torch.Tensor]) -> None:
-        self.name, self.batches = name, batches
-        self.it = iter(batches)
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        b = next(self.it, None)
-        return None if b is None else {self.name: b.numpy()}
-
-    def rewind(self) -> None:
-        self.it = iter(self.batches)
 
 
 def export(model: nn.Module, x: torch.Tensor, path: Path, dynamic: bool) -> str:
@@ -111,7 +99,7 @@ def ort_baseline(fp32: Path, batches: list[torch.Tensor], x: torch.Tensor, y_flo
                  static: bool) -> tuple[float, float]:
     out = fp32.with_name(fp32.stem + "_qdq.onnx")
     cal = [b[i:i + 1] for b in batches for i in range(len(b))] if static else batches
-    quantize_static(str(fp32), str(out), Reader("x", cal), quant_format=QuantFormat.QDQ,
+    quantize_static(str(fp32), str(out), common.Reader("x", cal), quant_format=QuantFormat.QDQ,
                     activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.log_severity_level = 1, 3
