@@ -10,6 +10,11 @@ Relative BOPs = sum BOPs / sum (MACs * 32 * 32), in percent, where the denominat
 model as given (``dense_totals`` of the float graph): a pruned channel lowers BOPs, not the reference.
 Compression against float32 likewise counts the given model's parameters. b_a is the bit-width of the
 layer's input.
+A transposed convolution (a conv fed by ``dilate_pad``, passes/rules/canonical_transposed.py) counts its
+own MACs: the products of a kernel tap with a real input pixel that land inside the output, C_out C_in/g
+times the (output, tap) pairs per axis that read an input pixel, not those with the inserted zeros or the
+padding (the exported ConvInteger/QLinearConv does compute those, about s_h s_w times more; the report
+labels such a layer ``ConvTranspose2d``).
 Multiplier use: a layer multiplies (``multiplies`` = MACs_l) unless its weights are APoT power-of-two
 terms; then every product is ``terms`` shifts and adds (``shift_adds`` = terms * MACs_l, terms = the
 level set's additive terms per weight, an upper bound on the non-zero ones) and b_w is the APoT
@@ -29,6 +34,9 @@ import torch.fx as fx
 
 from qcompile.ir import intops as ops
 from qcompile.ir.meta import get_info
+from qcompile.ir.movement import dilate_pad, dilate_settings
+from qcompile.ir.rewrite import input_node
+from qcompile.ir.shapes import pair
 
 
 @dataclass(frozen=True)
@@ -93,11 +101,41 @@ def _input_elems(node: fx.Node) -> int:
     return math.prod(shape[1:]) if shape else 0
 
 
-def _macs(node: fx.Node, weight: torch.Tensor, is_conv: bool) -> int:
+def _dilated_input(node: fx.Node) -> fx.Node | None:
+    """The ``dilate_pad`` call feeding a conv that computes a transposed convolution, else None."""
+    src = node.args[0]
+    return src if isinstance(src, fx.Node) and src.op == "call_function" and src.target is dilate_pad else None
+
+
+def _real_taps(out: int, k: int, d: int, s: int, begin: int, size: int) -> int:
+    """Pairs (output position, tap) of one axis whose tap reads a real input pixel, not an inserted zero."""
+    count = 0
+    for o in range(out):
+        for t in range(k):
+            i = o + t * d - begin  # position in the zero-inserted input before padding
+            count += i >= 0 and i % s == 0 and i // s < size
+    return count
+
+
+def _macs(node: fx.Node, mod: torch.nn.Module, is_conv: bool) -> int:
     shape = get_info(node).shape
     assert shape is not None, f"{node.name} has no recorded shape"
+    weight: torch.Tensor = mod.weight  # type: ignore[assignment]
+    dilated = _dilated_input(node) if is_conv else None
+    if dilated is not None:  # a transposed convolution: count its own products, not those with inserted zeros
+        in_shape = get_info(input_node(dilated)).shape
+        assert in_shape is not None, f"{dilated.name} has no recorded input shape"
+        (sh, sw), (top, left, _, _) = dilate_settings(dilated.args)
+        dh, dw = pair(mod.dilation)  # type: ignore[arg-type]
+        rows = _real_taps(shape[2], weight.shape[2], dh, sh, top, in_shape[2])
+        cols = _real_taps(shape[3], weight.shape[3], dw, sw, left, in_shape[3])
+        return int(weight.shape[0] * weight.shape[1]) * rows * cols
     per_position = math.prod(shape[2:]) if is_conv else math.prod(shape[1:-1])
     return int(weight.numel()) * per_position
+
+
+def _conv_kind(node: fx.Node) -> str:
+    return "ConvTranspose2d" if _dilated_input(node) is not None else "Conv2d"
 
 
 def layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
@@ -106,9 +144,10 @@ def layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
     for node in gm.graph.nodes:
         mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         if isinstance(mod, (ops.IntConv2d, ops.IntLinear)):
-            kind = "Conv2d" if isinstance(mod, ops.IntConv2d) else "Linear"
+            is_conv = isinstance(mod, ops.IntConv2d)
+            kind = _conv_kind(node) if is_conv else "Linear"
             name = get_info(node).layer or node.name
-            macs, params = _macs(node, mod.weight, kind == "Conv2d"), int(mod.weight.numel())
+            macs, params = _macs(node, mod, is_conv), int(mod.weight.numel())
             w_bits, terms = (mod.bits, mod.terms) if isinstance(mod, ops.SHIFT_ADD_OPS) else (mod.w_type.bits, 0)
             costs.append(LayerCost(name, kind, w_bits, mod.inp.bits, macs, params, _input_elems(node), terms))
     return costs
@@ -116,7 +155,6 @@ def layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
 
 def quant_layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
     """LayerCosts of a quant-stage graph (shapes annotated) from its quantizers' current bits."""
-    from qcompile.ir.rewrite import input_node
     from qcompile.quant import graph
     from qcompile.quant.apot import multiplier_free_terms
     from qcompile.quant.modules import QConv2d
@@ -126,8 +164,8 @@ def quant_layer_costs(gm: fx.GraphModule) -> list[LayerCost]:
         roots = graph.roots(gm, input_node(node))
         a_bits = max((graph.act_quant(gm, r).bits for r in roots), default=8)
         is_conv = isinstance(layer, QConv2d)
-        macs = _macs(node, layer.weight, is_conv)
-        costs.append(LayerCost(str(node.target), "Conv2d" if is_conv else "Linear", layer.weight_quant.bits,
+        macs = _macs(node, layer, is_conv)
+        costs.append(LayerCost(str(node.target), _conv_kind(node) if is_conv else "Linear", layer.weight_quant.bits,
                                a_bits, macs, int(layer.weight.numel()), _input_elems(node),
                                multiplier_free_terms(layer.weight_quant)))
     return costs
@@ -142,7 +180,7 @@ def dense_totals(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -
     for node in gm.graph.nodes:
         mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear)):
-            macs += _macs(node, mod.weight, isinstance(mod, torch.nn.Conv2d))
+            macs += _macs(node, mod, isinstance(mod, torch.nn.Conv2d))
             params += int(mod.weight.numel())
     return macs, params
 

@@ -46,7 +46,7 @@ from qcompile.errors import QCompileError
 from qcompile.ir import intops as ops
 from qcompile.ir.contract import Target
 from qcompile.ir.meta import IntType, get_info, get_target
-from qcompile.ir.movement import upsample_nearest
+from qcompile.ir.movement import dilate_pad, dilate_settings, upsample_nearest
 from qcompile.ir.rewrite import input_node
 
 BASE_OPSET = 21
@@ -320,7 +320,34 @@ def _export_function(e: _Emitter, node: fx.Node, args: list[Any]) -> gs.Variable
         scales = e.const(f"{node.name}_scales", np.array([1, 1, *factors], dtype=np.float32))
         return e.op("Resize", node.name, [args[0], gs.Variable.empty(), scales], np.uint8, mode="nearest",
                     coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    if node.target is dilate_pad:
+        return _export_dilate(e, node, args[0])
     raise ExportError(f"no ONNX lowering for {node.target}")
+
+
+def _export_dilate(e: _Emitter, node: fx.Node, x: gs.Variable) -> gs.Variable:
+    """``dilate_pad`` on the uint8 container: the inserted and padded value is the zero point (ir/movement.py)."""
+    src = input_node(node)
+    shape, itype = get_info(src).shape, get_info(src).itype
+    assert shape is not None and itype is not None, f"'{src.name}' has no recorded shape or type"
+    (sh, sw), pads = dilate_settings(node.args)
+    _, c, h, w = shape
+    zp = e.const(f"{node.name}_zero", _u8(128 if itype.signed else 0))
+    if (sh, sw) != (1, 1):
+        split = e.const(f"{node.name}_split", np.array([0, c, h, 1, w, 1], dtype=np.int64))
+        x = e.op("Reshape", node.name, [x, split], np.uint8)
+        gaps = e.const(f"{node.name}_gaps", np.array([0] * 9 + [sh - 1, 0, sw - 1], dtype=np.int64))
+        x = e.op("Pad", node.name, [x, gaps, zp], np.uint8)
+        joined = e.const(f"{node.name}_joined", np.array([0, c, h * sh, w * sw], dtype=np.int64))
+        x = e.op("Reshape", node.name, [x, joined], np.uint8)
+        bounds = [e.const(f"{node.name}_{k}", np.array(v, dtype=np.int64))
+                  for k, v in (("starts", [0, 0]), ("ends", [sh * (h - 1) + 1, sw * (w - 1) + 1]), ("axes", [2, 3]))]
+        x = e.op("Slice", node.name, [x, *bounds], np.uint8)
+    if any(pads):  # ONNX Pad crops where a pad is negative
+        top, left, bottom, right = pads
+        edges = e.const(f"{node.name}_pads", np.array([0, 0, top, left, 0, 0, bottom, right], dtype=np.int64))
+        x = e.op("Pad", node.name, [x, edges, zp], np.uint8)
+    return x
 
 
 def _export_narrow(e: _Emitter, node: fx.Node, x: gs.Variable) -> gs.Variable:

@@ -30,7 +30,7 @@ import onnx_graphsurgeon as gs
 import torch
 import torch.fx as fx
 
-from qcompile.frontends import onnx_arith, onnx_movement  # noqa: F401 - register their converters
+from qcompile.frontends import onnx_arith, onnx_movement, onnx_transposed  # noqa: F401 - register their converters
 from qcompile.frontends.onnx_check import (
     OnnxValidationError,
     check_declared_shape,

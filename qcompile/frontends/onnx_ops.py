@@ -118,8 +118,8 @@ class Builder:
     def bind(self, node: gs.Node, value: fx.Node) -> None:
         self.env[node.outputs[0].name] = value
 
-    def emit_module(self, node: gs.Node, module: nn.Module, x: gs.Tensor) -> fx.Node:
-        arg, base, i = self.value(x), _layer_name(node), 1
+    def emit_module(self, node: gs.Node, module: nn.Module, x: gs.Tensor | fx.Node) -> fx.Node:
+        arg, base, i = x if isinstance(x, fx.Node) else self.value(x), _layer_name(node), 1
         name = base
         while hasattr(self.root, name):
             name, i = f"{base}_{i}", i + 1
@@ -302,7 +302,7 @@ def _absorb_bias(imp: Builder, node: gs.Node, x: gs.Tensor, bias: np.ndarray) ->
     if not isinstance(layer, (nn.Linear, nn.Conv2d)) or layer.bias is not None:
         return False
     if len(x.outputs) != 1 or any(x is out for out in imp.graph.outputs) or x.inputs[0].op not in (
-        "MatMul", "Gemm", "Conv"
+        "MatMul", "Gemm", "Conv", "ConvTranspose"
     ):
         return False
     channels = layer.weight.shape[0]

@@ -19,6 +19,7 @@ Rewrites (each keeps the computed function identical):
   transposes, slices, splits; adaptive pools to k x k; stochastic depth in eval mode; arithmetic
   with constants, a - b                                    -> rules/canonical_movement.py, canonical_pool.py,
                                                               canonical_constants.py
+  ConvTranspose2d / F.conv_transpose2d                     -> Conv2d(dilate_pad(x)) (canonical_transposed.py)
 Shapes come from one run on the example inputs. Anything else (or a supported op with an unsupported
 setting: non-unit alpha, a concat across another axis) is reported in one UnsupportedOpsError listing
 every such node with its op and source line. Control flow is the frontend's business, not this pass's.
@@ -39,12 +40,14 @@ from torch import nn
 from qcompile.errors import group_items
 from qcompile.ir import rewrite
 from qcompile.ir.meta import Stage, get_info
+from qcompile.ir.movement import dilate_pad
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.ir.verify import FLOAT_FUNCTIONS, FLOAT_MODULES
 from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, register_pass
 from qcompile.passes.rules import canonical_constants as constants
 from qcompile.passes.rules import canonical_movement as movement
 from qcompile.passes.rules import canonical_pool as pools
+from qcompile.passes.rules import canonical_transposed as transposed
 from qcompile.passes.rules.canonicalize_pointwise import is_canonical_mul, pointwise_rule
 
 
@@ -184,6 +187,7 @@ METHOD_RULES: dict[str, Rule] = {
 }
 FUNCTION_RULES.update({torch.squeeze: _reshape, torch.unsqueeze: _reshape, **movement.FUNCTION_RULES,
                        torch.mean: pools.mean_chain, **constants.FUNCTION_RULES,
+                       F.conv_transpose2d: transposed.transposed_function,
                        **{f: constants.add_rule(_add) for f in (operator.add, operator.iadd, torch.add)}})
 METHOD_RULES.update({**movement.METHOD_RULES, "mean": pools.mean_chain, **constants.METHOD_RULES,
                      "add": constants.add_rule(_add), "add_": constants.add_rule(_add)})
@@ -202,6 +206,8 @@ def _module_rule(module: nn.Module) -> Rule | None:  # noqa: C901 - a flat table
         return _reshape
     if isinstance(module, nn.Upsample) and module.mode != "bilinear":  # bilinear modules are canonical
         return movement.upsample_module
+    if isinstance(module, nn.ConvTranspose2d):
+        return transposed.transposed_module
     return None
 
 
@@ -216,6 +222,8 @@ def _is_canonical(node: fx.Node) -> bool:
         return node.kwargs == {"dim": 1} and len(node.args) == 1
     if node.target is operator.mul:  # a product of two activations; a multiply by a constant is not
         return is_canonical_mul(node)
+    if node.target is dilate_pad:
+        return transposed.is_canonical_dilate(node)
     moved = movement.is_canonical(node)
     if moved is None:
         moved = constants.is_canonical(node)
@@ -245,8 +253,12 @@ def _other_rule(gm: fx.GraphModule, node: fx.Node) -> Rule | None:
 
 def _unsupported_setting(gm: fx.GraphModule, node: fx.Node) -> str | None:
     mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
-    if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
-        return f"Conv2d with padding_mode={mod.padding_mode}"
+    if isinstance(mod, (nn.Conv2d, nn.ConvTranspose2d)) and mod.padding_mode != "zeros":
+        return f"{type(mod).__name__} with padding_mode={mod.padding_mode}"
+    if isinstance(mod, nn.ConvTranspose2d):
+        return "ConvTranspose2d called with output_size (give output_padding instead)"
+    if node.op == "call_function" and node.target is F.conv_transpose2d:  # left only when its rule declined
+        return "conv_transpose2d with a weight, bias or setting computed at run time (only parameters)"
     return None
 
 
