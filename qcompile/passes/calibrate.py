@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from qcompile.ir.meta import Stage
 from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, option, register_pass
-from qcompile.quant import graph
+from qcompile.quant import graph, integer_sim
 from qcompile.threads import fixed_threads
 
 
@@ -80,4 +80,5 @@ class Calibrate(Pass):
         for node, q in quants:
             _check_range(node, q)
         graph.bind_input_scales(gm)  # from here on the layers' biases sit on the int32 accumulator grid
+        integer_sim.bind_simulation(gm)  # and LayerNorm, softmax and constants compute the integer graph's values
         return PassResult(gm, True)

@@ -40,7 +40,7 @@ from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionErro
 from qcompile.passes.rules.lower_elementwise import lower_elementwise
 from qcompile.passes.rules.lower_pointwise import lower_point
 from qcompile.passes.rules.lower_pools import lower_pool_table
-from qcompile.quant import graph
+from qcompile.quant import graph, integer_sim
 from qcompile.quant.apot import APoTWeightQuant, terms_of_codes
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
 
@@ -54,21 +54,8 @@ class Value:
     scale: float
 
 
-def _clamp_kwarg(clamp: fx.Node, key: str) -> float | None:
-    """``min``/``max`` of a canonical ``torch.clamp``: a number or None (canonicalize rejects node bounds)."""
-    v = clamp.kwargs.get(key)
-    assert v is None or isinstance(v, (int, float)), f"clamp '{clamp.name}' has a non-constant {key}: {v!r}"
-    return v
-
-
 def _clamp_bounds(clamps: list[fx.Node], itype: IntType, scale: float) -> tuple[int, int]:
-    lo, hi = itype.lo, itype.hi
-    for c in clamps:
-        low, high = (0.0, None) if c.target is torch.relu else (_clamp_kwarg(c, "min"), _clamp_kwarg(c, "max"))
-        if low is not None:
-            lo = max(lo, round(low / scale))
-        if high is not None:
-            hi = min(hi, round(high / scale))
+    lo, hi = graph.clamp_bounds(graph.clamp_limits(clamps), itype, scale)
     if lo > hi:
         raise PreconditionError(f"clamp {clamps[-1].name} leaves no representable value")
     return lo, hi
@@ -337,7 +324,9 @@ class LowerInteger(Pass):
         if uncalibrated:
             raise PreconditionError(f"activation quantizers {uncalibrated} are not calibrated; run calibrate first")
         annotate_shapes(gm, ctx.example_inputs)
+        target = contract.Target.parse(self.target)
         graph.bind_input_scales(gm)  # the quant graph left behind simulates the biases the lowering stores
-        new = lower(gm, contract.Target.parse(self.target))
+        integer_sim.bind_simulation(gm, target)  # ... and the integer LayerNorm, softmax and constants
+        new = lower(gm, target)
         annotate_shapes(new, ctx.example_inputs)
         return PassResult(new, True)

@@ -19,6 +19,7 @@ import torch.fx as fx
 from torch import nn
 
 from qcompile.ir.elementwise import CONSTANT_MODULES
+from qcompile.ir.meta import IntType
 from qcompile.ir.movement import MOVEMENT_FUNCTIONS
 from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
@@ -88,6 +89,34 @@ def chain_start(gm: fx.GraphModule, quant_node: fx.Node) -> tuple[fx.Node, list[
         clamps.append(node)
         node = input_node(node)
     return node, clamps[::-1]
+
+
+Limits = list[tuple[float | None, float | None]]
+
+
+def clamp_limits(clamps: list[fx.Node]) -> Limits:
+    """(min, max) of each canonical ReLU / ``torch.clamp`` (numbers or None; canonicalize rejects node bounds)."""
+    limits: Limits = []
+    for c in clamps:
+        if c.target is torch.relu:
+            limits.append((0.0, None))
+            continue
+        low, high = c.kwargs.get("min"), c.kwargs.get("max")
+        assert all(v is None or isinstance(v, (int, float)) for v in (low, high)), f"clamp '{c.name}' bounds"
+        limits.append((low, high))  # type: ignore[arg-type]
+    return limits
+
+
+def clamp_bounds(limits: Limits, itype: IntType, scale: float) -> tuple[int, int]:
+    """The integer clamp [lo, hi] the limits fold into on a grid of ``scale``; lo > hi when none is left:
+    lo = max(type.lo, round(min / scale)), hi = min(type.hi, round(max / scale))."""
+    lo, hi = itype.lo, itype.hi
+    for low, high in limits:
+        if low is not None:
+            lo = max(lo, round(low / scale))
+        if high is not None:
+            hi = min(hi, round(high / scale))
+    return lo, hi
 
 
 def roots(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:

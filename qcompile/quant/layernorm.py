@@ -23,8 +23,9 @@ the approximation error is sqrt(D) 2^-(K+1) |gamma| / s_y plus smaller terms: 0.
 test_layernorm.py, D = 16..768, 8-bit out, both targets): the integer output is within 0.51 (D = 16) to
 0.53 (D = 768) output steps of the exact LayerNorm(s_x q) / s_y, hence at most one step from
 round(LayerNorm_float64 / s_y), and equal to that on all but 0.1 % (D = 16) to 0.7 % (D = 768) of the
-values. The simulation (quant graph) runs float LayerNorm, so it agrees with the integer graph to one
-output step, not bit for bit. Not handled: normalization over several dims at once, D = 1.
+values. The simulation (quant graph) computes these same integers once its grids are fixed
+(``quant/integer_sim.py``: the lowered op runs on the simulated integers, gradients straight through the
+float LayerNorm). Not handled: normalization over several dims at once, D = 1.
 """
 
 from __future__ import annotations

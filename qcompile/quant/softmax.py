@@ -7,7 +7,7 @@ C = round(2^t / s_y), t = 16: non-negative int64 operands, so onnxruntime's trun
 
 Error before the final rounding: E carries 2^-17 absolute (against 1 for the largest term), C a relative
 2^-17 s_y: together far below 0.01 of an output step for 8-bit outputs over a small axis (the tests bound
-it). The simulation runs float softmax, so it agrees with the integer graph to one output step. Not
+it). The simulation computes the same integers (``quant/integer_sim.py``; gradients through float softmax). Not
 handled: softmax over several axes; very long axes (S grows with the axis length; below 2^28 elements
 every operand stays under 2^62).
 """

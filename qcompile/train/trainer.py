@@ -54,7 +54,7 @@ from qcompile import cost, distributed
 from qcompile.errors import QCompileError
 from qcompile.files import write_output
 from qcompile.ir.shapes import annotate_shapes
-from qcompile.quant import graph
+from qcompile.quant import graph, integer_sim
 
 if TYPE_CHECKING:  # data imports the passes, which import the searches, which import this module
     from qcompile.data import Dataset
@@ -323,6 +323,7 @@ class QuantTrainer:
         """Train for the configured epochs (from the checkpoint when resuming); the graph ends on the CPU."""
         start = self._resume()
         graph.bind_input_scales(self.gm)
+        integer_sim.bind_simulation(self.gm)
         if start > 0 and start * self.steps_per_epoch <= self.freeze_step:
             raise TrainError("cannot resume inside the calibration phase; restart without --resume")
         with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was

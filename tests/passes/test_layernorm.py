@@ -133,7 +133,7 @@ def test_layernorm_graphs_are_exact_everywhere(target: str) -> None:
     with torch.no_grad():
         sim = cm.quant_graph.eval()(x)
     step = next(m for m in cm.integer_graph.modules() if isinstance(m, ops.Dequantize)).scale
-    assert float((sim - cm.reference(x)).abs().max()) <= 3 * step  # float LN in the simulation: not bit-exact
+    assert float((sim - cm.reference(x)).abs().max()) <= step  # the heads' float convs: ties (test_integer_sim)
 
 
 def test_onnx_layer_normalization_imports_and_compiles_exactly(tmp_path: Path) -> None:

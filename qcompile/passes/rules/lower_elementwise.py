@@ -2,8 +2,9 @@
 
 For an input of scale s_x and an output quantizer of scale s_y:
   MulConst(c), c > 0 (per sample broadcast):  acc = q_x,  M = s_x c / s_y (one multiplier per entry of c);
-  AddConst(c):  acc = 2^k q_x + round(c 2^k / s_x),  M = s_x / (2^k s_y), with k = ADD_BITS: the constant
-                is represented on a grid 2^k times finer than the input's (error <= s_x 2^-(k+1));
+  AddConst(c):  acc = 2^k q_x + round(c 2^k / s_x),  M = s_x / (2^k s_y), with k = 8 (ADD_BITS in
+                quant/integer_sim.py, which builds both ops for the lowering and the simulation): the
+                constant is represented on a grid 2^k times finer than the input's (error <= s_x 2^-(k+1));
   a - b (one shared scale s, from share-scales):  acc = q_a - q_b,  M = s / s_y.
 Not handled: subtraction of tensors on different scales (run share-scales first).
 """
@@ -14,8 +15,6 @@ import math
 import operator
 from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 from torch import nn
 
 from qcompile.ir import intops as ops
@@ -23,18 +22,12 @@ from qcompile.ir.elementwise import AddConst, MulConst
 from qcompile.ir.meta import IntType, get_info
 from qcompile.ir.rewrite import input_node
 from qcompile.passes.base import PreconditionError
+from qcompile.quant.integer_sim import integer_op
 
 if TYPE_CHECKING:
     import torch.fx as fx
 
     from qcompile.passes.lower_integer import Value, _Lowering
-
-ADD_BITS = 8
-
-
-def _param_shape(value: torch.Tensor, rank: int) -> tuple[int, ...]:
-    """The per-sample broadcast shape of ``value`` against a tensor of ``rank`` (batch included)."""
-    return (1,) * (rank - 1 - value.dim()) + tuple(value.shape)
 
 
 def _lower_sub(lw: _Lowering, point: fx.Node, out: IntType, s_y: float, bounds: tuple[int, int]) -> Value:
@@ -50,15 +43,7 @@ def _lower_constant(lw: _Lowering, point: fx.Node, mod: AddConst | MulConst, out
     src = input_node(point)
     x, shape = lw.value(src), get_info(src).shape
     assert shape is not None, f"'{point.name}' has no recorded input shape"
-    c = mod.value.double()
-    params = _param_shape(c, len(shape))
-    if isinstance(mod, MulConst):
-        kwargs = {**lw.requant((x.scale * c / s_y).reshape(-1).numpy()), "gain": 1, "offset": [0]}
-    else:
-        gain = 1 << ADD_BITS
-        offset = np.round(c.reshape(-1).numpy() * gain / x.scale).astype(np.int64)
-        kwargs = {**lw.requant(x.scale / (gain * s_y)), "gain": gain, "offset": offset}
-    op = ops.IntRescale(**kwargs, param_shape=params, inp=x.itype, out=out, lo=bounds[0], hi=bounds[1])
+    op = integer_op(mod, x.itype, x.scale, out, s_y, bounds, lw.requant, len(shape))  # the simulation's too
     return lw.emit(point.name, op, (x.node,), out, s_y, point)
 
 

@@ -6,7 +6,8 @@
   when t_x is wider than 8 bits or f is not finite on [s_x t_x.lo, s_x t_x.hi].
 * ``operator.mul(a, b)`` becomes ``IntMul`` with M = s_a s_b / s_y on the int32 product q_a q_b.
 * ``nn.LayerNorm`` over the last dim (``ChannelLayerNorm``: over dim 1) becomes ``IntLayerNorm`` (integers
-  chosen by ``quant.layernorm.plan``); ``nn.Softmax(dim)`` becomes ``IntSoftmax`` (``quant.softmax.plan``).
+  chosen by ``quant.layernorm.plan``); ``nn.Softmax(dim)`` becomes ``IntSoftmax`` (``quant.softmax.plan``);
+  both built by ``quant.integer_sim.integer_op``, which the simulation calls too.
 
 Not handled here: products with a constant (a scale folds into the neighbouring requantization, not an
 IntMul), tables on inputs wider than 8 bits (see ``quant/tables.py``).
@@ -21,10 +22,12 @@ import torch.fx as fx
 from torch import nn
 
 from qcompile.ir import intops as ops
+from qcompile.ir.contract import MultiplierError
 from qcompile.ir.meta import IntType, get_info
 from qcompile.ir.rewrite import input_node
 from qcompile.passes.base import PreconditionError
-from qcompile.quant import layernorm, softmax
+from qcompile.quant import layernorm
+from qcompile.quant.integer_sim import integer_op
 from qcompile.quant.tables import TableError, TableFunction, build_table
 
 if TYPE_CHECKING:
@@ -51,30 +54,17 @@ def _lower_mul(lw: _Lowering, point: fx.Node, out: IntType, s_y: float, bounds: 
     return lw.emit(point.name, op, (a.node, b.node), out, s_y, point)
 
 
-def _lower_layernorm(lw: _Lowering, point: fx.Node, ln: nn.LayerNorm, out: IntType, s_y: float,
-                     bounds: tuple[int, int]) -> Value:
+def _lower_planned(lw: _Lowering, point: fx.Node, mod: nn.Module, out: IntType, s_y: float,
+                   bounds: tuple[int, int]) -> Value:
+    """LayerNorm and softmax: the op ``quant.integer_sim.integer_op`` builds (the simulation builds the same)."""
     x = lw.value(input_node(point))
     shape = get_info(point).shape
     assert shape is not None, f"'{point.name}' has no recorded shape"
     try:
-        attrs = layernorm.plan(ln, x.itype, x.scale, s_y)
-    except layernorm.LayerNormPlanError as exc:
-        raise PreconditionError(f"LayerNorm '{point.name}': {exc}") from None
-    real_m = attrs.pop("real_m")
-    axis = 1 if isinstance(ln, layernorm.ChannelLayerNorm) else len(shape) - 1
-    op = ops.IntLayerNorm(**attrs, **lw.requant(real_m), axis=axis, inp=x.itype, out=out, lo=bounds[0], hi=bounds[1])
-    return lw.emit(point.name, op, (x.node,), out, s_y, point)
-
-
-def _lower_softmax(lw: _Lowering, point: fx.Node, sm: nn.Softmax, out: IntType, s_y: float,
-                   bounds: tuple[int, int]) -> Value:
-    x = lw.value(input_node(point))
-    try:
-        attrs = softmax.plan(x.itype, x.scale, s_y)
-    except ValueError as exc:
-        raise PreconditionError(f"softmax '{point.name}': {exc}") from None
-    assert isinstance(sm.dim, int), "canonicalize gives every softmax a dim"
-    op = ops.IntSoftmax(**attrs, axis=sm.dim, inp=x.itype, out=out, lo=bounds[0], hi=bounds[1])
+        op = integer_op(mod, x.itype, x.scale, out, s_y, bounds, lw.requant, len(shape))
+    except (layernorm.LayerNormPlanError, MultiplierError, ValueError) as exc:
+        what = "LayerNorm" if isinstance(mod, nn.LayerNorm) else "softmax"
+        raise PreconditionError(f"{what} '{point.name}': {exc}") from None
     return lw.emit(point.name, op, (x.node,), out, s_y, point)
 
 
@@ -85,8 +75,6 @@ def lower_point(lw: _Lowering, point: fx.Node, mod: nn.Module | None, out: IntTy
         return _lower_table(lw, point, mod, out, s_y, bounds)
     if point.op == "call_function" and point.target is operator.mul:
         return _lower_mul(lw, point, out, s_y, bounds)
-    if isinstance(mod, nn.LayerNorm):
-        return _lower_layernorm(lw, point, mod, out, s_y, bounds)
-    if isinstance(mod, nn.Softmax):
-        return _lower_softmax(lw, point, mod, out, s_y, bounds)
+    if isinstance(mod, (nn.LayerNorm, nn.Softmax)):
+        return _lower_planned(lw, point, mod, out, s_y, bounds)
     return None
