@@ -144,8 +144,10 @@ class CompiledModel:
     def simulate(self, x: torch.Tensor) -> Outputs:
         """Run the quant graph in eval mode: the fake-quantized float model the integer graph was lowered from.
 
-        It predicts the same class as the integer graph for (practically) every sample, but is float
-        arithmetic, not bit-exact. Raises ModelError when the pipeline had no quant stage.
+        Tables, LayerNorm, softmax and constant arithmetic compute the integer graph's integers
+        (``quant/integer_sim.py``); convs, linears, adds and pools are float arithmetic then rounding, equal
+        to the integer graph except at rounding near-ties, so it is not guaranteed bit-exact. Raises
+        ModelError when the pipeline had no quant stage.
         """
         if self.quant_graph is None:
             raise ModelError("this pipeline produced no quant-stage graph to simulate")

@@ -206,3 +206,33 @@ def test_every_setting_combination_is_exact_in_float_for_onnx_pads() -> None:
         conv = equivalent_conv(w, None, (d, d), 1)
         got = conv(dilate_pad(x, (s, s), input_pads((3, 2), (d, d), (p, p), (p, p), (o, o))))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class DecoderClassifier(nn.Module):
+    """Down, up (ConvTranspose2d + BN + ReLU), pool, linear: a classifier for the digits search."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(1, 8, 3, 2, 1)
+        self.up, self.bn = nn.ConvTranspose2d(8, 8, 3, 2, 1, 1, groups=2), nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn(self.up(torch.relu(self.down(x)))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_bsq_search_assigns_bits_to_the_transposed_conv() -> None:
+    """The transposed conv is an ordinary searched layer (one epoch of BSQ does not lower its bits further)."""
+    from qcompile.api import search_pipeline
+
+    torch.manual_seed(0)
+    data = qcompile.load_data("digits")
+    model = DecoderClassifier()
+    randomize_bn(model.bn)
+    cm = qcompile.compile(model.eval(), data.x_train[:1], data=data,
+                          pipeline=search_pipeline("bsq{alpha=0.1,start_bits=4,epochs=1,finetune_epochs=1}"))
+    layers = {layer["name"]: layer for layer in cm.report()["layers"]}
+    assert layers["up"]["op"] == "ConvTranspose2d"
+    assert 2 <= layers["up"]["w_bits"] <= 5  # BSQ's bit planes (start_bits=4: int5 at most), not the default 8
+    assert_exact(cm, data.x_test[:64])
