@@ -278,4 +278,5 @@ RAISES.update({
     aten.add_.Tensor: _add,  # result += x (torchvision's residuals)
     aten._softmax.default: _function(torch.nn.functional.softmax, 2),
     aten.softmax.int: _function(torch.nn.functional.softmax, 2),
+    aten.conv_transpose2d.input: _function(torch.nn.functional.conv_transpose2d),  # canonicalize: dilate_pad + conv
 })

@@ -236,3 +236,17 @@ def test_bsq_search_assigns_bits_to_the_transposed_conv() -> None:
     assert layers["up"]["op"] == "ConvTranspose2d"
     assert 2 <= layers["up"]["w_bits"] <= 5  # BSQ's bit planes (start_bits=4: int5 at most), not the default 8
     assert_exact(cm, data.x_test[:64])
+
+
+def test_a_saved_torch_export_program_compiles_like_the_module(tmp_path: Path) -> None:
+    """The torch.export frontend: aten.conv_transpose2d becomes the same dilate_pad + conv."""
+    model = decoder()
+    path = tmp_path / "decoder.pt2"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.export.save(torch.export.export(model, (random_inputs(2),)), str(path))
+    x = random_inputs(16, seed=9)
+    from_file, from_module = compile_model(str(path)), compile_model(model)
+    assert torch.equal(from_file.reference(x), from_module.reference(x))
+    assert [c.op for c in from_file.layer_costs()] == ["Conv2d", "ConvTranspose2d", "ConvTranspose2d"]
+    assert_exact(from_file, x)
