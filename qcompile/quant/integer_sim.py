@@ -3,7 +3,8 @@
 LayerNorm (``IntLayerNorm``: integer mean, Newton square root, 16-bit gamma), softmax (``IntSoftmax``: a
 16-bit exp table, an integer division) and constant arithmetic (``IntRescale``: the added constant on a
 grid 2^8 finer than the input's, a dyadic or float32 multiplier) compute integers that float LayerNorm /
-softmax / x + c followed by the output quantizer miss by up to one output step. So in the quant graph each
+softmax followed by the output quantizer miss by an output step on about 1 % of the values (x + c, x * c:
+at rounding near-ties, a few in 10^4; tests/quant/test_integer_sim.py). So in the quant graph each
 such module gets a forward hook (``IntegerSimulation``) that, once its input quantizer (the scale root of
 its input, scale s_x) and its output quantizer (s_y, with the clamps between them) have fixed grids,
 replaces the module's output by the integer graph's: with the integer op built exactly as lower-integer
