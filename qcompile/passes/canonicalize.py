@@ -20,6 +20,7 @@ Rewrites (each keeps the computed function identical):
   with constants, a - b                                    -> rules/canonical_movement.py, canonical_pool.py,
                                                               canonical_constants.py
   ConvTranspose2d / F.conv_transpose2d                     -> Conv2d(dilate_pad(x)) (canonical_transposed.py)
+  a LayerNorm / Softmax module called at several places   -> one copy per call (the simulation hooks each)
 Shapes come from one run on the example inputs. Anything else (or a supported op with an unsupported
 setting: non-unit alpha, a concat across another axis) is reported in one UnsupportedOpsError listing
 every such node with its op and source line. Control flow is the frontend's business, not this pass's.
@@ -27,6 +28,7 @@ every such node with its op and source line. Control flow is the frontend's busi
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -297,6 +299,23 @@ def _unsupported(gm: fx.GraphModule, rejected: set[str]) -> UnsupportedOpsError 
     return UnsupportedOpsError(items, kinds, examples) if items else None
 
 
+UNSHARED = (nn.LayerNorm, nn.Softmax)  # each call gets its own quantizers' integer op (quant/integer_sim.py)
+
+
+def _unshare(gm: fx.GraphModule) -> bool:
+    """A LayerNorm or softmax module called at several places: one copy per call (same parameters' values)."""
+    seen: set[str] = set()
+    modified = False
+    for node in gm.graph.nodes:
+        if node.op != "call_module" or not isinstance(gm.get_submodule(str(node.target)), UNSHARED):
+            continue
+        if str(node.target) in seen:
+            node.target = rewrite.add_module(gm, node.name, copy.deepcopy(gm.get_submodule(str(node.target))))
+            modified = True
+        seen.add(str(node.target))
+    return modified
+
+
 @register_pass
 @dataclass(frozen=True)
 class Canonicalize(Pass):
@@ -316,6 +335,7 @@ class Canonicalize(Pass):
                 modified = True
             else:
                 rejected.add(node.name)
+        modified = _unshare(gm) or modified
         rewrite.finish(gm)
         problems = _unsupported(gm, rejected)
         if problems is not None:

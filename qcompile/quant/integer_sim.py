@@ -17,7 +17,8 @@ The requantization depends on the target, known only at lowering: calibrate and 
 ``ort`` (the default), lower-integer binds again with its target, so the quant graph a CompiledModel keeps
 simulates the integer graph it was lowered to. While a grid is not fixed (observing, uncalibrated, gated)
 or the integer op cannot be built at the current scales (lowering would refuse them, naming the node) the
-module's float output stays.
+module's float output stays; so does that of a module called at several places (canonicalize gives each
+LayerNorm / softmax call its own module; a custom pipeline might not).
 
 Not handled: the products of two activations and tables (already exact: f then the output quantizer is
 what the table stores), and convs, adds and pools (float arithmetic then rounding; they equal the integer
@@ -120,6 +121,9 @@ class IntegerSimulation:
 def bind_simulation(gm: fx.GraphModule, target: contract.Target = contract.Target.ORT) -> int:
     """Hook every LayerNorm / softmax / constant-arithmetic quantization point; returns how many."""
     bound = 0
+    calls: dict[str, int] = {}
+    for node in gm.graph.find_nodes(op="call_module"):
+        calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     for qnode, q in graph.act_quants(gm):
         point, clamps = graph.chain_start(gm, qnode)
         mod = graph.module(gm, point)
@@ -128,7 +132,7 @@ def bind_simulation(gm: fx.GraphModule, target: contract.Target = contract.Targe
         for key in [k for k, hook in mod._forward_hooks.items() if isinstance(hook, IntegerSimulation)]:
             del mod._forward_hooks[key]
         found = graph.roots(gm, input_node(point))
-        if found:
+        if found and calls[str(point.target)] == 1:  # a module called twice has two pairs of quantizers: float
             source = graph.act_quant(gm, found[0])
             mod.register_forward_hook(IntegerSimulation(source, q, graph.clamp_limits(clamps), target))
             bound += 1

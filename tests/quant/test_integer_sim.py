@@ -153,3 +153,23 @@ def test_float_output_while_the_grids_are_not_fixed() -> None:
         assert hook(sm, (x,), sm(x)) is None
         hook.source.observing = False
         assert hook(sm, (x,), sm(x)) is not None
+
+
+class Shared(nn.Module):
+    """One Softmax and one LayerNorm module, each called twice (on different scales)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.sm, self.ln = nn.Softmax(dim=1), nn.LayerNorm(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(self.sm(self.c2(self.ln(self.sm(self.c1(x))))))
+
+
+def test_a_module_called_twice_gets_one_copy_per_call() -> None:
+    torch.manual_seed(0)
+    cm = compile_model(Shared().eval(), pipeline=pipeline("ort"))
+    assert cm.quant_graph is not None
+    assert len(_hooks(cm.quant_graph)) == 4  # canonicalize copied the second call of each
+    assert _steps(cm, random_inputs(256, seed=3)) == 0.0
