@@ -7,9 +7,10 @@ indices, ``Transpose`` back, ``Where(constant mask, 0, x)`` zeroing the padded w
 movement the converters accept, but together they are one known op. Here:
 
 * A *region* starts at a tensor x that feeds a ``GatherND`` or a ``Transpose`` moving the batch axis, and
-  takes, in topological order, every node of ``LINEAR`` whose inputs are region tensors or constants
-  (``Where`` only with a constant condition and an all-zero constant branch). Every such node is linear in
-  x, so the region computes y = L x for one constant matrix L. It must have one exit y (the only region
+  takes, in topological order, every node of ``LINEAR`` that is linear in the region tensors it reads:
+  the others are constants, ``Where`` has a constant condition and an all-zero constant branch, ``Add``
+  and ``Sub`` take two region tensors, ``Div`` divides by a constant, a ``Gather``'s indices are constant.
+  So the region computes y = L x for one constant matrix L. It must have one exit y (the only region
   tensor used outside it), 4-D like x.
 * L is identified by evaluation: the region, cut out as a model of its own, runs in onnxruntime on
   ``PROBES`` Gaussian inputs; if y equals ``adaptive_avg_pool2d(x, y's H x W)`` on each (to float32
@@ -52,21 +53,20 @@ def _seeds(graph: gs.Graph) -> list[gs.Variable]:
 
 
 def _linear_in(node: gs.Node, inside: set[str]) -> bool:
-    """Whether ``node`` is linear in the region tensors it reads (all its other inputs constant)."""
-    if node.op not in LINEAR or not any(t.name in inside for t in node.inputs):
+    """Whether ``node`` is linear in the region tensors it reads, every other input a constant."""
+    if node.op not in LINEAR:
         return False
-    if not all(t.name in inside or isinstance(t, gs.Constant) for t in node.inputs):
+    reads = [t.name in inside for t in node.inputs]
+    if not any(reads) or not all(r or isinstance(t, gs.Constant) for r, t in zip(reads, node.inputs, strict=True)):
         return False
-    if node.op == "Where":
-        cond, a, b = node.inputs
-        constant = [t for t in (a, b) if isinstance(t, gs.Constant)]
-        return isinstance(cond, gs.Constant) and len(constant) == 1 and not np.any(constant[0].values)
-    if node.op in ("Mul", "Div"):  # a scale by constants; the divisor is the constant one
-        return sum(t.name in inside for t in node.inputs) == 1 and (node.op == "Mul" or node.inputs[1].name
-                                                                       not in inside)
-    if node.op in ("Gather", "GatherND"):
-        return node.inputs[0].name in inside and node.inputs[1].name not in inside
-    return node.op in ("Add", "Sub") or node.inputs[0].name in inside
+    if node.op == "Where":  # cond ? 0 : v or cond ? v : 0, the condition a constant
+        zero = [t for t, r in zip(node.inputs[1:], reads[1:], strict=True) if not r]
+        return not reads[0] and len(zero) == 1 and not np.any(zero[0].values)
+    if node.op in ("Add", "Sub"):  # of two region tensors (a constant term would be affine)
+        return all(reads)
+    if node.op == "Mul":
+        return sum(reads) == 1
+    return reads[0] and not any(reads[1:])  # Div by constants, Gather(ND) at constant indices, movement
 
 
 def region(graph: gs.Graph, x: gs.Variable) -> tuple[list[gs.Node], gs.Variable] | None:
