@@ -94,20 +94,28 @@ class GemmPlan:
 
 
 def _channel_chunks(op: ops.IntConv2d | ops.IntLinear) -> list[slice] | None:
-    """Greedy input-channel chunks whose per-output-channel bound sum|w| * max|q_x| stays below 2^24."""
+    """Greedy input-channel chunks whose per-output-channel bound sum|w| * max|q_x| stays below 2^24.
+
+    With c[o, j] = max|q_x| * sum|w[o, j]| >= 0 and the exclusive prefix sums P[o, k] = sum_{j<k} c[o, j]
+    (non-decreasing in k), a chunk starting at column s may take columns s..e-1 iff P[o, e] - P[o, s] < 2^24
+    for every o; the greedy end e is the smallest index where some row reaches 2^24, found per row by a
+    binary search (``searchsorted``) and minimised over rows: one vectorised step per chunk, not per column.
+    None when a single column alone reaches 2^24 (no float32 split exists), or for grouped convs.
+    """
     if isinstance(op, ops.IntConv2d) and op.groups != 1:
         return None
     w = op.weight.to(torch.int64).abs()
     columns = (w.sum(dim=(2, 3)) if w.dim() == 4 else w) * max(abs(op.inp.lo), abs(op.inp.hi))
-    chunks, start, running = [], 0, torch.zeros(columns.shape[0], dtype=torch.int64)
-    for i in range(columns.shape[1]):
-        if int((running + columns[:, i]).max()) >= _F32_EXACT:
-            if i == start:
-                return None
-            chunks.append(slice(start, i))
-            start, running = i, torch.zeros_like(running)
-        running += columns[:, i]
-    return [*chunks, slice(start, columns.shape[1])]
+    prefix = F.pad(columns.cumsum_(dim=1), (1, 0))  # P[o, k], k = 0..n
+    n, chunks, start = columns.shape[1], [], 0
+    while start < n:
+        target = (prefix[:, start] + _F32_EXACT).unsqueeze(1).contiguous()
+        stop = int(torch.searchsorted(prefix, target).min()) - 1  # first k with P[o, k] >= target, less one
+        if stop <= start:
+            return None
+        chunks.append(slice(start, stop))
+        start = stop
+    return chunks
 
 
 def _make_plan(op: ops.IntConv2d | ops.IntLinear) -> GemmPlan:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +43,7 @@ from qcompile.passes.rules.lower_pointwise import lower_point
 from qcompile.passes.rules.lower_pools import lower_pool_table
 from qcompile.quant import graph, integer_sim
 from qcompile.quant.apot import APoTWeightQuant, terms_of_codes
-from qcompile.quant.modules import ActQuant, QConv2d, QLinear
+from qcompile.quant.modules import ActQuant, QConv2d, QLinear, layer_weight, layer_weight_scale
 
 
 @dataclass(frozen=True)
@@ -94,11 +95,11 @@ class _Lowering:
         return v
 
 
-def _weights(layer: QConv2d | QLinear, s_x: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _weights(layer: QConv2d | QLinear, s_x: float, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q_w from the quantizer's own output W_q (already on its grid), q_b from the bias the layer uses."""
     with torch.no_grad():
-        w = layer.weight_quant(layer.weight.detach()).double()
-        s_w = layer.weight_quant.scale(layer.weight.detach()).double()
+        w = layer_weight(layer).detach().double()
+        s_w = _weight_scale(layer, name)
         b = layer.weight_quant.quant_bias(layer.bias)
     t = layer.weight_quant.itype
     _require_finite("weights", w)
@@ -106,6 +107,18 @@ def _weights(layer: QConv2d | QLinear, s_x: float) -> tuple[torch.Tensor, torch.
     q_w = torch.round(w / s_w.view(-1, *[1] * (w.dim() - 1))).clamp(t.lo, t.hi).to(torch.int64)
     bias = b.detach().double() if b is not None else torch.zeros_like(s_w)
     return q_w, bias_codes(bias, s_x * s_w), s_w
+
+
+def _weight_scale(layer: QConv2d | QLinear, name: str) -> torch.Tensor:
+    """s_w as the layer's forward uses it; says so when the bias floor (quant.modules) raised it."""
+    s_w = layer_weight_scale(layer)
+    assert s_w is not None, "a weight quantizer without a scale"
+    raised = int((s_w > layer.weight_quant.scale(layer.weight.detach())).sum())
+    if raised:
+        warnings.warn(f"layer '{name}', {raised} of {s_w.numel()} channels: weight scale raised so the bias fits "
+                      "int32 (the bias is out of proportion to s_x * max|W|; their weights round to few levels)",
+                      stacklevel=2)
+    return s_w.double()
 
 
 def _require_finite(what: str, t: torch.Tensor) -> None:
@@ -176,9 +189,12 @@ def _conv_attrs(layer: QConv2d) -> dict[str, Any]:
 def _lower_layer(lw: _Lowering, point: fx.Node, layer: QConv2d | QLinear, out: IntType, s_y: float,
                  bounds: tuple[int, int]) -> Value:
     x = lw.value(input_node(point))
-    q = layer.weight_quant
+    q, name = layer.weight_quant, str(point.target)
     try:
-        q_w, q_b, s_w = _apot_weights(layer, q, x.scale) if isinstance(q, APoTWeightQuant) else _weights(layer, x.scale)
+        if isinstance(q, APoTWeightQuant):
+            q_w, q_b, s_w = _apot_weights(layer, q, x.scale)
+        else:
+            q_w, q_b, s_w = _weights(layer, x.scale, name)
         requant: dict[str, Any] = {"bias": q_b, **lw.requant((x.scale * s_w / s_y).numpy()), "inp": x.itype,
                                    "w_type": q.itype, "out": out, "lo": bounds[0], "hi": bounds[1]}
         op = _make_op(layer, q_w, requant)

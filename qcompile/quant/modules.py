@@ -14,6 +14,13 @@
   observing, not gated), the layer adds ``b_q = S * round(b / S)`` with ``S = s_x * s_w[c]`` (the int32
   accumulator's step; rounded in float64 like the lowering, straight-through for b). Without it a layer
   at 2-4 bits is off the integer graph by up to S / 2 per channel, a sizeable part of an output step.
+* A bias too large for its accumulator grid: with the uniform weight quantizer and a fixed s_x, the weight
+  scale of channel c is at least ``|b_c| / (s_x * 2^30)`` (``bias_scale_floor``), so that
+  ``|q_b| = |round(b_c / (s_x s_w[c]))| <= 2^30`` (up to the float32 rounding of s_w) keeps int32 with room
+  for the products (onnxruntime's quantizer raises its weight scales the same way). It binds only when b_c
+  is out of proportion to s_x * max|W_c| (activations collapsed to ~1e-11, as in a randomly initialised
+  GoogLeNet): the channel's weights then round to few codes or to 0, which is what their contribution to
+  the output is worth. Simulation, lowering and the bias grid all take s_w from ``layer_weight_scale``.
 
 Not handled: asymmetric (zero-point) activation ranges and per-channel activation scales; the integer
 contract has neither.
@@ -134,17 +141,19 @@ class WeightQuant(nn.Module):
         if self.pinned_amax is None:
             self.pinned_amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1).clone()
 
-    def scale(self, w: torch.Tensor) -> torch.Tensor:
+    def scale(self, w: torch.Tensor, floor: torch.Tensor | None = None) -> torch.Tensor:
+        """max|W_c| / hi per channel (1 for an all-zero channel), raised to ``floor`` where that is larger."""
         amax = self.pinned_amax
         if amax is None:
             amax = w.detach().abs().reshape(w.shape[0], -1).amax(dim=1)
         scale = amax / self.itype.hi
-        return torch.where(scale > 0, scale, torch.ones_like(scale))
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return scale if floor is None else torch.maximum(scale, floor.to(scale.dtype))
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def forward(self, w: torch.Tensor, floor: torch.Tensor | None = None) -> torch.Tensor:
         shape = (-1,) + (1,) * (w.dim() - 1)
         t = self.itype
-        return fake_quant(w, self.scale(w).view(shape), t.lo, t.hi)
+        return fake_quant(w, self.scale(w, floor).view(shape), t.lo, t.hi)
 
     def quant_bias(self, b: torch.Tensor | None) -> torch.Tensor | None:
         """The bias the layer uses (a weight quantizer that prunes channels zeroes theirs)."""
@@ -174,14 +183,46 @@ class WeightQuantizer(Protocol):
     def __call__(self, w: torch.Tensor) -> torch.Tensor: ...
 
 
+BIAS_CODE_LIMIT = 2**30  # |q_b| at most this: the products keep at least half of the int32 range
+
+
+def _fixed_input_scale(layer: QConv2d | QLinear) -> torch.Tensor | None:
+    return layer.input_scale() if layer.input_scale is not None else None
+
+
+def bias_scale_floor(layer: QConv2d | QLinear) -> torch.Tensor | None:
+    """|b_c| / (s_x * 2^30): the least weight scale keeping |q_b| <= 2^30 (None without bias or fixed s_x)."""
+    b = layer.weight_quant.quant_bias(layer.bias)
+    s_x = _fixed_input_scale(layer) if b is not None else None
+    if b is None or s_x is None or not float(s_x) > 0:
+        return None
+    floor = b.detach().double().abs() / (s_x.double() * BIAS_CODE_LIMIT)
+    return torch.where(torch.isfinite(floor), floor, 0.0)  # a NaN/Inf bias is refused by the lowering
+
+
+def layer_weight(layer: QConv2d | QLinear) -> torch.Tensor:
+    """W_q, the weight the layer multiplies by (the uniform quantizer's grid floored for the bias)."""
+    q = layer.weight_quant
+    return q(layer.weight, bias_scale_floor(layer)) if isinstance(q, WeightQuant) else q(layer.weight)
+
+
+def layer_weight_scale(layer: QConv2d | QLinear) -> torch.Tensor | None:
+    """s_w per output channel, as ``layer_weight`` uses it; None for a quantizer without a plain scale."""
+    q, w = layer.weight_quant, layer.weight.detach()
+    if isinstance(q, WeightQuant):
+        return q.scale(w, bias_scale_floor(layer))
+    weight_scale = getattr(q, "scale", None)
+    return weight_scale(w) if weight_scale is not None else None
+
+
 def grid_bias(layer: QConv2d | QLinear) -> torch.Tensor | None:
     """The bias the layer adds: on the accumulator grid s_x * s_w once its input scale is bound and fixed."""
     b = layer.weight_quant.quant_bias(layer.bias)
-    s_x = layer.input_scale() if b is not None and layer.input_scale is not None else None
-    weight_scale = getattr(layer.weight_quant, "scale", None)
-    if b is None or s_x is None or weight_scale is None:
+    s_x = _fixed_input_scale(layer) if b is not None else None
+    s_w = layer_weight_scale(layer) if s_x is not None else None
+    if b is None or s_x is None or s_w is None:
         return b
-    step = s_x.double() * weight_scale(layer.weight.detach()).detach().double()
+    step = s_x.double() * s_w.detach().double()
     exact = b.detach().double()
     snapped = torch.where(step > 0, torch.round(exact / step) * step, exact).to(b.dtype)
     return b + (snapped - b).detach()
@@ -205,7 +246,7 @@ class QConv2d(nn.Conv2d):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight_quant(self.weight), grid_bias(self))
+        return self._conv_forward(x, layer_weight(self), grid_bias(self))
 
 
 class QLinear(nn.Linear):
@@ -220,4 +261,4 @@ class QLinear(nn.Linear):
         return q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight_quant(self.weight), grid_bias(self))
+        return F.linear(x, layer_weight(self), grid_bias(self))

@@ -246,8 +246,10 @@ def out_quant(gm: fx.GraphModule) -> ActQuant:
 
 
 @pytest.mark.parametrize(("mutate", "why"), [
-    (lambda gm: quant_layer(gm, QConv2d).bias.data.fill_(1e30), "layer 'conv': bias 1e\\+30 .* beyond int32"),
-    (lambda gm: quant_layer(gm, QConv2d).weight.data.mul_(1e-30), "layer 'conv': bias .* beyond int32"),
+    # a bias far beyond the output range: the weight scale that would hold it in int32 (quant.modules'
+    # bias floor) makes the multiplier unrepresentable (negligible weights with a sane bias now compile:
+    # tests/quant/test_bias_floor.py)
+    (lambda gm: quant_layer(gm, QConv2d).bias.data.fill_(1e30), "layer 'conv': requantization multiplier .* too large"),
     (lambda gm: quant_layer(gm, QLinear).bias.data.fill_(float("nan")), "layer 'fc': bias values contain"),
     (lambda gm: quant_layer(gm, QLinear).weight.data.fill_(float("inf")), "layer 'fc': weights contain NaN"),
     (lambda gm: out_quant(gm).amax.fill_(1e-30), "layer 'fc': requantization multiplier .* too large"),
