@@ -5,16 +5,18 @@ The ``integer`` contract (``ir/contract.py``) is unchanged: int32 accumulators, 
 where, and only where, the export proves every intermediate value is an integer (or a multiple of 2^-n)
 that the float type holds exactly; elsewhere the export keeps ConvInteger and the uint64 chain. So the
 file is no longer integer-ops-only: it uses ``Conv`` (float32) and float64 ``BatchNormalization``
-(or ``Mul`` + ``Add``), ``Floor`` and ``Clip``. Measured on an AVX2 CPU without VNNI (one thread): onnxruntime's grouped ``ConvInteger`` is
-10-20x slower than its float32 depthwise ``Conv`` (MobileNetV2 at 64x64: 52 of its 105 ms), and the
-uint64 chain's ``Mul``/``BitShift`` (no 64-bit vector multiply on AVX2) cost 2-3x the float64 chain.
+(or ``Mul`` + ``Add``), ``Floor`` and ``Clip``. Measured on an AVX2 CPU without VNNI (one thread):
+onnxruntime's grouped ``ConvInteger`` is 10-20x slower than its float32 depthwise ``Conv`` (MobileNetV2
+at 64x64: 52 of its 105 ms), and the uint64 chain's ``Mul``/``BitShift`` (no 64-bit vector multiply on
+AVX2) cost 2-3x the float64 chain.
 
 * Grouped convolution (depthwise included) and average pooling as a float32 ``Conv``, when the
   accumulator bound B = max_c (sum_k |w_ck| * max|q_x| + |q_b[c]|) < 2^24: the input is
   ``Cast(q + zp) - zp`` (exact small integers; Conv's zero padding is q = 0), the weights and bias are
   integers, and every partial sum in ANY summation order (FMA included) is an integer of magnitude
   <= B < 2^24, so float32 represents it exactly: the result is the int32 accumulator, bit for bit.
-  Dense convolutions keep ``ConvInteger`` (u8 x u8 is as fast as float32 there, and lighter).
+  Dense convolutions keep ``ConvInteger`` (its u8 x u8 kernel runs dense layers about as fast as float32,
+  ONNX_NOTES "Speed", without the Cast of the input to float32).
 * Requantization in float64, when P = max_c ((A_c + |b_c|) * m_c + 2^(n_c-1) + zp * 2^n_c) < 2^53
   (A_c: the bound on |acc| of channel c): ``v = float64(acc) * M_c + C_c`` with M_c = m_c 2^-n_c (exact:
   m_c < 2^31) and C_c = (b_c m_c + 2^(n_c-1)) 2^-n_c + zp. Each term and the sum are k * 2^-n_c with
@@ -27,7 +29,7 @@ uint64 chain's ``Mul``/``BitShift`` (no 64-bit vector multiply on AVX2) cost 2-3
   Five ops. (``Floor`` is kept although a Cast of a non-negative float truncates in onnxruntime: the ONNX
   spec does not define the rounding of float-to-integer casts.)
 
-Not handled: dense convolutions and linears in float32 (no gain measured), bounds that fail the
+Not handled: dense convolutions and linears in float32 (not expected to gain; not measured), bounds that fail the
 conditions above (the integer forms are used), and runtimes whose float kernels are not IEEE-exact
 on exact integers (onnxruntime's CPU kernels are; ``verify`` compares every output bit).
 """

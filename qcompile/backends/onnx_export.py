@@ -408,15 +408,17 @@ def build_graph(gm: fx.GraphModule, ort_cpu: str = "any") -> gs.Graph:
                     producer_name="qcompile", ir_version=IR_VERSION[e.opset])
 
 
-ORT_CPUS = ("any", "vnni")
+ORT_CPUS = ("any", "avx2", "vnni")
 
 
 def export_onnx(gm: fx.GraphModule, ort_cpu: str = "any") -> onnx.ModelProto:
     """The integer graph as an ONNX model that passes onnx.checker's full check.
 
     ``ort_cpu`` (``ort`` target only): ``any`` keeps every layer exact on every x86 CPU (8-bit weights
-    take onnxruntime's u8 x u8 path); ``vnni`` stores every weight as int8 (u8 x s8, faster), exact on CPUs
-    with VNNI but not on AVX2-only CPUs, whose u8 x s8 kernels saturate 16-bit pair sums (ONNX_NOTES).
+    take onnxruntime's u8 x u8 path); ``avx2`` is the same export for graphs compiled with
+    ``ort_cpu="avx2"``, whose weights are at most 7 bits (|q| <= 63: int8 everywhere, exact on every x86
+    CPU); ``vnni`` stores every weight as int8 (u8 x s8, faster), exact on CPUs with VNNI but not on
+    AVX2-only CPUs, whose u8 x s8 kernels saturate 16-bit pair sums (ONNX_NOTES).
     The metadata records the target and this choice.
     """
     if ort_cpu not in ORT_CPUS:
