@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from qcompile import cost
 from qcompile.backends.fast import plan as fast_plan
-from qcompile.backends.onnx_export import export_onnx
+from qcompile.backends.onnx_export import ORT_CPUS, export_onnx
 from qcompile.backends.ort import VerifyResult, run_onnx, session, verify
 from qcompile.backends.reference import run_reference
 from qcompile.data import Dataset, check_labels
@@ -62,6 +62,23 @@ def with_target(text: str, target: str | None) -> str:
     if "lower-integer{" in text:
         return text.replace("lower-integer{", f"lower-integer{{target={t.value},", 1)
     return re.sub(r"lower-integer(?![-\w{])", f"lower-integer{{target={t.value}}}", text, count=1)
+
+
+def with_ort_cpu(passes: list[Pass], ort_cpu: str) -> list[Pass]:
+    """``passes`` for ``ort_cpu``: ``avx2`` puts ``limit-weight-bits{bits=7}`` right before ``lower-integer``
+    (passes/limit_weight_bits.py); ``any`` and ``vnni`` only choose the export's weight form."""
+    from qcompile.passes.limit_weight_bits import LimitWeightBits
+    from qcompile.passes.lower_integer import LowerInteger
+
+    if ort_cpu not in ORT_CPUS:
+        raise ModelError(f"unknown ort_cpu {ort_cpu!r} (valid: {', '.join(ORT_CPUS)})")
+    at = next((i for i, p in enumerate(passes) if isinstance(p, LowerInteger)), None)
+    if ort_cpu != "avx2" or at is None:
+        return passes
+    if Target.parse(passes[at].target) is not Target.ORT:  # type: ignore[attr-defined]
+        raise ModelError("--ort-cpu avx2 narrows 8-bit weights to 7 bits for onnxruntime's int8 kernels, which "
+                         "only target ort uses; drop it for target integer")
+    return [*passes[:at], LimitWeightBits(bits=7), *passes[at:]]
 
 
 def search_pipeline(spec: str, steps: int = 32, target: str | None = None) -> str:
@@ -120,7 +137,7 @@ class CompiledModel:
     pipeline: str
     timings: list[PassTiming] = field(default_factory=list)
     records: dict[str, Any] = field(default_factory=dict)  # what searches and passes learned (PassContext.records)
-    ort_cpu: str = "any"  # ort target: "any" (exact on every x86 CPU) or "vnni" (int8 weights everywhere)
+    ort_cpu: str = "any"  # ort target: "any" / "avx2" (exact on every x86 CPU; avx2: 7-bit weights) or "vnni"
     _onnx: onnx.ModelProto | None = None
     _fast: fx.GraphModule | None = None
 
@@ -265,7 +282,9 @@ def compile(  # noqa: A001 - the verb users expect
     requantization contract of the integer graph: ``ort`` (float32, exported on onnxruntime's fused
     QLinearConv kernels; the default) or ``integer`` (dyadic, for integer-only hardware), None for what the
     pipeline text says; ``ort_cpu`` chooses the ort
-    export's weight form (``any``: exact on every x86 CPU; ``vnni``: int8 weights, exact on VNNI CPUs).
+    export's weight form (``any``: exact on every x86 CPU, 8-bit weights on u8 x u8 kernels; ``avx2``: 8-bit
+    weights quantized to 7 bits so that every layer takes the int8 kernels, fast on AVX2 and exact on every
+    x86 CPU; ``vnni``: int8 weights, exact on VNNI CPUs only).
     """
     examples = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     gm = _trace(model, examples)
@@ -274,6 +293,8 @@ def compile(  # noqa: A001 - the verb users expect
     text = with_target(pipeline, target) if isinstance(pipeline, str) else default_pipeline(policy, calibration_steps,
                                                                                              target)
     passes = list(pipeline) if pipeline is not None and not isinstance(pipeline, str) else parse_pipeline(text).build()
+    given = len(passes)
+    passes = with_ort_cpu(passes, ort_cpu)
     calibration = data.calibration() if isinstance(data, Dataset) else data or (lambda: [examples[0]])
     dataset = data if isinstance(data, Dataset) else None
     ctx = PassContext(examples, calibration, dataset=dataset, progress=progress, seed=seed)
@@ -292,7 +313,7 @@ def compile(  # noqa: A001 - the verb users expect
     result = manager.run(gm, ctx)
     if get_stage(result) is not Stage.INTEGER:
         raise ModelError(f"the pipeline '{text}' did not end in an integer graph; finish it with lower-integer")
-    spec = ",".join(p.spec() for p in passes) if not isinstance(pipeline, str) else text
+    spec = ",".join(p.spec() for p in passes) if not isinstance(pipeline, str) or len(passes) != given else text
     return CompiledModel(snapshots["float"], snapshots.get("quant"), result, examples, spec, manager.timings,
                          ctx.records, ort_cpu)
 

@@ -441,9 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--target", choices=("ort", "integer"), help="requantization contract: ort (default; float32, "
                    "exported on onnxruntime's fused QLinearConv kernels, fast and exact) or integer (dyadic, for "
                    "integer-only hardware)")
-    c.add_argument("--ort-cpu", choices=("any", "vnni"), default="any", help="target ort: any (default; exact on "
-                   "every x86 CPU: 8-bit weights take the u8 x u8 kernels) or vnni (int8 weights everywhere: faster, "
-                   "exact on CPUs with VNNI, not on AVX2-only CPUs)")
+    c.add_argument("--ort-cpu", choices=("any", "avx2", "vnni"), default="any", help="target ort: any (default; "
+                   "exact on every x86 CPU: 8-bit weights take the u8 x u8 kernels), avx2 (8-bit weights quantized "
+                   "to 7 bits: every layer on the int8 kernels, fast on AVX2 and exact on every x86 CPU) or vnni "
+                   "(int8 weights everywhere: faster, exact on CPUs with VNNI, not on AVX2-only CPUs)")
     c.add_argument("--report", help="write the JSON report here")
     c.add_argument("--verify", action="store_true", help="run the export in onnxruntime and count mismatches")
     c.add_argument("--verify-samples", type=int, default=1024, help="test samples to verify (default 1024)")

@@ -121,6 +121,21 @@ def test_compile_writes_onnx_report_and_verifies(workdir: Path, capsys: pytest.C
     assert code == 0 and f"{report['accuracy']['onnx']:.2f} %" in out
 
 
+def test_ort_cpu_avx2_compiles_seven_bit_weights_exactly(workdir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["compile", "models.py:small", "--data", "digits", "--ort-cpu", "avx2", "-o", "m.onnx",
+                        "--report", "r.json", "--verify", "--verify-samples", "64"], capsys)
+    assert code == 0 and "0 mismatching" in out
+    report = json.loads((workdir / "r.json").read_text())
+    assert report["ort_cpu"] == "avx2" and report["verify"]["mismatches"] == 0
+    assert [layer["w_bits"] for layer in report["layers"]] == [7, 7]  # the 8-bit policy, narrowed
+    model = onnx.load("m.onnx")
+    assert {p.key: p.value for p in model.metadata_props}["qcompile.ort_cpu"] == "avx2"
+    inits = {i.name: i for i in model.graph.initializer}
+    weights = [inits[n.input[3 if n.op_type == "QLinearConv" else 1]] for n in model.graph.node
+               if n.op_type in ("QLinearConv", "MatMulInteger")]
+    assert [w.data_type for w in weights] == [onnx.TensorProto.INT8] * 2
+
+
 def test_weights_and_pt2(saved: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, _ = run(["compile", "models.py:small", "--weights", "w.pt", "--data", "digits", "-o", "a.onnx"], capsys)
     assert code == 0
@@ -156,6 +171,8 @@ BAD_INPUTS = [
     (["models.py:missing", "--data", "digits"], ["has no 'missing'"]),
     (["nofile.py:small", "--data", "digits"], ["no such model file"]),
     (["models.py:small", "--data", "digits", "--policy", "w4x"], ["unknown policy 'w4x'"]),
+    (["models.py:small", "--data", "digits", "--target", "integer", "--ort-cpu", "avx2"],
+     ["--ort-cpu avx2", "drop it for target integer"]),
 ]
 
 

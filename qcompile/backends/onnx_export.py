@@ -1,5 +1,9 @@
 """Integer ONNX export: standard operators only, bit-exact in onnxruntime on x86.
 
+Under the ``integer`` target the file computes the dyadic contract's integers exactly, but not with integer
+ops alone: where the export proves them exact, depthwise convolutions and requantizations run on float32 /
+float64 kernels (``backends/onnx_exact_float.py``); everything else is integer ops.
+
 Every integer tensor travels as uint8 holding q + zp (zp = 0 unsigned, 128 signed), which keeps
 ``ConvInteger`` on its exact u8 x u8 fast path (see ONNX_NOTES.md). Per op:
 
@@ -12,14 +16,21 @@ Every integer tensor travels as uint8 holding q + zp (zp = 0 unsigned, 128 signe
   127); 7-bit APoT codes (k_max = 448) are split into lo/hi parts, two ``ConvInteger`` and
   ``Mul(2^7)`` + ``Add`` in int32 (ONNX_NOTES: one conv on combined codes is fastest on CPUs, and
   onnxruntime has no shift-add kernel; the integers are the same).
+* Grouped (depthwise) convolutions: a float32 ``Conv`` on the exact integers where every partial sum is
+  proved below 2^24 (``backends/onnx_exact_float.py``: float ops, exactly the integers), else ConvInteger.
 * Add: ``Cast`` both inputs to int32 and add; the zero points go into the chain's constant.
-* Average pool: a depthwise ``ConvInteger`` with a ones kernel (padding carries the zero point, so it
-  contributes 0, as in PyTorch's count_include_pad), then the chain.
+* Average pool: a depthwise float32 ``Conv`` (as above) or ``ConvInteger`` with a ones kernel (padding carries
+  the zero point, so it contributes 0, as in PyTorch's count_include_pad), then the chain.
 * Max pool, Flatten, Reshape, Concat, Clip act on the uint8 values directly (zp preserves order).
 * Dequantize: ``DequantizeLinear`` ((q - zp) * s in float32).
 * Tables, products, LayerNorm, softmax: ``backends/onnx_pointwise.py`` (registered at the end of this module).
 
-Requantization chain (exact, per channel c), from int32 acc with |acc + b| < 2^31 (proved by the integer
+Requantization of conv, linear, add and average pool: the float64 form of ``onnx_exact_float`` (Cast,
+BatchNormalization as an exact scale-and-shift, Floor, Clip, Cast) where its bound proves every value exact
+(|acc| m < 2^53: 2-3x faster than the uint64 chain on AVX2, which has no 64-bit vector multiply), else the
+uint64 chain below; the other requantizing ops always take the uint64 chain.
+
+uint64 requantization chain (exact, per channel c), from int32 acc with |acc + b| < 2^31 (proved by the integer
 verifier): Cast to uint64; Mul by m[c]; Add C[c] = 2^(n-1) + 2^62 + zp_out * 2^n + b[c] * m[c] (mod 2^64);
 BitShift right by n[c]; Max/Min to [2^(62-n) + zp_out + lo, 2^(62-n) + zp_out + hi]; Cast to uint8.
 |(acc + b) m| < 2^62 keeps the sum in [0, 2^64); 2^62 / 2^n = 2^(62-n) is a multiple of 256 for
@@ -42,6 +53,7 @@ import onnx_graphsurgeon as gs
 import torch
 import torch.fx as fx
 
+from qcompile.backends import onnx_exact_float as exact_float
 from qcompile.errors import QCompileError
 from qcompile.ir import intops as ops
 from qcompile.ir.contract import Target
@@ -114,14 +126,24 @@ def _u8(v: int) -> np.ndarray:
 
 def requant_chain(e: _Emitter, name: str, acc: gs.Variable, mult: np.ndarray, shift: np.ndarray,
                   bias: np.ndarray, out: IntType, lo: int, hi: int, channel_axis_rank: int,
-                  param_shape: tuple[int, ...] | None = None) -> gs.Variable:
-    """int32 acc -> uint8 (q + zp) by the exact uint64 chain; mult/shift/bias are per channel or scalar
-    (or shaped ``param_shape``, e.g. one per output position)."""
+                  param_shape: tuple[int, ...] | None = None, acc_bound: list[int] | int | None = None,
+                  channels: int | None = None) -> gs.Variable:
+    """int32 (or exact float32) acc -> uint8 (q + zp); mult/shift/bias are per channel or scalar (or shaped
+    ``param_shape``, e.g. one per output position). With ``acc_bound`` (|acc| before the bias, per channel or
+    one value) the float64 chain of ``onnx_exact_float`` where it is proved exact (``channels``: the size of
+    acc's axis 1, for its one-op scale and shift), else the uint64 chain."""
     shape = param_shape or ((1, -1) + (1,) * (channel_axis_rank - 2) if mult.size > 1 else ())
     m = mult.astype(object).reshape(-1)
     n = shift.astype(object).reshape(-1)
     b = np.broadcast_to(bias, m.shape).astype(object)
     zp = out.zero_point
+    if acc_bound is not None:
+        bounds = [int(v) for v in np.atleast_1d(np.asarray(acc_bound, dtype=object))]
+        bounds = bounds if len(bounds) == len(m) else [max(bounds)] * len(m)
+        fast = exact_float.f64_requant(e, name, acc, [int(v) for v in m], [int(v) for v in n], [int(v) for v in b],
+                                       bounds, zp, lo, hi, shape if param_shape is None else param_shape, channels)
+        if fast is not None:
+            return fast
     offset = [(1 << int(k)) // 2 + (1 << OFFSET_BITS) + zp * (1 << int(k)) + int(bb) * int(mm)
               for k, bb, mm in zip(n, b, m, strict=True)]
     k_base = [(1 << OFFSET_BITS) >> int(k) for k in n]
@@ -187,34 +209,55 @@ def _conv_weights(e: _Emitter, name: str, x: gs.Variable, op: ops.IntConv2d | op
     return e.op("Add", name, [scaled, acc_lo], np.int32)
 
 
+def _xmax(t: IntType) -> int:
+    return max(abs(t.lo), abs(t.hi))
+
+
 def _export_conv(e: _Emitter, name: str, op: ops.IntConv2d, x: gs.Variable) -> gs.Variable:
+    """Grouped convs as an exact float32 Conv where proved (``onnx_exact_float``), else ConvInteger."""
     (ph, pw) = op.padding
-    acc = _conv_weights(e, name, x, op, _np(op.weight), strides=list(op.stride), pads=[ph, pw, ph, pw],
-                        dilations=list(op.dilation), group=op.groups)
-    return requant_chain(e, name, acc, _np(op.mult), _np(op.shift), _np(op.bias), op.out, op.lo, op.hi, 4)
+    attrs = {"strides": list(op.stride), "pads": [ph, pw, ph, pw], "dilations": list(op.dilation), "group": op.groups}
+    w, bias = _np(op.weight), _np(op.bias)
+    bounds = exact_float.channel_bounds(w, _xmax(op.inp))
+    acc = exact_float.float_conv(e, name, x, op.inp.zero_point, _xmax(op.inp), w, bias, **attrs) \
+        if op.groups > 1 else None
+    if acc is not None:  # the bias is inside the float32 accumulator
+        bounds, bias = [a + abs(int(v)) for a, v in zip(bounds, bias.tolist(), strict=True)], np.zeros_like(bias)
+    else:
+        acc = _conv_weights(e, name, x, op, w, **attrs)
+    return requant_chain(e, name, acc, _np(op.mult), _np(op.shift), bias, op.out, op.lo, op.hi, 4, acc_bound=bounds,
+                         channels=w.shape[0])
 
 
 def _export_linear(e: _Emitter, name: str, op: ops.IntLinear, x: gs.Variable) -> gs.Variable:
-    acc = _conv_weights(e, name, x, op, _np(op.weight))  # MatMulInteger on [N, in] x W^T
-    return requant_chain(e, name, acc, _np(op.mult), _np(op.shift), _np(op.bias), op.out, op.lo, op.hi, 2)
+    w = _np(op.weight)
+    acc = _conv_weights(e, name, x, op, w)  # MatMulInteger on [N, in] x W^T
+    return requant_chain(e, name, acc, _np(op.mult), _np(op.shift), _np(op.bias), op.out, op.lo, op.hi, 2,
+                         acc_bound=exact_float.channel_bounds(w, _xmax(op.inp)), channels=w.shape[0])
 
 
-def _export_add(e: _Emitter, name: str, op: ops.IntAdd, a: gs.Variable, b: gs.Variable) -> gs.Variable:
+def _export_add(e: _Emitter, name: str, op: ops.IntAdd, a: gs.Variable, b: gs.Variable,
+                channels: int | None) -> gs.Variable:
     a32 = e.op("Cast", name, [a], np.int32, to=onnx.TensorProto.INT32)
     b32 = e.op("Cast", name, [b], np.int32, to=onnx.TensorProto.INT32)
     acc = e.op("Add", name, [a32, b32], np.int32)
     zp_sum = -(op.inp[0].zero_point + op.inp[1].zero_point)
-    return requant_chain(e, name, acc, _np(op.mult), _np(op.shift), np.array(zp_sum), op.out, op.lo, op.hi, 4)
+    return requant_chain(e, name, acc, _np(op.mult), _np(op.shift), np.array(zp_sum), op.out, op.lo, op.hi, 4,
+                         acc_bound=2 * 255, channels=channels)
 
 
 def _export_avgpool(e: _Emitter, name: str, op: ops.IntAvgPool2d, x: gs.Variable, channels: int) -> gs.Variable:
-    ones = np.ones((channels, 1, *op.kernel), dtype=np.uint8)
+    ones = np.ones((channels, 1, *op.kernel), dtype=np.int64)
     (ph, pw) = op.padding
-    inputs = [x, e.const(f"{name}_ones", ones), e.const(f"{name}_xzp", _u8(op.inp.zero_point)),
-              e.const(f"{name}_wzp", _u8(0))]
-    acc = e.op("ConvInteger", name, inputs, np.int32, kernel_shape=list(op.kernel), strides=list(op.stride),
-               pads=[ph, pw, ph, pw], group=channels)
-    return requant_chain(e, name, acc, _np(op.mult), _np(op.shift), np.array(0), op.out, op.lo, op.hi, 4)
+    attrs = {"strides": list(op.stride), "pads": [ph, pw, ph, pw], "group": channels}
+    bound = int(np.prod(op.kernel)) * _xmax(op.inp)
+    acc = exact_float.float_conv(e, name, x, op.inp.zero_point, _xmax(op.inp), ones, np.zeros(channels), **attrs)
+    if acc is None:
+        inputs = [x, e.const(f"{name}_ones", ones.astype(np.uint8)), e.const(f"{name}_xzp", _u8(op.inp.zero_point)),
+                  e.const(f"{name}_wzp", _u8(0))]
+        acc = e.op("ConvInteger", name, inputs, np.int32, kernel_shape=list(op.kernel), **attrs)
+    return requant_chain(e, name, acc, _np(op.mult), _np(op.shift), np.array(0), op.out, op.lo, op.hi, 4,
+                         acc_bound=bound, channels=channels)
 
 
 def _export_quantize(e: _Emitter, name: str, op: ops.Quantize, x: gs.Variable) -> gs.Variable:
@@ -258,6 +301,11 @@ def _channels(node: fx.Node) -> int:
     return int(shape[1])
 
 
+def _out_channels(node: fx.Node) -> int | None:
+    shape = get_info(node).shape
+    return int(shape[1]) if shape is not None and len(shape) > 1 else None
+
+
 # target-independent ops: the integers move or clamp, nothing is requantized
 SHARED_EMITTERS: dict[type, Emitter] = {
     ops.Quantize: lambda e, n, op, a: _export_quantize(e, n.name, op, *a),
@@ -272,7 +320,7 @@ INTEGER_EMITTERS: dict[type, Emitter] = {
     ops.IntShiftConv2d: lambda e, n, op, a: _export_conv(e, n.name, op, *a),
     ops.IntLinear: lambda e, n, op, a: _export_linear(e, n.name, op, *a),
     ops.IntShiftLinear: lambda e, n, op, a: _export_linear(e, n.name, op, *a),
-    ops.IntAdd: lambda e, n, op, a: _export_add(e, n.name, op, *a),
+    ops.IntAdd: lambda e, n, op, a: _export_add(e, n.name, op, a[0], a[1], _out_channels(n)),
     ops.IntAvgPool2d: lambda e, n, op, a: _export_avgpool(e, n.name, op, a[0], _channels(n)),
 }
 
@@ -387,15 +435,17 @@ def build_graph(gm: fx.GraphModule, ort_cpu: str = "any") -> gs.Graph:
                     producer_name="qcompile", ir_version=IR_VERSION[e.opset])
 
 
-ORT_CPUS = ("any", "vnni")
+ORT_CPUS = ("any", "avx2", "vnni")
 
 
 def export_onnx(gm: fx.GraphModule, ort_cpu: str = "any") -> onnx.ModelProto:
     """The integer graph as an ONNX model that passes onnx.checker's full check.
 
     ``ort_cpu`` (``ort`` target only): ``any`` keeps every layer exact on every x86 CPU (8-bit weights
-    take onnxruntime's u8 x u8 path); ``vnni`` stores every weight as int8 (u8 x s8, faster), exact on CPUs
-    with VNNI but not on AVX2-only CPUs, whose u8 x s8 kernels saturate 16-bit pair sums (ONNX_NOTES).
+    take onnxruntime's u8 x u8 path); ``avx2`` is the same export for graphs compiled with
+    ``ort_cpu="avx2"``, whose weights are at most 7 bits (|q| <= 63: int8 everywhere, exact on every x86
+    CPU); ``vnni`` stores every weight as int8 (u8 x s8, faster), exact on CPUs with VNNI but not on
+    AVX2-only CPUs, whose u8 x s8 kernels saturate 16-bit pair sums (ONNX_NOTES).
     The metadata records the target and this choice.
     """
     if ort_cpu not in ORT_CPUS:

@@ -13,7 +13,9 @@ uint8 holding q + zp (zp = 0 unsigned, 128 signed), the zero points being QLinea
   then no two products of a pair exceed 2 * 255 * 63 < 2^15 and the AVX2 kernels' saturating 16-bit pair
   sums are exact on every x86 CPU. Wider (8-bit) weights are stored as uint8 q_w + 128 with zero point 128
   (u8 x u8, exact everywhere, ~1.4x the time on AVX2) unless ``ort_cpu=vnni`` asks for int8 (exact on
-  VNNI CPUs only). Weights of <= 4 bits stay packed (INT4, INT2 for ternary) and are ``Cast`` to int8;
+  VNNI CPUs only). ``ort_cpu=avx2`` compiles with 7-bit weights (``passes/limit_weight_bits.py``), so
+  every 8-bit layer arrives here with |q_w| <= 63 and takes the int8 path, exact on every x86 CPU.
+  Weights of <= 4 bits stay packed (INT4, INT2 for ternary) and are ``Cast`` to int8;
   onnxruntime folds the Cast before it packs the weights, so the speed is the same. APoT layers run on
   their combined codes; codes beyond int8 (7-bit APoT, |k| <= 448) use the integer target's two
   ConvInteger (lo/hi) and the requantization below.

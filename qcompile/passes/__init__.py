@@ -6,6 +6,7 @@ from qcompile.passes import (  # noqa: F401 - imported for registration
     canonicalize,
     fold_batchnorm,
     insert_quantizers,
+    limit_weight_bits,
     lower_integer,
     prune_channels,
     share_scales,

@@ -33,7 +33,7 @@ from qcompile.passes.base import PreconditionError, option
 
 BUILT_IN = ["canonicalize", "fold-batchnorm", "insert-quantizers", "calibrate", "assign-bitwidths", "share-scales",
             "lower-integer"]  # the default pipeline
-OPTIONAL = ["prune-channels"]  # built-in passes outside the default pipeline
+OPTIONAL = ["prune-channels", "limit-weight-bits"]  # built-in passes outside the default pipeline
 PASSES_DIR = Path(importlib.import_module("qcompile.passes").__file__).parent  # type: ignore[arg-type]
 
 
