@@ -16,6 +16,9 @@ Rewrites (each keeps the computed function identical):
                                                               (passes/rules/canonicalize_pointwise.py)
   mean over (H, W), or a chain of single-axis means       -> AdaptiveAvgPool2d(1) (+ flatten / reshape)
   squeeze / unsqueeze                                      -> torch.reshape (as flatten/view above)
+  a @ b of activations, scaled_dot_product_attention, MultiheadAttention, timm's head split
+                                                           -> MatMul / Softmax / movement
+                                                              (rules/canonical_attention.py)
   transposes, slices, splits; adaptive pools to k x k; stochastic depth in eval mode; arithmetic
   with constants, a - b                                    -> rules/canonical_movement.py, canonical_pool.py,
                                                               canonical_constants.py
@@ -42,6 +45,7 @@ from qcompile.ir.meta import Stage, get_info
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.ir.verify import FLOAT_FUNCTIONS, FLOAT_MODULES
 from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, register_pass
+from qcompile.passes.rules import canonical_attention as attention
 from qcompile.passes.rules import canonical_constants as constants
 from qcompile.passes.rules import canonical_movement as movement
 from qcompile.passes.rules import canonical_pool as pools
@@ -124,6 +128,8 @@ def _add(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _cat(gm: fx.GraphModule, node: fx.Node) -> bool:
     b = _bind(node, ("tensors", "dim"), {"dim": 0})
+    if (with_constant := attention.const_cat(gm, node, b["tensors"], b["dim"])) is not None:  # a class token
+        return with_constant
     shape = get_info(node).shape
     if shape is None or b["dim"] % len(shape) != 1:
         return False
@@ -184,8 +190,9 @@ METHOD_RULES: dict[str, Rule] = {
 }
 FUNCTION_RULES.update({torch.squeeze: _reshape, torch.unsqueeze: _reshape, **movement.FUNCTION_RULES,
                        torch.mean: pools.mean_chain, **constants.FUNCTION_RULES,
-                       **{f: constants.add_rule(_add) for f in (operator.add, operator.iadd, torch.add)}})
-METHOD_RULES.update({**movement.METHOD_RULES, "mean": pools.mean_chain, **constants.METHOD_RULES,
+                       **{f: constants.add_rule(_add) for f in (operator.add, operator.iadd, torch.add)},
+                       **attention.FUNCTION_RULES})
+METHOD_RULES.update({**attention.METHOD_RULES, **movement.METHOD_RULES, "mean": pools.mean_chain, **constants.METHOD_RULES,
                      "add": constants.add_rule(_add), "add_": constants.add_rule(_add)})
 
 
@@ -200,6 +207,8 @@ def _module_rule(module: nn.Module) -> Rule | None:  # noqa: C901 - a flat table
         return lambda gm, n: _to_clamp(gm, n, module.min_val, module.max_val)
     if isinstance(module, nn.Flatten):
         return _reshape
+    if isinstance(module, nn.MultiheadAttention):
+        return attention.multihead_attention
     if isinstance(module, nn.Upsample) and module.mode != "bilinear":  # bilinear modules are canonical
         return movement.upsample_module
     return None
@@ -213,7 +222,9 @@ def _is_canonical(node: fx.Node) -> bool:
     if node.target is torch.reshape:
         return isinstance(node.args[1], tuple) and node.args[1][:1] == (-1,)
     if node.target is torch.cat:
-        return node.kwargs == {"dim": 1} and len(node.args) == 1
+        pieces: Any = node.args[0] if node.args else ()
+        return node.kwargs == {"dim": 1} and len(node.args) == 1 and all(
+            isinstance(p, fx.Node) and p.op not in ("get_attr", "call_method") for p in pieces)
     if node.target is operator.mul:  # a product of two activations; a multiply by a constant is not
         return is_canonical_mul(node)
     moved = movement.is_canonical(node)
@@ -247,6 +258,10 @@ def _unsupported_setting(gm: fx.GraphModule, node: fx.Node) -> str | None:
     mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
     if isinstance(mod, nn.Conv2d) and mod.padding_mode != "zeros":
         return f"Conv2d with padding_mode={mod.padding_mode}"
+    if isinstance(mod, nn.MultiheadAttention):
+        return attention.mha_problem(gm, node)
+    if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+        return attention.sdpa_problem(node)
     return None
 
 
@@ -297,6 +312,8 @@ class Canonicalize(Pass):
         annotate_shapes(gm, ctx.example_inputs)
         modified, rejected = False, set()
         for node in list(gm.graph.nodes):
+            if getattr(node, "_erased", False):  # removed with the chain an earlier rule rewrote
+                continue
             rule = _rule_for(gm, node)
             if rule is None:
                 continue
