@@ -40,6 +40,7 @@ from qcompile.frontends.onnx_check import (
 )
 from qcompile.frontends.onnx_ops import Builder, DynamicShapeError, OnnxImportError, attr_name
 from qcompile.frontends.onnx_pointwise import fuse_patterns
+from qcompile.frontends import onnx_attention  # noqa: I001 - after the converters it wraps
 from qcompile.frontends.onnx_shapes import resolve_runtime_inputs
 from qcompile.frontends.torch_fx import ModelFileError, quiet_torch
 from qcompile.ir.meta import Stage, set_info, set_stage
@@ -196,6 +197,7 @@ def _import(model: onnx.ModelProto, path: Path, sample_shape: Sequence[int] | No
     resolve_runtime_inputs(graph, model, sample_shape)
     graph = _refolded(graph)  # shapes again, after folding: a Slice with folded ends gets its output shape
     fuse_patterns(graph)  # erf-form GELU -> Gelu (frontends/onnx_pointwise.py, which adds its converters)
+    onnx_attention.detach_class_token_shapes(graph)
     builder = Builder(graph)
     _placeholders(builder)
     for node in graph.nodes:

@@ -13,6 +13,7 @@ Rewrites (each keeps the computed function identical; shapes from canonicalize's
                                            attention above, permute/reshape back, Linear(out_proj)
   torch.cat((param.expand(B, -1, -1), x), dim) (a class token; either order)
                                         -> ConstCat(param[0], dim, first)(x)
+  x.mean(dim=1) of [N, L, D] tokens      -> AdaptiveAvgPool2d(1) of permute/reshape to [N, D, L, 1]
   permute(x, p) with p[0] != 0 read only by unbind(0) / x[i] along its first axis (timm's
   qkv.reshape(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0))
                                         -> per piece i: narrow(x, p[0], i, 1), reshape dropping that axis,
@@ -268,3 +269,31 @@ def const_cat(gm: fx.GraphModule, node: fx.Node, tensors: Any, dim: Any) -> bool
     name = rewrite.add_module(gm, node.name, ConstCat(value, dim, first=i == 0))
     rewrite.replace_node(gm, node, "call_module", name, (x,))
     return True
+
+
+def token_mean(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """x.mean(dim=1) of [N, L, D] tokens -> AdaptiveAvgPool2d(1) over permute/reshape to [N, D, L, 1]."""
+    args = dict(zip(("input", "dim", "keepdim"), node.args, strict=False)) | dict(node.kwargs)
+    src, shape, dim = args.get("input"), _shape(args.get("input")), args.get("dim")
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    if not isinstance(src, fx.Node) or shape is None or len(shape) != 3 or not isinstance(dim, int) or dim % 3 != 1:
+        return False
+    if args.get("dtype") is not None:
+        return False
+    n, length, d = shape
+    moved = _call(gm, node, "call_function", torch.permute, (src, (0, 2, 1)), (n, d, length))
+    grid = _call(gm, node, "call_function", torch.reshape, (moved, (-1, d, length, 1)), (n, d, length, 1))
+    pooled = _module(gm, node, f"{node.name}_pool", nn.AdaptiveAvgPool2d(1), (grid,), (n, d, 1, 1))
+    out = (-1, 1, d) if args.get("keepdim") else (-1, d)
+    value = _call(gm, node, "call_function", torch.reshape, (pooled, out), (n, *out[1:]))
+    node.replace_all_uses_with(value)
+    gm.graph.erase_node(node)
+    return True
+
+
+def mean_rule(fallback: Rule) -> Rule:
+    """A mean over the tokens of [N, L, D] here; the other means go to ``fallback`` (pools over H and W)."""
+    def rule(gm: fx.GraphModule, node: fx.Node) -> bool:
+        return token_mean(gm, node) or fallback(gm, node)
+
+    return rule
