@@ -322,6 +322,7 @@ class Canonicalize(Pass):
             else:
                 rejected.add(node.name)
         rewrite.finish(gm)
+        attention.refuse_attention(gm)  # a mask or dropout: its own line, naming the node and the fix
         problems = _unsupported(gm, rejected)
         if problems is not None:
             raise problems

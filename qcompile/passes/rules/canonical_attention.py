@@ -36,6 +36,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from qcompile.errors import QCompileError, one_line
 from qcompile.ir import rewrite
 from qcompile.ir.attention import ConstCat, MatMul
 from qcompile.ir.elementwise import MulConst
@@ -297,3 +298,20 @@ def mean_rule(fallback: Rule) -> Rule:
         return token_mean(gm, node) or fallback(gm, node)
 
     return rule
+
+
+class AttentionError(QCompileError):
+    """An attention op without an integer form (a mask, dropout, a layout): one line naming the node."""
+
+
+def refuse_attention(gm: fx.GraphModule) -> None:
+    """Raise AttentionError for the first attention node left with a problem (after canonicalize's rules)."""
+    for node in gm.graph.nodes:
+        why = None
+        if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+            why = sdpa_problem(node)
+        elif isinstance(rewrite.module_of(gm, node), nn.MultiheadAttention):
+            why = mha_problem(gm, node)
+        if why is not None:
+            where = get_info(node).source
+            raise AttentionError(one_line(f"'{node.name}'{' at ' + where if where else ''}: {why}"))
