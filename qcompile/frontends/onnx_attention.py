@@ -99,8 +99,10 @@ def detach_class_token_shapes(graph: gs.Graph) -> None:
     """The target shape of Expand(constant, shape) read only by Concats is not needed (the Concat becomes a
     ConstCat): cut it off, so that its Shape/Gather/Where chain (which follows the batch) is removed."""
     for node in graph.nodes:
-        out = node.outputs[0] if node.op == "Expand" and node.outputs else None
-        value = _expanded_constant(out) if out is not None else None
+        if node.op != "Expand" or not node.outputs:
+            continue
+        out = node.outputs[0]
+        value = _expanded_constant(out)
         if value is not None and all(c.op == "Concat" for c in out.outputs):
             node.inputs[1] = gs.Constant(f"{node.name}_per_sample", np.array(value.shape, dtype=np.int64))
     graph.cleanup()

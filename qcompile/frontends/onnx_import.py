@@ -30,7 +30,11 @@ import onnx_graphsurgeon as gs
 import torch
 import torch.fx as fx
 
-from qcompile.frontends import onnx_arith, onnx_movement  # noqa: F401 - register their converters
+from qcompile.frontends import (  # noqa: F401 - register their converters
+    onnx_arith,
+    onnx_attention,  # noqa: I001 - after the converters it wraps
+    onnx_movement,
+)
 from qcompile.frontends.onnx_check import (
     OnnxValidationError,
     check_declared_shape,
@@ -40,7 +44,6 @@ from qcompile.frontends.onnx_check import (
 )
 from qcompile.frontends.onnx_ops import Builder, DynamicShapeError, OnnxImportError, attr_name
 from qcompile.frontends.onnx_pointwise import fuse_patterns
-from qcompile.frontends import onnx_attention  # noqa: I001 - after the converters it wraps
 from qcompile.frontends.onnx_shapes import resolve_runtime_inputs
 from qcompile.frontends.torch_fx import ModelFileError, quiet_torch
 from qcompile.ir.meta import Stage, set_info, set_stage

@@ -6,7 +6,8 @@ the weights actually stored) and the bias, must not exceed 2^31 - 1. It refuses 
 APoT (shift-add) ops are covered by the same bound on their combined codes: all terms of a weight share
 its sign, so |k| = sum_p |T_p| 2^p and every partial sum of the shift-add evaluation (and each part of
 the export's lo/hi split) is bounded by sum |k| * max|q_x|. Other ops with an accumulator state its bound
-themselves (``accumulator_bound()``, e.g. IntAvgPoolTable: largest window * max|q_x|), checked the same way.
+themselves (``accumulator_bound()``, e.g. IntAvgPoolTable: largest window * max|q_x|; ``bound`` of IntMul,
+IntLayerNorm and IntMatMul: K * max|q_a| * max|q_b| for a product of two activations), checked the same way.
 The bound is computed in exact integers (Python ints), and before it every stored constant is checked
 against its contract range: weights inside their type, |q_b| <= 2^31 - 1, multipliers m in [1, 2^31),
 shifts n in [MIN_SHIFT, MAX_SHIFT], boundary scales positive and finite. A constant that saturated when it
@@ -37,7 +38,7 @@ from qcompile.quant.tables import TableFunction
 FLOAT_FUNCTIONS = (torch.relu, torch.clamp, torch.flatten, torch.reshape, operator.add, torch.cat, operator.mul,
                    *MOVEMENT_FUNCTIONS, operator.sub)
 POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Upsample)  # Upsample: bilinear only
-POINTWISE_MODULES = (TableFunction, nn.LayerNorm, ChannelLayerNorm, nn.Softmax, MatMul)  # IntLookup/LayerNorm/Softmax/MatMul
+POINTWISE_MODULES = (TableFunction, nn.LayerNorm, ChannelLayerNorm, nn.Softmax, MatMul)  # lowered to pointwise ops
 FLOAT_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, *POOL_MODULES, *POINTWISE_MODULES,
                  *CONSTANT_MODULES, ConstCat)
 QUANT_MODULES = (QConv2d, QLinear, ActQuant, BayesianBitsActQuant, *POOL_MODULES, *POINTWISE_MODULES,

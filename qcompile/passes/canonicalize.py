@@ -192,7 +192,8 @@ FUNCTION_RULES.update({torch.squeeze: _reshape, torch.unsqueeze: _reshape, **mov
                        torch.mean: attention.mean_rule(pools.mean_chain), **constants.FUNCTION_RULES,
                        **{f: constants.add_rule(_add) for f in (operator.add, operator.iadd, torch.add)},
                        **attention.FUNCTION_RULES})
-METHOD_RULES.update({**attention.METHOD_RULES, **movement.METHOD_RULES, "mean": attention.mean_rule(pools.mean_chain), **constants.METHOD_RULES,
+METHOD_RULES.update({**attention.METHOD_RULES, **movement.METHOD_RULES, "mean": attention.mean_rule(pools.mean_chain),
+                     **constants.METHOD_RULES,
                      "add": constants.add_rule(_add), "add_": constants.add_rule(_add)})
 
 

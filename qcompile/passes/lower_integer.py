@@ -10,7 +10,8 @@ layer) as power-of-two terms in IntShiftConv2d/IntShiftLinear, with q_b = round(
 M[c] = s_x s / s_y.
 Residual adds use M = s_in / s_y on q_a + q_b (share-scales made the inputs' scales equal);
 average pools use M = s_x / (k * s_y) on the window sum. Max pooling, reshapes and concatenation act on
-integers; a concatenated constant (class token) is put on its neighbour's grid, round(c / s_x), clamped. Tables, products of two activations and LayerNorms: passes/rules/lower_pointwise.py.
+integers; a concatenated constant (class token) is put on its neighbour's grid, round(c / s_x), clamped.
+Tables, products of two activations and LayerNorms: passes/rules/lower_pointwise.py.
 A ReLU/clamp that could not fold becomes an IntClamp. Refused before anything becomes an
 integer, naming the layer: NaN/Inf weights, biases or scales, a q_b outside int32 (a bias out of proportion
 to s_x * s_w), and a multiplier M >= 2^30 or < 2^-46 (m * 2^-54 would keep fewer than 8 of its bits).

@@ -14,8 +14,9 @@ inputs, so shape arithmetic such as ``x.size(0)`` or ``x.shape[1] // g`` is dead
                                                          -> one torch.narrow per used piece
                                                          (+ torch.reshape for unbind, which drops the axis)
 The batch axis (0) must stay where it is and whole (a permute that moves it is taken apart when only
-pieces along its new first axis are read: rules/canonical_attention.py): a permute that moves it otherwise, a slice or split of it, a
-step other than 1, or an index tensor is refused (the rule fails, canonicalize lists the node).
+pieces along its new first axis are read: rules/canonical_attention.py): a permute that moves it
+otherwise, a slice or split of it, a step other than 1, or an index tensor is refused (the rule fails,
+canonicalize lists the node).
 """
 
 from __future__ import annotations
