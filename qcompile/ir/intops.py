@@ -451,8 +451,8 @@ INTEGER_MODULES = (*INTEGER_MODULES, IntLayerNorm)
 
 
 class IntSoftmax(IntOp):
-    """Integer softmax over ``axis`` (a small channel axis), no float inside:
-      d_i = max_j q_j - q_i (>= 0),  E_i = etab[d_i] = round(2^16 exp(-s_x d_i))  (a table),
+    """Integer softmax over ``axis`` (a channel axis or attention's last axis), no float inside:
+      d_i = max_j q_j - q_i (>= 0),  E_i = etab[d_i] = round(2^20 exp(-s_x d_i))  (a table),
       S = sum_j E_j,  q_y = clamp((2 E_i C + S 2^t) // (2 S 2^t), lo, hi)   (round half up of E_i C / (S 2^t)),
     with C = round(2^t / s_y), t = ``frac``; every operand is non-negative and below 2^62.
     """

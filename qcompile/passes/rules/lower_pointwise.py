@@ -91,6 +91,10 @@ def _lower_softmax(lw: _Lowering, point: fx.Node, sm: nn.Softmax, out: IntType, 
     except ValueError as exc:
         raise PreconditionError(f"softmax '{point.name}': {exc}") from None
     assert isinstance(sm.dim, int), "canonicalize gives every softmax a dim"
+    shape = get_info(point).shape
+    if shape is not None and shape[sm.dim] >= softmax.MAX_AXIS:
+        raise PreconditionError(f"softmax '{point.name}' over {shape[sm.dim]} elements "
+                                f"(at most {softmax.MAX_AXIS - 1})")
     op = ops.IntSoftmax(**attrs, axis=sm.dim, inp=x.itype, out=out, lo=bounds[0], hi=bounds[1])
     return lw.emit(point.name, op, (x.node,), out, s_y, point)
 
