@@ -1,7 +1,7 @@
 """canonicalize: one form for every op the compiler understands, and a list of those it does not.
 
 Rewrites (each keeps the computed function identical):
-  Dropout / Identity / contiguous / clone                  -> removed
+  Dropout / Identity / contiguous / clone / torch._assert  -> removed
   ReLU module, F.relu, torch.relu, x.relu()               -> torch.relu(x)
   ReLU6, Hardtanh, F.relu6, F.hardtanh, clamp/clip         -> torch.clamp(x, min=lo, max=hi)
   Flatten module, flatten/view/reshape (any spelling)      -> torch.flatten(x, 1) when the result is
@@ -171,6 +171,15 @@ def _drop(gm: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
+def _drop_assert(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """torch._assert on shapes: the example inputs passed it (shapes were recorded by running the graph),
+    and the compiled graph has those shapes."""
+    if node.users:
+        return False
+    gm.graph.erase_node(node)
+    return True
+
+
 FUNCTION_RULES: dict[Any, Rule] = {
     F.relu: _to_relu, torch.relu: _to_relu, torch.relu_: _to_relu, F.relu_: _to_relu,
     F.relu6: lambda gm, n: _to_clamp(gm, n, 0.0, 6.0),
@@ -180,6 +189,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.cat: _cat, torch.concat: _cat, torch.concatenate: _cat,
     F.max_pool2d: _max_pool, F.avg_pool2d: _avg_pool, torch._C._nn.avg_pool2d: _avg_pool,
     F.adaptive_avg_pool2d: _adaptive_pool,
+    torch._assert: _drop_assert,
     F.dropout: _drop, F.dropout1d: _drop, F.dropout2d: _drop, F.alpha_dropout: _drop,
 }
 METHOD_RULES: dict[str, Rule] = {
