@@ -232,6 +232,7 @@ class PointwiseCost:
     lookups: int = 0
     products: int = 0
     divisions: int = 0
+    attention_macs: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -242,6 +243,9 @@ def _pointwise_cost(name: str, mod: ops.IntOp, elements: int) -> PointwiseCost |
         return PointwiseCost(name, "Lookup", mod.inp.bits, elements, lookups=elements)
     if isinstance(mod, ops.IntMul):
         return PointwiseCost(name, "Mul", max(t.bits for t in mod.inp), elements, products=elements)
+    if isinstance(mod, ops.IntMatMul):
+        return PointwiseCost(name, "MatMul", max(t.bits for t in mod.inp), elements,
+                             attention_macs=elements * mod.inner)
     if isinstance(mod, ops.IntSoftmax):
         return PointwiseCost(name, "Softmax", mod.inp.bits, elements, lookups=elements, products=elements,
                              divisions=elements)

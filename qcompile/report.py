@@ -38,7 +38,7 @@ def build_report(cm: CompiledModel, data: Dataset | None, verify_inputs: torch.T
     if pointwise:  # tables, products, LayerNorms: not MACs, listed and totalled apart
         report["pointwise"] = [c.as_dict() for c in pointwise]
         report["totals"].update({k: sum(getattr(c, k) for c in pointwise) for k in ("lookups", "products",
-                                                                                      "divisions")})
+                                                                                      "divisions", "attention_macs")})
     if cm.records:
         report["records"] = cm.records
     if data is not None and data.labelled:
@@ -86,12 +86,13 @@ def layer_table(report: dict[str, Any]) -> str:
 
 def pointwise_table(report: dict[str, Any]) -> str:
     """Table lookups, products of activations and LayerNorms: integer ops that are not MACs."""
-    keys = ["name", "op", "a_bits", "elements", "lookups", "products", "divisions"]
+    keys = ["name", "op", "a_bits", "elements", "lookups", "products", "divisions", "attention_macs"]
     rows = [[c.get(k, 0) for k in keys] for c in report["pointwise"]]
     t = report["totals"]
     rows.append(["total", "", "", sum(c["elements"] for c in report["pointwise"]),
                  *(t.get(k, 0) for k in keys[4:])])
-    return format_table(["op (not a MAC)", "kind", "a_bits", "elements", "lookups", "products", "divisions"], rows)
+    return format_table(["op (not a weight MAC)", "kind", "a_bits", "elements", "lookups", "products", "divisions",
+                         "attention MACs"], rows)
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -108,6 +109,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     if t.get("lookups") or t.get("products"):
         lines.append(f"outside the MACs: {t.get('lookups', 0)} table lookups, {t.get('products', 0)} integer "
                      f"products, {t.get('divisions', 0)} integer divisions per sample")
+    if t.get("attention_macs"):
+        lines.append(f"attention (activation x activation): {t['attention_macs']} MACs per sample, beside the "
+                     "layers' weight MACs")
     if "accuracy" in report:
         lines.append("accuracy: " + ", ".join(f"{k} {v:.2f} %" for k, v in report["accuracy"].items()))
     if "verify" in report:

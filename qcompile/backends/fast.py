@@ -289,3 +289,17 @@ def _softmax(op: ops.IntSoftmax, x: torch.Tensor) -> torch.Tensor:
     e = op.etab[q.amax(dim=op.axis, keepdim=True) - q]
     s = e.sum(dim=op.axis, keepdim=True)
     return ((2 * op.c * e + (s << op.frac)) // (s << (op.frac + 1))).clamp_(op.lo, op.hi).to(torch.float32)
+
+
+@_kernel(ops.IntMatMul)
+def _matmul_act(op: ops.IntMatMul, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A float32 batched GEMM when K max|q_a| max|q_b| < 2^24 (every partial sum exact), float64 otherwise
+    (exact too: the verifier keeps every partial sum below 2^31)."""
+    dtype = torch.float32 if op.bound < _F32_EXACT else torch.float64
+    return _requant(torch.matmul(a.to(dtype), b.to(dtype)), op, 1)
+
+
+@_kernel(ops.IntConstCat)
+def _const_cat(op: ops.IntConstCat, x: torch.Tensor) -> torch.Tensor:
+    c = op.value.to(x.dtype).unsqueeze(0).expand(x.shape[0], *op.value.shape)
+    return torch.cat((c, x) if op.first else (x, c), dim=op.dim)

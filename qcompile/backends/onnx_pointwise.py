@@ -17,6 +17,10 @@
   (``integer``) or ``DequantizeLinear(acc, f)`` + ``QuantizeLinear(., 1, zp)`` + ``Clip`` (``ort``).
 * ``IntSoftmax`` (both targets): ``ReduceMax``, ``Sub``, ``Gather`` of the exp table, ``ReduceSum``, ``Mul``,
   ``Add``, ``Div`` (non-negative operands), ``Max``/``Min``, + zp, ``Cast``: its integer math literally.
+* ``IntConstCat`` (both targets): ``Concat`` with the constant's container ``Expand``-ed to the batch.
+* ``IntMatMul``: ``MatMulInteger(a, b, zp_a, zp_b)`` on the uint8 containers (exact int32 accumulation with
+  broadcasting over the leading dims), then the target's requantization of the int32 acc: the exact uint64
+  chain (``integer``) or ``DequantizeLinear(acc, f)`` + ``QuantizeLinear(., 1, zp)`` + ``Clip`` (``ort``).
 """
 
 from __future__ import annotations
@@ -148,9 +152,40 @@ def _export_softmax(e: ox._Emitter, node: fx.Node, op: ops.IntSoftmax, args: lis
     return e.op("Cast", name, [q], np.uint8, to=onnx.TensorProto.UINT8)
 
 
+def _matmul_acc(e: ox._Emitter, node: fx.Node, op: ops.IntMatMul, args: list[Any]) -> gs.Variable:
+    zps = [e.const(f"{node.name}_zp{i}", ox._u8(t.zero_point)) for i, t in enumerate(op.inp)]
+    return e.op("MatMulInteger", node.name, [args[0], args[1], *zps], np.int32)
+
+
+def _matmul_integer(e: ox._Emitter, node: fx.Node, op: ops.IntMatMul, args: list[Any]) -> gs.Variable:
+    acc = _matmul_acc(e, node, op, args)
+    return ox.requant_chain(e, node.name, acc, ox._np(op.mult), ox._np(op.shift), np.array(0), op.out, op.lo,
+                            op.hi, 4)
+
+
+def _matmul_ort(e: ox._Emitter, node: fx.Node, op: ops.IntMatMul, args: list[Any]) -> gs.Variable:
+    acc = _matmul_acc(e, node, op, args)
+    return onnx_ort.requantize(e, node.name, acc, onnx_ort._f32(op.fmult), op.out, op.lo, op.hi)
+
+
+def _export_const_cat(e: ox._Emitter, node: fx.Node, op: ops.IntConstCat, args: list[Any]) -> gs.Variable:
+    """Concat with the constant's container (q + zp) expanded to the input's batch."""
+    name, x = node.name, args[0]
+    value = (ox._np(op.value) + op.inp.zero_point).astype(np.uint8)[None]
+    batch = e.op("Gather", name, [e.op("Shape", name, [x], np.int64), _i64(e, f"{name}_b", [0])], np.int64, axis=0)
+    shape = e.op("Concat", name, [batch, _i64(e, f"{name}_rest", list(value.shape[1:]))], np.int64, axis=0)
+    c = e.op("Expand", name, [e.const(f"{name}_value", value), shape], np.uint8)
+    return e.op("Concat", name, [c, x] if op.first else [x, c], np.uint8, axis=op.dim)
+
+
+ox.SHARED_EMITTERS[ops.IntConstCat] = _export_const_cat
+ox.INTEGER_EMITTERS[ops.IntConstCat] = _export_const_cat
+onnx_ort.ORT_EMITTERS[ops.IntConstCat] = _export_const_cat
 ox.SHARED_EMITTERS[ops.IntLookup] = _export_lookup
 ox.SHARED_EMITTERS[ops.IntSoftmax] = _export_softmax
 ox.INTEGER_EMITTERS.update({ops.IntLookup: _export_lookup, ops.IntMul: _mul_integer,
                             ops.IntLayerNorm: _layernorm_integer, ops.IntSoftmax: _export_softmax})
 onnx_ort.ORT_EMITTERS.update({ops.IntLookup: _export_lookup, ops.IntMul: _mul_ort, ops.IntLayerNorm: _layernorm_ort,
                               ops.IntSoftmax: _export_softmax})
+ox.INTEGER_EMITTERS[ops.IntMatMul] = _matmul_integer
+onnx_ort.ORT_EMITTERS[ops.IntMatMul] = _matmul_ort

@@ -246,3 +246,15 @@ def _softmax(op: ops.IntSoftmax, x: IntArray) -> IntArray:
     e = _np(op.etab)[q.max(axis=op.axis, keepdims=True) - q]
     s = e.sum(axis=op.axis, keepdims=True)
     return np.clip((2 * e * op.c + (s << op.frac)) // (s << (op.frac + 1)), op.lo, op.hi)
+
+
+@kernel(ops.IntMatMul)
+def _matmul_act(op: ops.IntMatMul, a: IntArray, b: IntArray) -> IntArray:
+    """int64 matmul (exact: the verifier bounds every partial sum by 2^31 - 1), scalar requantization."""
+    return requantize_op(op, np.matmul(np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)), (1,))
+
+
+@kernel(ops.IntConstCat)
+def _const_cat(op: ops.IntConstCat, x: IntArray) -> IntArray:
+    c = np.broadcast_to(_np(op.value)[None], (x.shape[0], *op.value.shape))
+    return np.concatenate((c, x) if op.first else (x, c), axis=op.dim)

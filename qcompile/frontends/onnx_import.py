@@ -30,7 +30,12 @@ import onnx_graphsurgeon as gs
 import torch
 import torch.fx as fx
 
-from qcompile.frontends import onnx_arith, onnx_movement, onnx_transposed  # noqa: F401 - register their converters
+from qcompile.frontends import (  # noqa: F401 - register their converters
+    onnx_arith,
+    onnx_attention,  # noqa: I001 - after the converters it wraps
+    onnx_movement,
+    onnx_transposed,
+)
 from qcompile.frontends.onnx_check import (
     OnnxValidationError,
     check_declared_shape,
@@ -198,6 +203,7 @@ def _import(model: onnx.ModelProto, path: Path, sample_shape: Sequence[int] | No
     graph = _refolded(graph)  # shapes again, after folding: a Slice with folded ends gets its output shape
     fuse_patterns(graph)  # erf-form GELU -> Gelu (frontends/onnx_pointwise.py, which adds its converters)
     fuse_adaptive_pools(graph)  # dynamo's index-arithmetic adaptive pools -> one node (frontends/onnx_regions.py)
+    onnx_attention.detach_class_token_shapes(graph)
     builder = Builder(graph)
     _placeholders(builder)
     for node in graph.nodes:

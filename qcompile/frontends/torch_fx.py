@@ -7,9 +7,11 @@ every later pass sees one vocabulary whichever tracer succeeded.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import io
 import logging
 import os
+import re
 import sys
 import types
 import warnings
@@ -77,10 +79,33 @@ class _Tracer(fx.Tracer):
         return type(m) in self.table_modules or super().is_leaf_module(m, module_qualified_name)
 
 
-def _symbolic_trace(model: nn.Module) -> fx.GraphModule:
+def _defaults_beyond(model: nn.Module, given: int) -> dict[str, object]:
+    """forward's parameters after the ``given`` inputs that have defaults (timm's ``attn_mask=None``,
+    ``is_causal=False``): traced at their defaults, not as extra graph inputs."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    return {p.name: p.default for p in params[given:] if p.default is not inspect.Parameter.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _drop_concrete_inputs(graph: fx.Graph, names: set[str]) -> None:
+    """Remove the placeholders torch.fx keeps for concrete arguments, with the guards that check them."""
+    for ph in [n for n in graph.find_nodes(op="placeholder") if re.sub(r"_\d+$", "", str(n.target)) in names]:
+        for user in list(ph.users):
+            for guard in list(user.users):
+                graph.erase_node(guard)
+            graph.erase_node(user)
+        graph.erase_node(ph)
+
+
+def _symbolic_trace(model: nn.Module, given: int = 1) -> fx.GraphModule:
     tracer = _Tracer()
     tracer.record_stack_traces = True
-    graph = tracer.trace(model)
+    concrete = _defaults_beyond(model, given)
+    graph = tracer.trace(model, concrete_args=concrete or None)
+    _drop_concrete_inputs(graph, set(concrete))
     return fx.GraphModule(model, graph, type(model).__name__)
 
 
@@ -105,7 +130,7 @@ def trace_module(model: nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> 
     """Capture ``model`` (put in eval mode) as a GraphModule; raise TraceError naming where both tracers broke."""
     model = model.eval()
     try:
-        return _finish(_symbolic_trace(model))
+        return _finish(_symbolic_trace(model, len(example_inputs)))
     except Exception as fx_exc:  # noqa: BLE001 - any tracing failure moves on to torch.export
         fx_error = fx_exc
     try:

@@ -23,6 +23,9 @@ Math, per op (``rq`` is the contract's requantization, see ``ir/contract.py``):
 * ``IntLayerNorm``: integer mean, variance, Newton square root and division, integer gamma/beta, then
   rq with a scalar M (its docstring has the steps; ``quant/layernorm.py`` the choices and error bound).
 * ``IntSoftmax``: an exp table on max - q, an integer sum and one integer division per element.
+* ``IntConstCat``: q_y = cat([constant, q_x], dim) (a class token on x's scale); no arithmetic.
+* ``IntMatMul``: q_y = clamp(rq(sum_k q_a[..., i, k] q_b[..., k, j], m, n), lo, hi), M = alpha s_a s_b / s_y
+  (the product of two activations: attention's Q K^T and P V).
 
 Every requantizing op carries both forms of its multiplier M: the dyadic ``mult``/``shift`` and
 ``fmult = float32(M)``, and its ``target`` says which one ``rq`` uses (``contract.Target``: ``integer`` =
@@ -448,8 +451,8 @@ INTEGER_MODULES = (*INTEGER_MODULES, IntLayerNorm)
 
 
 class IntSoftmax(IntOp):
-    """Integer softmax over ``axis`` (a small channel axis), no float inside:
-      d_i = max_j q_j - q_i (>= 0),  E_i = etab[d_i] = round(2^16 exp(-s_x d_i))  (a table),
+    """Integer softmax over ``axis`` (a channel axis or attention's last axis), no float inside:
+      d_i = max_j q_j - q_i (>= 0),  E_i = etab[d_i] = round(2^20 exp(-s_x d_i))  (a table),
       S = sum_j E_j,  q_y = clamp((2 E_i C + S 2^t) // (2 S 2^t), lo, hi)   (round half up of E_i C / (S 2^t)),
     with C = round(2^t / s_y), t = ``frac``; every operand is non-negative and below 2^62.
     """
@@ -470,3 +473,49 @@ class IntSoftmax(IntOp):
 
 
 INTEGER_MODULES = (*INTEGER_MODULES, IntSoftmax)
+
+
+class IntMatMul(_Requantizing):
+    """Matrix product of two integer tensors (``torch.matmul`` broadcasting over the leading batch/head dims):
+    acc = sum_k q_a[..., i, k] * q_b[..., k, j] (int32; the verifier proves K * max|q_a| * max|q_b| <= 2^31 - 1,
+    ``inner`` = K), then q_y = clamp(rq(acc, M), lo, hi) with M = alpha * s_a * s_b / s_y (one scalar).
+    """
+
+    def __init__(self, mult: int, shift: int, *, inner: int, inp: tuple[IntType, IntType], out: IntType, lo: int,
+                 hi: int, fmult: Any = None, target: Target | str = Target.INTEGER) -> None:
+        super().__init__()
+        self._set_requant(mult, shift, out, lo, hi, fmult, target)
+        self.inner, self.inp = int(inner), inp
+
+    @property
+    def bound(self) -> int:
+        a, b = self.inp
+        return self.inner * max(abs(a.lo), a.hi) * max(abs(b.lo), b.hi)
+
+    def extra_repr(self) -> str:
+        return f"{self.inp[0]}@{self.inp[1]}->{self.out} [{self.lo},{self.hi}], K={self.inner}"
+
+
+REQUANTIZING_OPS = (*REQUANTIZING_OPS, IntMatMul)
+INTEGER_MODULES = (*INTEGER_MODULES, IntMatMul)
+
+
+class IntConstCat(IntOp):
+    """Concatenation with a constant integer tensor (a class token): q_y = cat([value, q_x], dim) (or q_x
+    first), ``value`` one sample [*shape] (int64, inside the input type) repeated over the batch; scale
+    and type unchanged."""
+
+    value: torch.Tensor
+
+    def __init__(self, value: Any, *, dim: int, first: bool, inp: IntType) -> None:
+        super().__init__()
+        self.register_buffer("value", _int_buffer(value))
+        if bool((self.value < inp.lo).any() | (self.value > inp.hi).any()):
+            raise ValueError(f"constant outside the input type {inp}")
+        self.dim, self.first, self.inp, self.out = int(dim), bool(first), inp, inp
+
+    def extra_repr(self) -> str:
+        return f"{self.inp}, constant {tuple(self.value.shape)}, dim={self.dim}, first={self.first}"
+
+
+INTEGER_MODULES = (*INTEGER_MODULES, IntConstCat)

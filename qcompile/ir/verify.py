@@ -6,7 +6,8 @@ the weights actually stored) and the bias, must not exceed 2^31 - 1. It refuses 
 APoT (shift-add) ops are covered by the same bound on their combined codes: all terms of a weight share
 its sign, so |k| = sum_p |T_p| 2^p and every partial sum of the shift-add evaluation (and each part of
 the export's lo/hi split) is bounded by sum |k| * max|q_x|. Other ops with an accumulator state its bound
-themselves (``accumulator_bound()``, e.g. IntAvgPoolTable: largest window * max|q_x|), checked the same way.
+themselves (``accumulator_bound()``, e.g. IntAvgPoolTable: largest window * max|q_x|; ``bound`` of IntMul,
+IntLayerNorm and IntMatMul: K * max|q_a| * max|q_b| for a product of two activations), checked the same way.
 The bound is computed in exact integers (Python ints), and before it every stored constant is checked
 against its contract range: weights inside their type, |q_b| <= 2^31 - 1, multipliers m in [1, 2^31),
 shifts n in [MIN_SHIFT, MAX_SHIFT], boundary scales positive and finite. A constant that saturated when it
@@ -24,6 +25,7 @@ import torch.fx as fx
 from torch import nn
 
 from qcompile.ir import intops
+from qcompile.ir.attention import ConstCat, MatMul
 from qcompile.ir.contract import INT32_MAX, MAX_SHIFT, MIN_SHIFT
 from qcompile.ir.elementwise import CONSTANT_MODULES
 from qcompile.ir.meta import Stage, get_info, get_stage
@@ -36,11 +38,11 @@ from qcompile.quant.tables import TableFunction
 FLOAT_FUNCTIONS = (torch.relu, torch.clamp, torch.flatten, torch.reshape, operator.add, torch.cat, operator.mul,
                    *MOVEMENT_FUNCTIONS, operator.sub)
 POOL_MODULES = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Upsample)  # Upsample: bilinear only
-POINTWISE_MODULES = (TableFunction, nn.LayerNorm, ChannelLayerNorm, nn.Softmax)  # IntLookup/LayerNorm/Softmax
+POINTWISE_MODULES = (TableFunction, nn.LayerNorm, ChannelLayerNorm, nn.Softmax, MatMul)  # lowered to pointwise ops
 FLOAT_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, *POOL_MODULES, *POINTWISE_MODULES,
-                 *CONSTANT_MODULES)
+                 *CONSTANT_MODULES, ConstCat)
 QUANT_MODULES = (QConv2d, QLinear, ActQuant, BayesianBitsActQuant, *POOL_MODULES, *POINTWISE_MODULES,
-                 *CONSTANT_MODULES)
+                 *CONSTANT_MODULES, ConstCat)
 
 
 class VerificationError(Exception):
@@ -95,7 +97,7 @@ def _verify_integer(gm: fx.GraphModule) -> list[str]:
             problems.extend(constant_problems(node.name, mod))
         if isinstance(mod, (intops.IntConv2d, intops.IntLinear)):
             problems.extend(_overflow_problems(node.name, mod))
-        elif isinstance(mod, (intops.IntMul, intops.IntLayerNorm)) and mod.bound > INT32_MAX:
+        elif isinstance(mod, (intops.IntMul, intops.IntLayerNorm, intops.IntMatMul)) and mod.bound > INT32_MAX:
             problems.append(f"{node.name}: int32 accumulator may overflow (|acc| <= {mod.bound} > 2^31-1 with "
                             f"{mod.inp} inputs); lower the bit-widths of its inputs")
         elif callable(bound := getattr(mod, "accumulator_bound", None)) and int(bound()) > INT32_MAX:

@@ -1,7 +1,7 @@
 """canonicalize: one form for every op the compiler understands, and a list of those it does not.
 
 Rewrites (each keeps the computed function identical):
-  Dropout / Identity / contiguous / clone                  -> removed
+  Dropout / Identity / contiguous / clone / torch._assert  -> removed
   ReLU module, F.relu, torch.relu, x.relu()               -> torch.relu(x)
   ReLU6, Hardtanh, F.relu6, F.hardtanh, clamp/clip         -> torch.clamp(x, min=lo, max=hi)
   Flatten module, flatten/view/reshape (any spelling)      -> torch.flatten(x, 1) when the result is
@@ -16,6 +16,9 @@ Rewrites (each keeps the computed function identical):
                                                               (passes/rules/canonicalize_pointwise.py)
   mean over (H, W), or a chain of single-axis means       -> AdaptiveAvgPool2d(1) (+ flatten / reshape)
   squeeze / unsqueeze                                      -> torch.reshape (as flatten/view above)
+  a @ b of activations, scaled_dot_product_attention, MultiheadAttention, timm's head split
+                                                           -> MatMul / Softmax / movement
+                                                              (rules/canonical_attention.py)
   transposes, slices, splits; adaptive pools to k x k; stochastic depth in eval mode; arithmetic
   with constants, a - b                                    -> rules/canonical_movement.py, canonical_pool.py,
                                                               canonical_constants.py
@@ -46,6 +49,7 @@ from qcompile.ir.movement import dilate_pad
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.ir.verify import FLOAT_FUNCTIONS, FLOAT_MODULES
 from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, register_pass
+from qcompile.passes.rules import canonical_attention as attention
 from qcompile.passes.rules import canonical_constants as constants
 from qcompile.passes.rules import canonical_movement as movement
 from qcompile.passes.rules import canonical_pool as pools
@@ -129,6 +133,8 @@ def _add(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 def _cat(gm: fx.GraphModule, node: fx.Node) -> bool:
     b = _bind(node, ("tensors", "dim"), {"dim": 0})
+    if (with_constant := attention.const_cat(gm, node, b["tensors"], b["dim"])) is not None:  # a class token
+        return with_constant
     shape = get_info(node).shape
     if shape is None or b["dim"] % len(shape) != 1:
         return False
@@ -170,6 +176,15 @@ def _drop(gm: fx.GraphModule, node: fx.Node) -> bool:
     return True
 
 
+def _drop_assert(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """torch._assert on shapes: the example inputs passed it (shapes were recorded by running the graph),
+    and the compiled graph has those shapes."""
+    if node.users:
+        return False
+    gm.graph.erase_node(node)
+    return True
+
+
 FUNCTION_RULES: dict[Any, Rule] = {
     F.relu: _to_relu, torch.relu: _to_relu, torch.relu_: _to_relu, F.relu_: _to_relu,
     F.relu6: lambda gm, n: _to_clamp(gm, n, 0.0, 6.0),
@@ -179,6 +194,7 @@ FUNCTION_RULES: dict[Any, Rule] = {
     torch.cat: _cat, torch.concat: _cat, torch.concatenate: _cat,
     F.max_pool2d: _max_pool, F.avg_pool2d: _avg_pool, torch._C._nn.avg_pool2d: _avg_pool,
     F.adaptive_avg_pool2d: _adaptive_pool,
+    torch._assert: _drop_assert,
     F.dropout: _drop, F.dropout1d: _drop, F.dropout2d: _drop, F.alpha_dropout: _drop,
 }
 METHOD_RULES: dict[str, Rule] = {
@@ -188,10 +204,12 @@ METHOD_RULES: dict[str, Rule] = {
     "squeeze": _reshape, "unsqueeze": _reshape,
 }
 FUNCTION_RULES.update({torch.squeeze: _reshape, torch.unsqueeze: _reshape, **movement.FUNCTION_RULES,
-                       torch.mean: pools.mean_chain, **constants.FUNCTION_RULES,
+                       torch.mean: attention.mean_rule(pools.mean_chain), **constants.FUNCTION_RULES,
                        F.conv_transpose2d: transposed.transposed_function,
-                       **{f: constants.add_rule(_add) for f in (operator.add, operator.iadd, torch.add)}})
-METHOD_RULES.update({**movement.METHOD_RULES, "mean": pools.mean_chain, **constants.METHOD_RULES,
+                       **{f: constants.add_rule(_add) for f in (operator.add, operator.iadd, torch.add)},
+                       **attention.FUNCTION_RULES})
+METHOD_RULES.update({**attention.METHOD_RULES, **movement.METHOD_RULES, "mean": attention.mean_rule(pools.mean_chain),
+                     **constants.METHOD_RULES,
                      "add": constants.add_rule(_add), "add_": constants.add_rule(_add)})
 
 
@@ -206,6 +224,8 @@ def _module_rule(module: nn.Module) -> Rule | None:  # noqa: C901 - a flat table
         return lambda gm, n: _to_clamp(gm, n, module.min_val, module.max_val)
     if isinstance(module, nn.Flatten):
         return _reshape
+    if isinstance(module, nn.MultiheadAttention):
+        return attention.multihead_attention
     if isinstance(module, nn.Upsample) and module.mode != "bilinear":  # bilinear modules are canonical
         return movement.upsample_module
     if isinstance(module, nn.ConvTranspose2d):
@@ -221,7 +241,9 @@ def _is_canonical(node: fx.Node) -> bool:
     if node.target is torch.reshape:
         return isinstance(node.args[1], tuple) and node.args[1][:1] == (-1,)
     if node.target is torch.cat:
-        return node.kwargs == {"dim": 1} and len(node.args) == 1
+        pieces: Any = node.args[0] if node.args else ()
+        return node.kwargs == {"dim": 1} and len(node.args) == 1 and all(
+            isinstance(p, fx.Node) and p.op not in ("get_attr", "call_method") for p in pieces)
     if node.target is operator.mul:  # a product of two activations; a multiply by a constant is not
         return is_canonical_mul(node)
     if node.target is dilate_pad:
@@ -261,6 +283,10 @@ def _unsupported_setting(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return "ConvTranspose2d called with output_size (give output_padding instead)"
     if node.op == "call_function" and node.target is F.conv_transpose2d:  # left only when its rule declined
         return "conv_transpose2d with a weight, bias or setting computed at run time (only parameters)"
+    if isinstance(mod, nn.MultiheadAttention):
+        return attention.mha_problem(gm, node)
+    if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+        return attention.sdpa_problem(node)
     return None
 
 
@@ -328,6 +354,8 @@ class Canonicalize(Pass):
         annotate_shapes(gm, ctx.example_inputs)
         modified, rejected = False, set()
         for node in list(gm.graph.nodes):
+            if getattr(node, "_erased", False):  # removed with the chain an earlier rule rewrote
+                continue
             rule = _rule_for(gm, node)
             if rule is None:
                 continue
@@ -337,6 +365,7 @@ class Canonicalize(Pass):
                 rejected.add(node.name)
         modified = _unshare(gm) or modified
         rewrite.finish(gm)
+        attention.refuse_attention(gm)  # a mask or dropout: its own line, naming the node and the fix
         problems = _unsupported(gm, rejected)
         if problems is not None:
             raise problems

@@ -10,7 +10,8 @@ layer) as power-of-two terms in IntShiftConv2d/IntShiftLinear, with q_b = round(
 M[c] = s_x s / s_y.
 Residual adds use M = s_in / s_y on q_a + q_b (share-scales made the inputs' scales equal);
 average pools use M = s_x / (k * s_y) on the window sum. Max pooling, reshapes and concatenation act on
-integers. Tables, products of two activations and LayerNorms: passes/rules/lower_pointwise.py.
+integers; a concatenated constant (class token) is put on its neighbour's grid, round(c / s_x), clamped.
+Tables, products of two activations and LayerNorms: passes/rules/lower_pointwise.py.
 A ReLU/clamp that could not fold becomes an IntClamp. Refused before anything becomes an
 integer, naming the layer: NaN/Inf weights, biases or scales, a q_b outside int32 (a bias out of proportion
 to s_x * s_w), and a multiplier M >= 2^30 or < 2^-46 (m * 2^-54 would keep fewer than 8 of its bits).
@@ -34,6 +35,7 @@ from torch import nn
 
 from qcompile.ir import contract
 from qcompile.ir import intops as ops
+from qcompile.ir.attention import ConstCat
 from qcompile.ir.meta import IntType, NodeInfo, Stage, get_info, set_info, set_target
 from qcompile.ir.rewrite import input_node, input_nodes
 from qcompile.ir.shapes import annotate_shapes, pair
@@ -265,6 +267,8 @@ def _lower_pass_through(lw: _Lowering, node: fx.Node) -> Value:
         op = ops.IntMaxPool2d(kernel=pair(mod.kernel_size), stride=pair(mod.stride), padding=pair(mod.padding),
                               dilation=pair(mod.dilation), ceil_mode=mod.ceil_mode, inp=x.itype)
         return lw.emit(node.name, op, (x.node,), x.itype, x.scale, node)
+    if isinstance(mod, ConstCat):
+        return _lower_const_cat(lw, node, mod)
     if node.target in graph.CLAMPS:
         x = lw.value(input_node(node))
         lo, hi = _clamp_bounds([node], x.itype, x.scale)
@@ -279,6 +283,15 @@ def _lower_pass_through(lw: _Lowering, node: fx.Node) -> Value:
     assert callable(node.target), f"'{node.name}' is not a function call"
     new = lw.graph.call_function(node.target, (x.node, *node.args[1:]))
     return _typed(new, x)
+
+
+def _lower_const_cat(lw: _Lowering, node: fx.Node, mod: ConstCat) -> Value:
+    """The constant on the input's grid: q_c = clamp(round(c / s_x), lo, hi) of the input type."""
+    x = lw.value(input_node(node))
+    _require_finite("constants", mod.value)
+    q = torch.round(mod.value.double() / x.scale).clamp(x.itype.lo, x.itype.hi).to(torch.int64)
+    op = ops.IntConstCat(q, dim=mod.dim, first=mod.first, inp=x.itype)
+    return lw.emit(node.name, op, (x.node,), x.itype, x.scale, node)
 
 
 def _typed(node: fx.Node, like: Value) -> Value:

@@ -18,6 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from qcompile.ir.attention import ConstCat, MatMul
 from qcompile.ir.elementwise import CONSTANT_MODULES
 from qcompile.ir.meta import IntType
 from qcompile.ir.movement import MOVEMENT_FUNCTIONS
@@ -28,7 +29,7 @@ from qcompile.quant.tables import TableFunction
 CLAMPS = (torch.relu, torch.clamp)
 PASS_THROUGH_FUNCTIONS = (torch.flatten, torch.reshape, torch.relu, torch.clamp, *MOVEMENT_FUNCTIONS)
 # pointwise ops whose output gets its own quantizer (nn.LayerNorm covers its subclass ChannelLayerNorm)
-NEW_SCALE_MODULES: tuple[type, ...] = (TableFunction, nn.LayerNorm, nn.Softmax)
+NEW_SCALE_MODULES: tuple[type, ...] = (TableFunction, nn.LayerNorm, nn.Softmax, MatMul)
 
 
 def module(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
@@ -125,7 +126,7 @@ def roots(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
         return [node]
     if node.op == "call_function" and node.target is torch.cat:
         return [r for src in input_nodes(node) for r in roots(gm, src)]
-    passes = isinstance(module(gm, node), nn.MaxPool2d) or (
+    passes = isinstance(module(gm, node), (nn.MaxPool2d, ConstCat)) or (
         node.op == "call_function" and node.target in PASS_THROUGH_FUNCTIONS
     )
     if passes and isinstance(node.args[0], fx.Node):

@@ -1,7 +1,7 @@
 """Simulation = integer graph for the ops whose integer form is not a float op followed by rounding.
 
 LayerNorm (``IntLayerNorm``: integer mean, Newton square root, 16-bit gamma), softmax (``IntSoftmax``: a
-16-bit exp table, an integer division) and constant arithmetic (``IntRescale``: the added constant on a
+20-bit exp table, an integer division) and constant arithmetic (``IntRescale``: the added constant on a
 grid 2^8 finer than the input's, a dyadic or float32 multiplier) compute integers that float LayerNorm /
 softmax followed by the output quantizer miss by an output step on about 1 % of the values (x + c, x * c:
 at rounding near-ties, a few in 10^4; tests/quant/test_integer_sim.py). So in the quant graph each

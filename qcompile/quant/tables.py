@@ -189,12 +189,19 @@ def build_table(fn: nn.Module, inp: IntType, s_x: float, out: IntType, s_y: floa
 
 
 def cap_table_inputs(gm: Any) -> None:
-    """Lower the activation quantizers that feed a table to at most 8 bits (searches and policies call it)."""
+    """Lower the activation quantizers that feed a table, a softmax (its exp table) or either operand of a
+    product of two activations (MatMul: K 2^7 2^8 stays inside int32 for K < 2^16, where 16-bit operands
+    would overflow at K = 2) to at most 8 bits (searches and policies call it)."""
+    from torch import nn
+
+    from qcompile.ir.attention import MatMul
     from qcompile.ir.rewrite import input_node
     from qcompile.quant import graph
 
     for node in gm.graph.nodes:
-        if isinstance(graph.module(gm, node), TableFunction):
-            for root in graph.roots(gm, input_node(node)):
+        mod = graph.module(gm, node)
+        operands = (0, 1) if isinstance(mod, MatMul) else (0,) if isinstance(mod, (TableFunction, nn.Softmax)) else ()
+        for i in operands:
+            for root in graph.roots(gm, input_node(node, i)):
                 q = graph.act_quant(gm, root)
                 q.bits = min(q.bits, MAX_TABLE_BITS)

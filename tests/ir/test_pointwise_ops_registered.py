@@ -10,7 +10,7 @@ from qcompile.backends.onnx_export import emitters
 from qcompile.ir import intops as ops
 from qcompile.ir.contract import Target
 
-NEW_OPS = [ops.IntLookup, ops.IntMul, ops.IntLayerNorm, ops.IntSoftmax]
+NEW_OPS = [ops.IntLookup, ops.IntMul, ops.IntLayerNorm, ops.IntSoftmax, ops.IntMatMul, ops.IntConstCat]
 
 
 @pytest.mark.parametrize("op", NEW_OPS, ids=lambda t: t.__name__)

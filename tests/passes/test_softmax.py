@@ -32,6 +32,21 @@ def test_integer_softmax_is_within_one_step_of_float(size: int) -> None:
     assert np.array_equal(fast.run_op(op, torch.from_numpy(q).float()).numpy(), got)
 
 
+@pytest.mark.parametrize("length", [197, 1024, 4096])
+def test_softmax_over_a_long_last_axis_is_within_half_a_step(length: int) -> None:
+    """Attention's softmax: [N, heads, L, L] rows, a finer output scale than 8-bit of [0, 1] too."""
+    inp, out = IntType(8, True), IntType(8, False)
+    rng = np.random.default_rng(length)
+    q = np.clip(rng.normal(0, 40, size=(2, 2, 4, length)).round(), -127, 127).astype(np.int64)
+    for s_x, s_y in ((0.02, 1 / 255), (0.1, 1 / 2040)):
+        op = ops.IntSoftmax(**softmax.plan(inp, s_x, s_y), axis=3, inp=inp, out=out, lo=out.lo, hi=out.hi)
+        got = reference.run_kernel(op, q)
+        want = F.softmax(torch.from_numpy(q * s_x), dim=3).numpy() / s_y
+        inside = want <= out.hi  # above the output range the clamp decides
+        assert np.abs(got - want)[inside].max() <= 0.5 + 0.01
+        assert np.array_equal(fast.run_op(op, torch.from_numpy(q).float()).numpy(), got)
+
+
 class Softmaxes(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -7,7 +7,8 @@ sample (a scalar, per channel [C, 1, 1], or along the last axis). Rewrites (the 
                                                         AddConst(c) (AddConst(a c), AddConst(-c))
   x * c, c * x, x / c (c > 0, or any sign when it folds) -> folded into that layer's weights and bias
                                                         (W c, b c per output channel), else MulConst(c)
-                                                        (MulConst(1 / c)); a factor of 1 is removed
+                                                        (MulConst(1 / c)); a factor of 1 is removed;
+                                                        a scalar c > 0 after a MatMul joins its alpha
   a - b of two activations of one shape              -> operator.sub(a, b)
 The layer is copied before it is changed (the user's model keeps its weights). Refused (canonicalize lists
 the node): c - x, a factor <= 0 that does not fold, division with a rounding mode, constants that touch the
@@ -26,6 +27,7 @@ import torch.fx as fx
 from torch import nn
 
 from qcompile.ir import rewrite
+from qcompile.ir.attention import MatMul
 from qcompile.ir.elementwise import AddConst, MulConst
 from qcompile.ir.meta import get_info
 
@@ -73,6 +75,8 @@ def _fold(gm: fx.GraphModule, x: fx.Node, c: torch.Tensor, mul: bool) -> bool:
     """Fold ``x * c`` or ``x + c`` into the layer computing ``x``; False if that is not possible."""
     layer = gm.get_submodule(str(x.target)) if x.op == "call_module" else None
     shape = get_info(x).shape
+    if isinstance(layer, MatMul):  # a positive scalar joins the product's alpha
+        return mul and _fold_matmul(gm, x, layer, c)
     if not isinstance(layer, FOLDABLE) or len(x.users) != 1 or shape is None:
         return False
     if len(gm.graph.find_nodes(op="call_module", target=x.target)) != 1:
@@ -90,6 +94,13 @@ def _fold(gm: fx.GraphModule, x: fx.Node, c: torch.Tensor, mul: bool) -> bool:
         else:
             new.bias.add_(vector)
     rewrite.set_module(gm, str(x.target), new)
+    return True
+
+
+def _fold_matmul(gm: fx.GraphModule, x: fx.Node, layer: MatMul, c: torch.Tensor) -> bool:
+    if c.numel() != 1 or not float(c) > 0 or len(x.users) != 1:
+        return False
+    rewrite.set_module(gm, str(x.target), MatMul(layer.alpha * float(c)))
     return True
 
 

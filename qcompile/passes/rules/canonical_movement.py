@@ -13,8 +13,10 @@ inputs, so shape arithmetic such as ``x.size(0)`` or ``x.shape[1] // g`` is dead
   x.chunk / torch.chunk / torch.split / x.split / tensor_split(sections) / unbind, then getitem(i)
                                                          -> one torch.narrow per used piece
                                                          (+ torch.reshape for unbind, which drops the axis)
-The batch axis (0) must stay where it is and whole: a permute that moves it, a slice or split of it, a
-step other than 1, or an index tensor is refused (the rule fails, canonicalize lists the node).
+The batch axis (0) must stay where it is and whole (a permute that moves it is taken apart when only
+pieces along its new first axis are read: rules/canonical_attention.py): a permute that moves it
+otherwise, a slice or split of it, a step other than 1, or an index tensor is refused (the rule fails,
+canonicalize lists the node).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from torch import nn
 from qcompile.ir import rewrite
 from qcompile.ir.meta import get_info
 from qcompile.ir.movement import upsample_nearest
+from qcompile.passes.rules.canonical_attention import select_from_permute
 
 Rule = Callable[[fx.GraphModule, fx.Node], bool]
 
@@ -48,8 +51,10 @@ def _dims(arg: Any, rest: tuple[Any, ...]) -> list[int] | None:
 def _to_permute(gm: fx.GraphModule, node: fx.Node, src: fx.Node, perm: list[int]) -> bool:
     rank = len(perm)
     perm = [d % rank for d in perm]
-    if sorted(perm) != list(range(rank)) or perm[0] != 0:
+    if sorted(perm) != list(range(rank)):
         return False
+    if perm[0] != 0:  # the batch moves: only a head split whose pieces are taken at once (timm's qkv)
+        return select_from_permute(gm, node, perm)
     if perm == list(range(rank)):
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)

@@ -1,0 +1,92 @@
+"""A small vision transformer written the way timm writes it (no timm dependency): patch embedding conv +
+flatten + transpose, class token, position embedding, pre-norm blocks with timm's Attention (qkv Linear,
+reshape/permute/unbind, q @ k^T * scale or scaled_dot_product_attention, softmax, @ v) and Mlp (GELU),
+final LayerNorm, class-token or mean pooling, linear head."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """timm.models.vision_transformer.Attention (q_norm/k_norm Identity, dropout 0)."""
+
+    def __init__(self, dim: int, num_heads: int = 2, fused_attn: bool = False) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused_attn = fused_attn
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            x = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0)
+        else:
+            q = q * self.scale
+            attn = q @ k.transpose(-2, -1)
+            attn = attn.softmax(dim=-1)
+            attn = self.attn_drop(attn)
+            x = attn @ v
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, num_heads: int, fused_attn: bool) -> None:
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads, fused_attn)
+        self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, chans: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(chans, dim, patch, patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # NCHW -> NLC
+
+
+class TinyViT(nn.Module):
+    def __init__(self, img: int = 8, patch: int = 4, chans: int = 1, dim: int = 16, depth: int = 1,
+                 num_heads: int = 2, classes: int = 3, fused_attn: bool = False, pool: str = "token") -> None:
+        super().__init__()
+        self.patch_embed = PatchEmbed(patch, chans, dim)
+        tokens = (img // patch) ** 2
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos_embed = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.2)
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, fused_attn) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, classes)
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        x = torch.cat((self.cls_token.expand(x.shape[0], -1, -1), x), dim=1)
+        x = x + self.pos_embed
+        x = self.norm(self.blocks(x))
+        x = x[:, 0] if self.pool == "token" else x.mean(dim=1)
+        return self.head(x)
