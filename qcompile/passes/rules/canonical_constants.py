@@ -62,7 +62,12 @@ def is_constant_view(arg: Any) -> bool:
             or (arg.op == "call_function" and arg.target is operator.getitem)):
         return False
     found: list[fx.Node] = []
-    fx.node.map_arg(arg.args, lambda n: found.append(n) or n)
+
+    def note(n: fx.Node) -> fx.Node:
+        found.append(n)
+        return n
+
+    fx.node.map_arg(arg.args, note)
     return bool(found) and all(n.op == "get_attr" or is_constant_view(n) for n in found)
 
 
