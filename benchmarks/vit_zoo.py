@@ -36,7 +36,9 @@ def build(name: str) -> tuple[nn.Module, int | None]:
     if name == "vit_b_16":
         import torchvision
 
-        return torchvision.models.vit_b_16(weights=None, image_size=MODELS[name]).eval(), MODELS[name]
+        model = torchvision.models.vit_b_16(weights=None, image_size=MODELS[name]).eval()
+        nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision zero-initializes the head: logits all 0
+        return model, MODELS[name]
     import timm
 
     kwargs: dict[str, Any] = {"pretrained": False}

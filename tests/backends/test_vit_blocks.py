@@ -171,3 +171,38 @@ def test_onnx_runs_the_matmul_as_matmul_integer() -> None:
     x = random_inputs(2, shape=SHAPE, seed=9)
     (got,) = run_onnx(cm.to_onnx(), x.numpy())
     assert np.array_equal(got, cm.reference(x).numpy())
+
+
+class BiasedAttention(nn.Module):
+    """EfficientFormer's idioms: a layer scale read as ``gamma.view(1, -1, 1, 1)`` and attention biases
+    gathered by a constant index buffer, ``biases[:, idxs]``, added to the scores."""
+
+    def __init__(self, dim: int = 8, heads: int = 2, tokens: int = 16) -> None:
+        super().__init__()
+        self.conv, self.gamma = nn.Conv2d(1, dim, 3, padding=1), nn.Parameter(torch.rand(dim) + 0.5)
+        self.qkv, self.heads, self.head = nn.Linear(dim, 3 * dim), heads, nn.Linear(dim, 3)
+        self.scale = (dim // heads) ** -0.5
+        self.biases = nn.Parameter(torch.randn(heads, 7) * 0.5)
+        self.register_buffer("idxs", torch.randint(0, 7, (tokens, tokens)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.avg_pool2d(self.conv(x), 2)  # [N, dim, 4, 4]
+        y = y * self.gamma.view(1, -1, 1, 1)
+        t = y.flatten(2).transpose(1, 2)  # [N, 16, dim]
+        B, N, C = t.shape
+        q, k, v = self.qkv(t).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1)) * self.scale + self.biases[:, self.idxs]
+        out = (attn.softmax(dim=-1) @ v).transpose(1, 2).reshape(B, N, C)
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("target", ["ort", "integer"])
+def test_layer_scale_views_and_attention_biases_are_constants(target: str) -> None:
+    torch.manual_seed(0)
+    model = BiasedAttention().eval()
+    cm = compile_model(model, pipeline=pipeline(target), shape=SHAPE)
+    assert _count(cm, ops.IntMatMul) == 2 and _count(cm, ops.IntMul) == 0  # no product with a parameter
+    x = random_inputs(8, shape=SHAPE, seed=4)
+    assert_exact(cm, x)
+    cos = F.cosine_similarity(model(x).flatten(), cm(x).flatten(), dim=0).item()
+    assert cos > 0.9, f"integer vs float cosine {cos:.3f}"

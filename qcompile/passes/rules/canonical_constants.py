@@ -1,6 +1,7 @@
 """canonicalize rules for arithmetic with constants, and the difference of two activations.
 
-A constant is a Python number or a tensor the graph reads (a parameter or buffer), broadcast against one
+A constant is a Python number or a tensor the graph reads (a parameter or buffer, or its view/reshape to
+constant sizes, as layer scales ``gamma.view(1, -1, 1, 1)``), broadcast against one
 sample (a scalar, per channel [C, 1, 1], or along the last axis). Rewrites (the function is unchanged):
   x + c, c + x, x - c, torch.add(x, c, alpha=a)      -> folded into the bias of the conv / linear / BatchNorm
                                                         that produces x (when x has no other user), else
@@ -39,12 +40,53 @@ def constant(gm: fx.GraphModule, arg: Any) -> torch.Tensor | None:
     """The value of a constant operand (a number, or a tensor read by get_attr), else None."""
     if isinstance(arg, (int, float)) and not isinstance(arg, bool):
         return torch.tensor(float(arg))
+    if is_constant_view(arg):
+        return _evaluate(gm, arg)
     if isinstance(arg, fx.Node) and arg.op == "get_attr":
         obj: Any = gm
         for part in str(arg.target).split("."):
             obj = getattr(obj, part)
         return obj.detach().float() if isinstance(obj, torch.Tensor) else None
     return None
+
+
+CONSTANT_METHODS = ("view", "reshape")
+
+
+def is_constant_view(arg: Any) -> bool:
+    """A view/reshape or an indexing of parameters with constant sizes or constant index tensors:
+    ``gamma.view(1, -1, 1, 1)`` (layer scale), ``biases[:, idxs]`` (EfficientFormer's attention biases)."""
+    if not isinstance(arg, fx.Node):
+        return False
+    if not ((arg.op == "call_method" and arg.target in CONSTANT_METHODS)
+            or (arg.op == "call_function" and arg.target is operator.getitem)):
+        return False
+    found: list[fx.Node] = []
+
+    def note(n: fx.Node) -> fx.Node:
+        found.append(n)
+        return n
+
+    fx.node.map_arg(arg.args, note)
+    return bool(found) and all(n.op == "get_attr" or is_constant_view(n) for n in found)
+
+
+def _evaluate(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    def value(n: fx.Node) -> Any:
+        v = constant(gm, n) if n.op == "get_attr" else _evaluate(gm, n)
+        if n.op == "get_attr" and v is not None:  # index tensors keep their integer dtype
+            obj: Any = gm
+            for part in str(n.target).split("."):
+                obj = getattr(obj, part)
+            v = obj.detach()
+        return v
+
+    args: Any = fx.node.map_arg(node.args, value)
+    if any(a is None for a in args):
+        return None
+    with torch.no_grad():
+        out = getattr(args[0], str(node.target))(*args[1:]) if node.op == "call_method" else args[0][args[1]]
+    return out.detach().float() if isinstance(out, torch.Tensor) else None
 
 
 def _per_sample(c: torch.Tensor, shape: tuple[int, ...] | None) -> torch.Tensor | None:
@@ -163,7 +205,8 @@ def mul_constant(gm: fx.GraphModule, node: fx.Node, divide: bool = False) -> boo
 
 def _both_activations(node: fx.Node) -> bool:
     args = node.args[:2]
-    return len(args) == 2 and all(isinstance(a, fx.Node) and a.op != "get_attr" for a in args)
+    return len(args) == 2 and all(isinstance(a, fx.Node) and a.op != "get_attr" and not is_constant_view(a)
+                                  for a in args)
 
 
 def sub_rule(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -26,6 +26,7 @@ from torch import nn
 
 from qcompile.ir import rewrite
 from qcompile.ir.meta import get_info
+from qcompile.passes.rules.canonical_constants import is_constant_view
 from qcompile.passes.rules.channels_last import channels_rule, layer_norm_module
 from qcompile.quant import tables
 
@@ -66,7 +67,7 @@ def _module_table(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _is_activation(arg: Any) -> bool:
-    return isinstance(arg, fx.Node) and arg.op != "get_attr"
+    return isinstance(arg, fx.Node) and arg.op != "get_attr" and not is_constant_view(arg)
 
 
 def _sigmoid_of(gm: fx.GraphModule, gate: Any, x: Any) -> bool:
