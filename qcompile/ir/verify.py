@@ -107,8 +107,13 @@ def _verify_integer(gm: fx.GraphModule) -> list[str]:
 
 
 def _out_of(values: torch.Tensor, lo: int, hi: int) -> list[int]:
-    """The values outside [lo, hi], compared as exact Python ints (at most three shown)."""
-    return [v for v in (int(x) for x in values.reshape(-1).tolist()) if not lo <= v <= hi][:3]
+    """The values outside [lo, hi], compared exactly (at most three shown): integer tensors in int64 (one
+    vectorised comparison; a weight tensor has up to 10^8 entries), others as Python ints."""
+    flat = values.reshape(-1)
+    if not flat.is_floating_point() and not flat.is_complex():
+        wide = flat.to(torch.int64)
+        return [int(v) for v in wide[(wide < lo) | (wide > hi)][:3].tolist()]
+    return [v for v in (int(x) for x in flat.tolist()) if not lo <= v <= hi][:3]
 
 
 def _requant_problems(name: str, mult: torch.Tensor, shift: torch.Tensor) -> list[str]:
