@@ -29,7 +29,7 @@ issue's targets: within 0.5 points of float and at most 0.2 points below quantiz
 
 torchvision needs the separate venv described in ``zoo.py`` (torch 2.14.1 + torchvision 0.29.1):
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. /work/venv-tv/bin/python benchmarks/modern_fashion_mnist.py
+    OMP_NUM_THREADS=1 PYTHONPATH=. ../venv-tv/bin/python benchmarks/modern_fashion_mnist.py
         [--models mobilenet_v3_small,efficientnet_b0] [--calib 32] [--verify 256] [--quick]
 
 The first run trains (about 20 minutes per model on two threads); later runs load the cached weights.

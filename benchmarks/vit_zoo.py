@@ -6,8 +6,8 @@ onnxruntime's quantize_static: the columns and the method of ``zoo.py``, on
 
 Needs the torchvision venv of ``zoo.py`` with timm added without its dependencies:
 
-    /work/venv-tv/bin/pip install timm --no-deps
-    OMP_NUM_THREADS=1 PYTHONPATH=. /work/venv-tv/bin/python benchmarks/vit_zoo.py [--models deit_tiny_patch16_224]
+    ../venv-tv/bin/pip install timm --no-deps
+    OMP_NUM_THREADS=1 PYTHONPATH=. ../venv-tv/bin/python benchmarks/vit_zoo.py [--models deit_tiny_patch16_224]
         [--frontends torch,onnx-dyn] [--samples 4] [--calib 2]
 
 Never part of the test run or CI.

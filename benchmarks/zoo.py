@@ -15,13 +15,13 @@ the same at a static batch of 1), with the default pipeline (w8a8, target ort):
 torchvision cannot be installed beside the torch 2.13.0 CPU build of the main venv. Make a separate venv
 once (a large install from this machine's disk, ~5.5 GB):
 
-    python3 -m venv /work/venv-tv && /work/venv-tv/bin/pip install torch==2.14.1 torchvision==0.29.1
-    /work/venv-tv/bin/pip install numpy onnx onnxruntime onnx-graphsurgeon ml_dtypes networkx scikit-learn \\
+    python3 -m venv ../venv-tv && ../venv-tv/bin/pip install torch==2.14.1 torchvision==0.29.1
+    ../venv-tv/bin/pip install numpy onnx onnxruntime onnx-graphsurgeon ml_dtypes networkx scikit-learn \\
         tqdm matplotlib pydot onnxscript
 
 and run (one thread; this takes long: pick models and frontends with the flags)
 
-    OMP_NUM_THREADS=1 PYTHONPATH=. /work/venv-tv/bin/python benchmarks/zoo.py [--models resnet18,vgg11_bn]
+    OMP_NUM_THREADS=1 PYTHONPATH=. ../venv-tv/bin/python benchmarks/zoo.py [--models resnet18,vgg11_bn]
         [--frontends torch,onnx-dyn,onnx-static] [--samples 8] [--size 64]
 
 Never part of the test run or CI.
