@@ -12,6 +12,9 @@ from qcompile.backends.ort import run_onnx
 from qcompile.ir import intops as ops
 
 TARGETS = ["ort", "integer"]
+# every search at its cheapest settings that still exercise gates, regularizers and fine-tuning
+SEARCHES = ["bayesian-bits{epochs=1,finetune_epochs=0,samples=256}", "bsq{epochs=1,finetune_epochs=1}", "aqt{epochs=1}",
+            "apot{epochs=1}"]
 
 
 def pipeline(target: str) -> str:

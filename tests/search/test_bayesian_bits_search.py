@@ -13,20 +13,13 @@ from qcompile import cost
 from qcompile.api import search_pipeline
 from qcompile.cli import main
 from qcompile.frontends.model_spec import load_model
-from qcompile.models import DemoNet, train_float
+from qcompile.models import train_float
 from qcompile.passes import PassError, parse_pipeline
 from qcompile.passes.base import PreconditionError
 
 TINY = str(Path(__file__).parent.parent.parent / "examples" / "tiny_model.py") + ":make_model"
 FAST = "epochs=2,finetune_epochs=1,gate_lr=0.1,gate_init=3"
 
-
-@pytest.fixture(scope="module")
-def trained() -> tuple[torch.nn.Module, qcompile.Dataset]:
-    torch.manual_seed(0)
-    data = qcompile.load_data("digits")
-    assert data.y_train is not None
-    return train_float(DemoNet(width=8), data.x_train, data.y_train, epochs=6), data
 
 
 def compile_bb(model: torch.nn.Module, data: qcompile.Dataset, options: str) -> qcompile.CompiledModel:

@@ -6,19 +6,11 @@ import pytest
 import torch
 
 import qcompile
-from qcompile.models import DemoNet, train_float
 from qcompile.passes import parse_pipeline
 from qcompile.passes.base import PreconditionError
 
 PIPELINE = "canonicalize,fold-batchnorm,insert-quantizers,calibrate,bsq{{{}}},share-scales,lower-integer"
 
-
-@pytest.fixture(scope="module")
-def trained() -> tuple[torch.nn.Module, qcompile.Dataset]:
-    torch.manual_seed(0)
-    data = qcompile.load_data("digits")
-    assert data.y_train is not None
-    return train_float(DemoNet(width=8), data.x_train, data.y_train, epochs=6), data
 
 
 @pytest.mark.parametrize("start", ["float", "bsq"])

@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-from functools import cache
-
 import pytest
 import torch
 import torch.nn.functional as F
-from modern import SqueezeExcitation, assert_exact, lookups
+from modern import SEARCHES, SqueezeExcitation, assert_exact, lookups
 from torch import nn
 
 import qcompile
 from qcompile.api import search_pipeline
 from qcompile.ir import intops as ops
-
-SEARCHES = ["bayesian-bits{epochs=1,finetune_epochs=0,samples=256}", "bsq{epochs=1,finetune_epochs=1}", "aqt{epochs=1}",
-            "apot{epochs=1}"]
 
 
 class Modern(nn.Module):
@@ -31,15 +26,11 @@ class Modern(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, 1), 1))
 
 
-@cache
-def digits() -> qcompile.Dataset:
-    return qcompile.load_data("digits")
-
 
 @pytest.mark.parametrize("spec", SEARCHES, ids=lambda s: s.split("{")[0])
-def test_search_runs_on_tables_products_and_layernorm(spec: str) -> None:
+def test_search_runs_on_tables_products_and_layernorm(spec: str, digits: qcompile.Dataset) -> None:
     torch.manual_seed(0)
-    data = digits()
+    data = digits
     cm = qcompile.compile(Modern().eval(), data.x_train[:1], data=data, pipeline=search_pipeline(spec))
     mods = list(cm.integer_graph.modules())
     assert len(lookups(cm)) == 3 and all(t.inp.bits <= 8 for t in lookups(cm))

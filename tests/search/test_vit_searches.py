@@ -3,30 +3,20 @@ operands stay within 8 bits (their int32 bound), and the result lowers bit-exact
 
 from __future__ import annotations
 
-from functools import cache
-
 import pytest
 import torch
-from modern import assert_exact
+from modern import SEARCHES, assert_exact
 from vit import TinyViT
 
 import qcompile
 from qcompile.api import search_pipeline
 from qcompile.ir import intops as ops
 
-SEARCHES = ["bayesian-bits{epochs=1,finetune_epochs=0,samples=256}", "bsq{epochs=1,finetune_epochs=1}", "aqt{epochs=1}",
-            "apot{epochs=1}"]
-
-
-@cache
-def digits() -> qcompile.Dataset:
-    return qcompile.load_data("digits")
-
 
 @pytest.mark.parametrize("spec", SEARCHES, ids=lambda s: s.split("{")[0])
-def test_search_runs_on_a_vit(spec: str) -> None:
+def test_search_runs_on_a_vit(spec: str, digits: qcompile.Dataset) -> None:
     torch.manual_seed(0)
-    data = digits()
+    data = digits
     model = TinyViT(classes=10).eval()
     cm = qcompile.compile(model, data.x_train[:1], data=data, pipeline=search_pipeline(spec))
     mods = list(cm.integer_graph.modules())
