@@ -2,13 +2,15 @@
 
 A conv/linear output channel c whose weights are all zero and whose bias is zero (or absent) computes
 y_c = 0 for every input; its quantized value is the integer 0 (scales are symmetric, zero point 0), ReLU,
-clamps, max/average pooling keep it 0 (zero padding adds zeros), and a conv or linear layer reading it
+clamps, max/average pooling, nearest upsampling and the zero insertion of a transposed conv (``dilate_pad``)
+keep it 0 (zero padding adds zeros), and a conv or linear layer reading it
 adds 0 * w to its accumulators (its weight scale is pinned first, so dropping the dead columns does not
 change max|W_c|). So the channel is removed from the producing layer (weight rows, bias,
 the weight quantizer's per-channel state) and input channel c from every layer reading it (for a linear
 layer after ``torch.flatten`` the H*W features of channel c): the integer graph computes the same
 integers with fewer MACs and bytes. A layer is only shrunk when every path from it reaches conv (groups
-= 1) / linear layers through activation quantizers, ReLU/clamp, pooling or flatten; otherwise (a residual
+= 1) / linear layers through activation quantizers, ReLU/clamp, pooling, upsampling, ``dilate_pad`` or flatten
+(so a transposed conv, canonicalised to ``dilate_pad`` + conv, prunes like a conv); otherwise (a residual
 add, a concatenation, a depthwise conv, a graph output) the zero channels stay and the record says why.
 A layer whose every channel is zero is refused: removing it would change the network's structure.
 
@@ -26,6 +28,7 @@ import torch.fx as fx
 from torch import nn
 
 from qcompile.ir.meta import Stage, get_info
+from qcompile.ir.movement import dilate_pad, upsample_nearest
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.passes.base import Pass, PassContext, PassResult, PreconditionError, register_pass
 from qcompile.quant import graph
@@ -33,6 +36,7 @@ from qcompile.quant.modules import ActQuant, QConv2d, QLinear
 
 Consumer = tuple[fx.Node, int]  # (conv/linear node, features per channel: 0 = a conv's channel)
 _PASS_MODULES = (ActQuant, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d)
+_PASS_FUNCTIONS = (dilate_pad, upsample_nearest)  # per-channel data movement that keeps a zero channel zero
 
 
 def zero_channels(layer: QConv2d | QLinear) -> torch.Tensor:
@@ -56,7 +60,8 @@ def _follow(gm: fx.GraphModule, node: fx.Node, spatial: int) -> tuple[list[Consu
             shape = get_info(node).shape
             assert shape is not None, f"'{node.name}' has no recorded shape"
             inner, why = _follow(gm, user, math.prod(shape[2:]))
-        elif isinstance(mod, _PASS_MODULES) or (user.op == "call_function" and user.target in graph.CLAMPS):
+        elif isinstance(mod, _PASS_MODULES) or (user.op == "call_function" and user.target in graph.CLAMPS) or (
+                user.op == "call_function" and user.target in _PASS_FUNCTIONS and not spatial):
             inner, why = _follow(gm, user, spatial)
         else:
             return [], f"read by '{user.name}' ({user.op} {getattr(user.target, '__name__', user.target)})"

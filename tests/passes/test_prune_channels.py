@@ -111,3 +111,33 @@ def test_nothing_to_prune_leaves_the_graph_unmodified() -> None:
     cm = compiled(TinyLeNet(), True)
     assert cm.records["prune-channels"] == {}
     assert [t.modified for t in cm.timings if t.name == "prune-channels"] == [False]
+
+
+class Decoder(nn.Module):
+    """conv, then a transposed conv (dilate_pad + conv after canonicalize) and a nearest upsample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Conv2d(1, 6, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(6, 4, 3, stride=2, padding=1, output_padding=1)
+        self.head = nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.up(F.relu(self.enc(x))))
+        return self.head(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+def test_channels_prune_through_a_transposed_conv_and_an_upsample() -> None:
+    torch.manual_seed(0)
+    model = Decoder()
+    zero_channels(model.enc, [1, 4])  # read by the transposed conv through its zero insertion
+    with torch.no_grad():
+        model.up.weight[:, 2] = 0  # ConvTranspose2d weights are [in, out, kh, kw]: output channel 2
+        model.up.bias[2] = 0  # type: ignore[index]
+    plain, pruned = compiled(model, False), compiled(model, True)
+    record = pruned.records["prune-channels"]
+    assert record["enc"] == {"zero_channels": 2, "removed": 2, "channels_left": 4}
+    assert record["up"] == {"zero_channels": 1, "removed": 1, "channels_left": 3}
+    x = random_inputs(16, shape=SHAPE, seed=5) * 2
+    assert torch.equal(pruned.reference(x), plain.reference(x))
+    assert pruned.verify(x).mismatches == 0
