@@ -232,6 +232,22 @@ def bn_model() -> nn.Module:
 # ------------------------------------------------------------------------------------------- inputs
 
 
+@pytest.fixture(scope="session")
+def digits() -> qcompile.Dataset:
+    """sklearn's 8x8 digits (the demo data set)."""
+    return qcompile.load_data("digits")
+
+
+@pytest.fixture(scope="module")
+def trained_demonet(digits: qcompile.Dataset) -> tuple[nn.Module, qcompile.Dataset]:
+    """A DemoNet of width 8 trained 6 epochs on digits (seed 0), with its data: the searches' test model."""
+    from qcompile.models import DemoNet, train_float
+
+    torch.manual_seed(0)
+    assert digits.y_train is not None
+    return train_float(DemoNet(width=8), digits.x_train, digits.y_train, epochs=6), digits
+
+
 def random_inputs(n: int, signed: bool = True, seed: int = 1, shape: tuple[int, ...] = INPUT_SHAPE) -> torch.Tensor:
     """``n`` inputs: standard normal (signed) or uniform in [0, 2) (positive only)."""
     g = torch.Generator().manual_seed(seed)

@@ -32,8 +32,8 @@ def test_pipeline_inserts_gated_quantizers_and_prunes_after_the_search() -> None
         "prune-channels,share-scales,lower-integer")
 
 
-def test_bits_and_bops_go_down_as_mu_grows_and_the_graph_stays_bit_exact(trained: tuple) -> None:
-    model, data = trained
+def test_bits_and_bops_go_down_as_mu_grows_and_the_graph_stays_bit_exact(trained_demonet: tuple) -> None:
+    model, data = trained_demonet
     results = {}
     for mu in (0.001, 1.0):
         cm = compile_bb(model, data, f"mu={mu},{FAST}")
@@ -52,8 +52,8 @@ def test_bits_and_bops_go_down_as_mu_grows_and_the_graph_stays_bit_exact(trained
     assert low["accuracy"]["integer"] > low["accuracy"]["float"] - 2.0  # little pressure: close to float
 
 
-def test_pruned_channels_are_removed_from_the_integer_graph(trained: tuple) -> None:
-    model, data = trained
+def test_pruned_channels_are_removed_from_the_integer_graph(trained_demonet: tuple) -> None:
+    model, data = trained_demonet
     cm = compile_bb(model, data, f"mu=1.0,{FAST}")
     learned = cm.records["bayesian-bits"]["layers"]
     pruned = {name: v["channels"] - v["kept_channels"] for name, v in learned.items()}
@@ -72,8 +72,8 @@ def test_pruned_channels_are_removed_from_the_integer_graph(trained: tuple) -> N
     assert totals["float_weight_bytes"] == 4 * dense_params
 
 
-def test_post_training_learns_gates_and_ranges_but_keeps_the_weights(trained: tuple) -> None:
-    model, data = trained
+def test_post_training_learns_gates_and_ranges_but_keeps_the_weights(trained_demonet: tuple) -> None:
+    model, data = trained_demonet
     cm = compile_bb(model, data, f"mu=0.3,{FAST},post_training=true,samples=256")
     assert cm.quant_graph is not None
     folded = dict(cm.float_graph.named_parameters())
@@ -96,15 +96,15 @@ def test_bad_options_are_refused(options: str, message: str) -> None:
         parse_pipeline(f"bayesian-bits{{{options}}}").build()
 
 
-def test_needs_the_gated_quantizers(trained: tuple) -> None:
-    model, data = trained
+def test_needs_the_gated_quantizers(trained_demonet: tuple) -> None:
+    model, data = trained_demonet
     pipeline = "canonicalize,fold-batchnorm,insert-quantizers,calibrate,bayesian-bits,lower-integer"
     with pytest.raises(PassError, match=r"insert-quantizers\{scheme=bayesian-bits\}"):
         qcompile.compile(model, data.x_train[:1], data=data, pipeline=pipeline)
 
 
-def test_a_search_that_prunes_a_whole_layer_is_refused(trained: tuple) -> None:
-    model, data = trained
+def test_a_search_that_prunes_a_whole_layer_is_refused(trained_demonet: tuple) -> None:
+    model, data = trained_demonet
     with pytest.raises(PassError, match="pruned every output channel of layer '.*'; lower mu"):
         compile_bb(model, data, "mu=1000,epochs=2,gate_lr=1.0,gate_init=3")
 
@@ -166,8 +166,9 @@ def test_cli_sweep_over_mu_with_trained_uniform_baselines(tmp_path: Path, capsys
     assert (out / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_diagnostics_line_and_a_warning_when_nothing_moved(trained: tuple, capsys: pytest.CaptureFixture[str]) -> None:
-    model, data = trained
+def test_diagnostics_line_and_a_warning_when_nothing_moved(trained_demonet: tuple,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    model, data = trained_demonet
     cm = compile_bb(model, data, "mu=0.001,epochs=1,finetune_epochs=0,gate_lr=0.0001,gate_init=6")  # cannot move
     err = capsys.readouterr().err
     facts = cm.records["bayesian-bits"]["diagnostics"]

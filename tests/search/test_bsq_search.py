@@ -14,8 +14,8 @@ PIPELINE = "canonicalize,fold-batchnorm,insert-quantizers,calibrate,bsq{{{}}},sh
 
 
 @pytest.mark.parametrize("start", ["float", "bsq"])
-def test_bits_go_down_as_alpha_grows_and_the_graph_stays_bit_exact(trained: tuple, start: str) -> None:
-    model, data = trained
+def test_bits_go_down_as_alpha_grows_and_the_graph_stays_bit_exact(trained_demonet: tuple, start: str) -> None:
+    model, data = trained_demonet
     bits = {}
     for alpha in (0.0, 2.0):
         options = f"alpha={alpha},epochs=3,finetune_epochs=1,finetune_from={start}"
