@@ -16,7 +16,7 @@ AVX2) cost 2-3x the float64 chain.
   integers, and every partial sum in ANY summation order (FMA included) is an integer of magnitude
   <= B < 2^24, so float32 represents it exactly: the result is the int32 accumulator, bit for bit.
   Dense convolutions keep ``ConvInteger`` (its u8 x u8 kernel runs dense layers about as fast as float32,
-  ONNX_NOTES "Speed", without the Cast of the input to float32).
+  ONNX_NOTES "Speed", without the Cast of the input to float32), except before a max pool (below).
 * Requantization in float64, when P = max_c ((A_c + |b_c|) * m_c + 2^(n_c-1) + zp * 2^n_c) < 2^53
   (A_c: the bound on |acc| of channel c): ``v = float64(acc) * M_c + C_c`` with M_c = m_c 2^-n_c (exact:
   m_c < 2^31) and C_c = (b_c m_c + 2^(n_c-1)) 2^-n_c + zp. Each term and the sum are k * 2^-n_c with
@@ -29,7 +29,12 @@ AVX2) cost 2-3x the float64 chain.
   Five ops. (``Floor`` is kept although a Cast of a non-negative float truncates in onnxruntime: the ONNX
   spec does not define the rounding of float-to-integer casts.)
 
-Not handled: dense convolutions and linears in float32 (not expected to gain; not measured), bounds that fail the
+A dense convolution is a float32 ``Conv`` only when a max pool follows it (``onnx_export``: the pool then
+runs in float32 before the requantization). Measured alone (LeNet-5, batch 64, one thread), a dense float32
+Conv replacing ConvInteger was no faster (16.2 vs 15.1 ms: the Cast of the input to float32 and
+onnxruntime's NCHWc reorders eat the kernel's gain), so other dense convs keep ConvInteger.
+
+Not handled: linears in float32 (not measured), bounds that fail the
 conditions above (the integer forms are used), and runtimes whose float kernels are not IEEE-exact
 on exact integers (onnxruntime's CPU kernels are; ``verify`` compares every output bit).
 """
@@ -87,6 +92,13 @@ def _scale_and_shift(e: Any, name: str, v: gs.Variable, scale: np.ndarray, offse
     return e.op("Add", name, [v, e.const(f"{name}_c_f64", offset.reshape(shape))], np.float64)
 
 
+def f64_fits(m: list[int], n: list[int], b: list[int], bounds: list[int], zp: int) -> bool:
+    """Whether P = max_c ((A_c + |b_c|) m_c + 2^(n_c-1) + zp 2^n_c) < 2^53 (the float64 form is exact)."""
+    worst = max((a + abs(bb)) * mm + (1 << (nn - 1)) + zp * (1 << nn)
+                for a, bb, mm, nn in zip(bounds, b, m, n, strict=True))
+    return worst < F64_EXACT
+
+
 def f64_requant(e: Any, name: str, acc: gs.Variable, m: list[int], n: list[int], b: list[int], bounds: list[int],
                 zp: int, lo: int, hi: int, shape: tuple[int, ...], channels: int | None) -> gs.Variable | None:
     """The dyadic requantization in float64 when P < 2^53 (module docstring), else None.
@@ -94,16 +106,14 @@ def f64_requant(e: Any, name: str, acc: gs.Variable, m: list[int], n: list[int],
     ``m``, ``n``, ``b``, ``bounds`` are per channel (or one value) as Python ints; ``shape`` is the constants'
     shape for Mul/Add, ``channels`` the size of axis 1 (None: unknown).
     """
-    worst = max((a + abs(bb)) * mm + (1 << (nn - 1)) + zp * (1 << nn)
-                for a, bb, mm, nn in zip(bounds, b, m, n, strict=True))
-    if worst >= F64_EXACT:
+    if not f64_fits(m, n, b, bounds, zp):
         return None
     scale = np.array([mm * 2.0**-nn for mm, nn in zip(m, n, strict=True)], dtype=np.float64)
     # k * 2^-n with |k| < 2^53: float(k) is exact, and so is the power-of-two scaling
     offset = np.array([float(bb * mm + (1 << (nn - 1)) + zp * (1 << nn)) * 2.0**-nn
                        for bb, mm, nn in zip(b, m, n, strict=True)], dtype=np.float64)
 
-    v = e.op("Cast", name, [acc], np.float64, to=onnx.TensorProto.DOUBLE)
+    v = acc if acc.dtype == np.float64 else e.op("Cast", name, [acc], np.float64, to=onnx.TensorProto.DOUBLE)
     v = _scale_and_shift(e, name, v, scale, offset, shape, channels)
     v = e.op("Floor", name, [v], np.float64)
     bounds_c = [e.const(f"{name}_{k}_f64", np.array(zp + q, dtype=np.float64)) for k, q in (("lo", lo), ("hi", hi))]

@@ -22,6 +22,15 @@ Every integer tensor travels as uint8 holding q + zp (zp = 0 unsigned, 128 signe
 * Average pool: a depthwise float32 ``Conv`` (as above) or ``ConvInteger`` with a ones kernel (padding carries
   the zero point, so it contributes 0, as in PyTorch's count_include_pad), then the chain.
 * Max pool, Flatten, Reshape, Concat, Clip act on the uint8 values directly (zp preserves order).
+* Conv then max pool (the pool the conv's only user): the pool runs on the accumulator BEFORE the
+  requantization when the float64 form below applies and every multiplier m >= 0. That requantization,
+  floor((acc + b) m 2^-n + c) then a clamp, is monotone non-decreasing in acc, so max_window(rq(acc)) =
+  rq(max_window(acc)); ONNX MaxPool takes the max over the window's elements inside the input (padding never
+  wins), as the reference does (it pads with the smallest integer). The accumulator is then a float32 Conv's
+  (dense convs too, when its bound is below 2^24) or ConvInteger's int32 cast to float64 (exact: onnxruntime
+  has no int32 MaxPool), and the chain runs on a quarter of the elements for a 2x2 pool. Measured, LeNet-5
+  (batch 64, one thread, quiet machine): 15.1 ms -> 11.3 ms (fp32 ONNX 5.9 ms); the uint8 MaxPool alone was
+  3.7 ms of the 15.1 (onnxruntime's uint8 pool is not vectorised; its float one is).
 * Dequantize: ``DequantizeLinear`` ((q - zp) * s in float32).
 * Tables, products, LayerNorm, softmax: ``backends/onnx_pointwise.py`` (registered at the end of this module).
 
@@ -213,20 +222,43 @@ def _xmax(t: IntType) -> int:
     return max(abs(t.lo), abs(t.hi))
 
 
-def _export_conv(e: _Emitter, name: str, op: ops.IntConv2d, x: gs.Variable) -> gs.Variable:
-    """Grouped convs as an exact float32 Conv where proved (``onnx_exact_float``), else ConvInteger."""
+def _export_conv(e: _Emitter, name: str, op: ops.IntConv2d, x: gs.Variable,
+                 pool: ops.IntMaxPool2d | None = None) -> gs.Variable:
+    """Grouped convs as an exact float32 Conv where proved (``onnx_exact_float``), else ConvInteger.
+
+    With ``pool`` (the conv's only user, a max pool): a dense conv too is a float32 Conv when proved exact,
+    and the float32 accumulator is max-pooled BEFORE the float64 requantization (``_pooled_first``);
+    otherwise the conv is exported alone and the pool acts on its uint8 output.
+    """
     (ph, pw) = op.padding
     attrs = {"strides": list(op.stride), "pads": [ph, pw, ph, pw], "dilations": list(op.dilation), "group": op.groups}
     w, bias = _np(op.weight), _np(op.bias)
     bounds = exact_float.channel_bounds(w, _xmax(op.inp))
+    pooled = pool is not None and _pooled_first(op, w, bias, bounds)
     acc = exact_float.float_conv(e, name, x, op.inp.zero_point, _xmax(op.inp), w, bias, **attrs) \
-        if op.groups > 1 else None
+        if op.groups > 1 or pooled else None
     if acc is not None:  # the bias is inside the float32 accumulator
         bounds, bias = [a + abs(int(v)) for a, v in zip(bounds, bias.tolist(), strict=True)], np.zeros_like(bias)
     else:
         acc = _conv_weights(e, name, x, op, w, **attrs)
-    return requant_chain(e, name, acc, _np(op.mult), _np(op.shift), bias, op.out, op.lo, op.hi, 4, acc_bound=bounds,
-                         channels=w.shape[0])
+    if pooled and pool is not None:
+        if acc.dtype != np.float32:  # int32: exact in float64, the chain's own type (MaxPool has no int32)
+            acc = e.op("Cast", name, [acc], np.float64, to=onnx.TensorProto.DOUBLE)
+        acc = _maxpool(e, f"{name}_pool", pool, acc, acc.dtype)
+    y = requant_chain(e, name, acc, _np(op.mult), _np(op.shift), bias, op.out, op.lo, op.hi, 4, acc_bound=bounds,
+                      channels=w.shape[0])
+    return y if pooled or pool is None else _maxpool(e, f"{name}_pool", pool, y, np.uint8)
+
+
+def _pooled_first(op: ops.IntConv2d, w: np.ndarray, bias: np.ndarray, bounds: list[int]) -> bool:
+    """Whether conv + max pool may pool the accumulator first (module docstring): the float64
+    requantization applies (bias included in the bound) and every multiplier is >= 0."""
+    if isinstance(op, ops.SHIFT_ADD_OPS) or _np(op.mult).size not in (1, w.shape[0]) or np.any(_np(op.mult) < 0):
+        return False
+    full = [a + abs(int(v)) for a, v in zip(bounds, np.broadcast_to(bias, (w.shape[0],)).tolist(), strict=True)]
+    m = np.broadcast_to(_np(op.mult), (w.shape[0],)).tolist()
+    n = np.broadcast_to(_np(op.shift), (w.shape[0],)).tolist()
+    return exact_float.f64_fits([int(v) for v in m], [int(v) for v in n], [0] * len(m), full, op.out.zero_point)
 
 
 def _export_linear(e: _Emitter, name: str, op: ops.IntLinear, x: gs.Variable) -> gs.Variable:
@@ -273,10 +305,14 @@ def _clip(e: _Emitter, name: str, q: gs.Variable, t: IntType, lo: int, hi: int) 
     return e.op("Clip", name, [q, *bounds], np.uint8)
 
 
-def _export_maxpool(e: _Emitter, name: str, op: ops.IntMaxPool2d, x: gs.Variable) -> gs.Variable:
+def _maxpool(e: _Emitter, name: str, op: ops.IntMaxPool2d, x: gs.Variable, dtype: Any) -> gs.Variable:
     (ph, pw) = op.padding
-    return e.op("MaxPool", name, [x], np.uint8, kernel_shape=list(op.kernel), strides=list(op.stride),
+    return e.op("MaxPool", name, [x], dtype, kernel_shape=list(op.kernel), strides=list(op.stride),
                 pads=[ph, pw, ph, pw], dilations=list(op.dilation), ceil_mode=int(op.ceil_mode))
+
+
+def _export_maxpool(e: _Emitter, name: str, op: ops.IntMaxPool2d, x: gs.Variable) -> gs.Variable:
+    return _maxpool(e, name, op, x, np.uint8)
 
 
 def _export_dequantize(e: _Emitter, name: str, op: ops.Dequantize, q: gs.Variable) -> gs.Variable:
@@ -412,6 +448,15 @@ def _batch_shape(node: fx.Node) -> list[Any]:
     return ["batch", *shape[1:]]
 
 
+def _sole_max_pool(gm: fx.GraphModule, node: fx.Node) -> ops.IntMaxPool2d | None:
+    """The max pool that is a conv's only user (exported together: ``_export_conv``), else None."""
+    if type(gm.get_submodule(str(node.target))) not in (ops.IntConv2d, ops.IntShiftConv2d) or len(node.users) != 1:
+        return None
+    user = next(iter(node.users))
+    pool = gm.get_submodule(str(user.target)) if user.op == "call_module" else None
+    return pool if isinstance(pool, ops.IntMaxPool2d) and input_node(user) is node else None
+
+
 def build_graph(gm: fx.GraphModule, ort_cpu: str = "any") -> gs.Graph:
     e = _Emitter(get_target(gm), ort_cpu)
     values: dict[fx.Node, Any] = {}
@@ -422,8 +467,17 @@ def build_graph(gm: fx.GraphModule, ort_cpu: str = "any") -> gs.Graph:
             var = gs.Variable(e._unique(node.name), dtype=np.float32, shape=_batch_shape(node))
             values[node] = var
             inputs.append(var)
+        elif node in values:  # a max pool exported with its conv
+            continue
         elif node.op == "call_module":
-            values[node] = _export_module(e, node, gm.get_submodule(str(node.target)), args)
+            pool = _sole_max_pool(gm, node) if e.target is Target.INTEGER else None
+            if pool is not None:
+                conv = gm.get_submodule(str(node.target))
+                assert isinstance(conv, ops.IntConv2d)
+                _check_bits(conv)
+                values[node] = values[next(iter(node.users))] = _export_conv(e, node.name, conv, args[0], pool)
+            else:
+                values[node] = _export_module(e, node, gm.get_submodule(str(node.target)), args)
         elif node.op == "call_function":
             values[node] = _export_function(e, node, args)
         elif node.op == "output":

@@ -103,3 +103,73 @@ def test_depthwise_layers_export_as_exact_float_convs(policy: str, signed: bool)
     (got,) = run_onnx(model, x.numpy())
     assert np.array_equal(ref.view(np.uint32), got.view(np.uint32))
     assert torch.equal(cm(x), cm.reference(x))
+
+
+def test_dense_float_conv_is_exact_up_to_2_24() -> None:
+    """A dense 1x1 conv whose accumulator bound is 2^24 - 1 (518 taps * 127 * 255 + bias) is a float32 Conv
+    giving every accumulator bit for bit; one more tap could reach 2^24 and is refused."""
+    w = np.full((2, 518, 1, 1), 127)
+    w[1, ::2] = -127
+    bias = np.array([2**24 - 1 - 518 * 127 * 255, -5])
+    e = ox._Emitter()
+    x = gs.Variable("x", dtype=np.uint8, shape=[2, 518, 1, 3])
+    assert exact_float.float_conv(e, "wide", x, 0, 255, np.full((2, 519, 1, 1), 127), np.zeros(2)) is None
+    acc = exact_float.float_conv(e, "dense", x, 0, 255, w, bias)
+    assert acc is not None
+    acc.shape = [2, 2, 1, 3]
+    graph = gs.Graph(nodes=e.nodes, inputs=[x], outputs=[acc], opset=ox.BASE_OPSET, ir_version=10)
+    model = gs.export_onnx(graph, do_type_check=True)
+    model.ir_version = 10
+    onnx.checker.check_model(model, full_check=True)
+    rng = np.random.default_rng(3)
+    q = rng.integers(0, 256, size=(2, 518, 1, 3))
+    q[0] = 255  # the first sample reaches the bound: channel 0 accumulates exactly 2^24 - 1
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x": q.astype(np.uint8)})
+    want = np.einsum("nkhw,ck->nchw", q, w[:, :, 0, 0]) + bias[None, :, None, None]
+    assert want[0, 0].max() == 2**24 - 1
+    assert np.array_equal(got.astype(np.int64), want)
+
+
+class _ConvPoolNet(torch.nn.Module):
+    """conv -> ReLU -> padded 3x3/2 ceil-mode max pool, conv -> 2x2 max pool, linear: pools after convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.Conv2d(8, 16, 3)
+        self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.max_pool2d(torch.relu(self.a(x)), 3, 2, padding=1, ceil_mode=True)
+        x = torch.nn.functional.max_pool2d(self.b(x), 2)
+        return self.fc(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("form", ["float32", "float64", "after"])
+def test_max_pool_runs_on_the_accumulator_before_requantization(form: str, signed: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Integer target: a conv's max pool takes the exact float32 accumulator of a float Conv, or (bound not
+    below 2^24, here forced by a smaller limit) ConvInteger's int32 one cast to float64, and the float64
+    requantization follows the pool; where the float64 form is not proved exact (forced likewise) the old
+    form stays: requantize, then max-pool the uint8 values. Bit-exact every way, padding and ceil mode included."""
+    if form == "float64":
+        monkeypatch.setattr(exact_float, "F32_EXACT", 2**10)
+    if form == "after":
+        monkeypatch.setattr(exact_float, "F64_EXACT", 2**20)
+    cm = compile_model(_ConvPoolNet().eval(), "w8a8", signed=signed, target="integer", shape=(1, 9, 9))
+    model = cm.to_onnx()
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    pools = [n for n in model.graph.node if n.op_type == "MaxPool"]
+    assert len(pools) == 2
+    before = {"float32": {"Conv"}, "float64": {"Cast"}, "after": {"Cast"}}[form]
+    assert {producer[n.input[0]] for n in pools} == before
+    types = {v.name: v.type.tensor_type.elem_type for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    pooled_type = {"float32": onnx.TensorProto.FLOAT, "float64": onnx.TensorProto.DOUBLE,
+                   "after": onnx.TensorProto.UINT8}[form]
+    assert {types[n.output[0]] for n in pools} == {pooled_type}
+    assert ("ConvInteger" in producer.values()) == (form != "float32")
+    x = random_inputs(64, signed, seed=11, shape=(1, 9, 9)) * 1.5
+    (got,) = run_onnx(model, x.numpy())
+    ref = cm.reference(x).numpy()
+    assert np.array_equal(ref.view(np.uint32), got.view(np.uint32))
