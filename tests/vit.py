@@ -5,6 +5,8 @@ final LayerNorm, class-token or mean pooling, linear head."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -96,9 +98,9 @@ class PatchTransformer(nn.Module):
     """timm's MobileVitBlock unfold/fold: [B, C, H, W] -> [B * P, N, C] tokens (P pixels per patch, N patches),
     a transformer block on them (the batch folded into the token batch), and the fold back, then a head."""
 
-    def __init__(self, dim: int = 8, patch: int = 2, fused_attn: bool = True) -> None:
+    def __init__(self, dim: int = 8, patch: int = 2, fused_attn: bool = True, ceil: bool = False) -> None:
         super().__init__()
-        self.conv, self.patch = nn.Conv2d(1, dim, 3, padding=1), patch
+        self.conv, self.patch, self.ceil = nn.Conv2d(1, dim, 3, padding=1), patch, ceil
         self.block, self.norm = Block(dim, 2, fused_attn), nn.LayerNorm(dim)
         self.proj, self.head = nn.Conv2d(dim, dim, 1), nn.Linear(dim, 3)
 
@@ -106,7 +108,10 @@ class PatchTransformer(nn.Module):
         x = self.conv(x)
         B, C, H, W = x.shape
         ph = pw = self.patch
-        nh, nw = H // ph, W // pw
+        if self.ceil:  # timm's math.ceil(H / patch_h): torch.fx cannot trace it, torch.export can
+            nh, nw = math.ceil(H / ph), math.ceil(W / pw)
+        else:
+            nh, nw = H // ph, W // pw
         x = x.reshape(B * C * nh, ph, nw, pw).transpose(1, 2)
         x = x.reshape(B, C, nh * nw, ph * pw).transpose(1, 3).reshape(B * ph * pw, nh * nw, -1)
         x = self.norm(self.block(x))
