@@ -108,8 +108,10 @@ class PatchTransformer(nn.Module):
         x = self.conv(x)
         B, C, H, W = x.shape
         ph = pw = self.patch
-        if self.ceil:  # timm's math.ceil(H / patch_h): torch.fx cannot trace it, torch.export can
+        if self.ceil:  # timm's padding check branches on the shape: torch.fx cannot trace it, torch.export can
             nh, nw = math.ceil(H / ph), math.ceil(W / pw)
+            if nh * ph != H or nw * pw != W:
+                x = F.interpolate(x, size=(nh * ph, nw * pw), mode="bilinear", align_corners=False)
         else:
             nh, nw = H // ph, W // pw
         x = x.reshape(B * C * nh, ph, nw, pw).transpose(1, 2)
