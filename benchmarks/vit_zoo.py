@@ -44,7 +44,11 @@ def build(name: str) -> tuple[nn.Module, int | None]:
     kwargs: dict[str, Any] = {"pretrained": False}
     if name.startswith("efficientformer"):
         kwargs["num_classes"] = 1000
-    return timm.create_model(name, **kwargs).eval(), MODELS[name]
+    model = timm.create_model(name, **kwargs).eval()
+    for m in model.modules():  # timm zero-initializes each block's last BatchNorm: an always-zero activation
+        if isinstance(m, nn.BatchNorm2d) and not m.weight.any():
+            nn.init.ones_(m.weight)
+    return model, MODELS[name]
 
 
 def main() -> None:

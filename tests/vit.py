@@ -5,6 +5,8 @@ final LayerNorm, class-token or mean pooling, linear head."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,3 +92,32 @@ class TinyViT(nn.Module):
         x = self.norm(self.blocks(x))
         x = x[:, 0] if self.pool == "token" else x.mean(dim=1)
         return self.head(x)
+
+
+class PatchTransformer(nn.Module):
+    """timm's MobileVitBlock unfold/fold: [B, C, H, W] -> [B * P, N, C] tokens (P pixels per patch, N patches),
+    a transformer block on them (the batch folded into the token batch), and the fold back, then a head."""
+
+    def __init__(self, dim: int = 8, patch: int = 2, fused_attn: bool = True, ceil: bool = False) -> None:
+        super().__init__()
+        self.conv, self.patch, self.ceil = nn.Conv2d(1, dim, 3, padding=1), patch, ceil
+        self.block, self.norm = Block(dim, 2, fused_attn), nn.LayerNorm(dim)
+        self.proj, self.head = nn.Conv2d(dim, dim, 1), nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        B, C, H, W = x.shape
+        ph = pw = self.patch
+        if self.ceil:  # timm's padding check branches on the shape: torch.fx cannot trace it, torch.export can
+            nh, nw = math.ceil(H / ph), math.ceil(W / pw)
+            if nh * ph != H or nw * pw != W:
+                x = F.interpolate(x, size=(nh * ph, nw * pw), mode="bilinear", align_corners=False)
+        else:
+            nh, nw = H // ph, W // pw
+        x = x.reshape(B * C * nh, ph, nw, pw).transpose(1, 2)
+        x = x.reshape(B, C, nh * nw, ph * pw).transpose(1, 3).reshape(B * ph * pw, nh * nw, -1)
+        x = self.norm(self.block(x))
+        x = x.contiguous().view(B, ph * pw, nh * nw, -1)
+        x = x.transpose(1, 3).reshape(B * C * nh, nw, ph, pw)
+        x = x.transpose(1, 2).reshape(B, C, nh * ph, nw * pw)
+        return self.head(self.proj(x).mean((2, 3)))

@@ -278,5 +278,6 @@ RAISES.update({
     aten.add_.Tensor: _add,  # result += x (torchvision's residuals)
     aten._softmax.default: _function(torch.nn.functional.softmax, 2),
     aten.softmax.int: _function(torch.nn.functional.softmax, 2),
+    aten.scaled_dot_product_attention.default: _function(torch.nn.functional.scaled_dot_product_attention),
     aten.conv_transpose2d.input: _function(torch.nn.functional.conv_transpose2d),  # canonicalize: dilate_pad + conv
 })

@@ -467,7 +467,9 @@ def _reshape(imp: Builder, node: gs.Node) -> None:
         raise Unsupported(f"target shape {[first, *rest]} does not keep the batch dimension ({batch}) first")
     rest = _per_sample(node, rest, in_shape)
     x = imp.value(node.inputs[0])
-    if rest == [-1]:
+    flat = in_shape is not None and all(isinstance(d, int) for d in in_shape[1:]) and rest == [
+        math.prod(int(d) for d in in_shape[1:])]  # type: ignore[arg-type]
+    if rest == [-1] or flat:
         imp.emit_function(node, torch.flatten, (x, 1))
     else:
         imp.emit_function(node, torch.reshape, (x, (-1, *rest)))

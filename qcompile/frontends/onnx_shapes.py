@@ -7,7 +7,9 @@ starts/ends/axes/steps, Split sizes, Squeeze/Unsqueeze/ReduceMean axes) is *comp
 runs once in onnxruntime on zeros at the compiled input shape with these tensors as extra outputs.
 
 * A model whose input has a symbolic batch runs at batches 2 and 3. A Reshape target may differ in its
-  first entry only, and that entry must equal the batch: it becomes 0 ("copy the input's batch"). Every
+  first entry only, and that entry must be the batch times a constant k: it becomes -1 (what is left per
+  sample; k > 1 folds the batch into axis 0, MobileViT's patches, ``passes/rules/batch_fold.py``), or 0
+  ("copy the input's batch") where k = 1 and another entry is already -1. Every
   other computed input must be the same at both batches (it is a per-sample constant then).
 * A model with a static batch runs at that batch, once: its batch stays what it is (a target such as
   [1, 2, 58, 8, 8] of a batch-1 export keeps the batch first and is generalized by the Reshape converter).
@@ -107,16 +109,26 @@ def _run_at(model: onnx.ModelProto, names: list[str], batch: int | None,
     return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}
 
 
-def _resolved(node: gs.Node, index: int, found: list[np.ndarray], batches: tuple[int, ...]) -> np.ndarray:
+def _resolved(node: gs.Node, index: int, found: list[np.ndarray], batches: tuple[int, ...],
+              size: int | None = None) -> np.ndarray:
     first = found[0].astype(np.int64).reshape(found[0].shape)
     if len(found) == 1 or all(np.array_equal(first, f) for f in found[1:]):
         return first
     flat = [f.reshape(-1) for f in found]
     differ = np.flatnonzero(flat[0] != flat[1]).tolist() if flat[0].shape == flat[1].shape else None
-    if node.op == "Reshape" and differ == [0] and tuple(int(f[0]) for f in flat) == batches:
+    firsts = [int(f[0]) for f in flat] if differ == [0] else []
+    folds = bool(firsts) and firsts[0] % batches[0] == 0 and firsts[0] * batches[1] == firsts[1] * batches[0]
+    if node.op == "Reshape" and folds:
         target = flat[0].astype(np.int64).copy()
-        target[0] = 0  # copy the input's batch
-        return target
+        if -1 in target[1:] and size is not None and int(np.prod(target)) < 0:  # the -1 from the data's size
+            rest = np.delete(target, np.flatnonzero(target == -1)[0])
+            target[target == -1] = size // int(np.prod(rest))
+        if -1 not in target[1:]:
+            target[0] = -1  # the batch (times a per-sample factor: rules/batch_fold.py) is what is left
+            return target
+        if tuple(firsts) == batches:
+            target[0] = 0  # copy the input's batch
+            return target
     raise DynamicShapeError(
         f"{node.name} ({node.op}): input {index} is {flat[0].tolist()} at batch {batches[0]} and "
         f"{flat[1].tolist()} at batch {batches[1]}, so it depends on the batch in a way qcompile cannot keep; "
@@ -135,7 +147,9 @@ def resolve_runtime_inputs(graph: gs.Graph, model: onnx.ModelProto,
     if not pending:
         return False
     _refuse_data_dependent(pending)
-    names = sorted({node.inputs[i].name for node, i in pending})
+    data = {node.inputs[0].name for node, i in pending
+            if node.op == "Reshape" and i == 1 and not isinstance(node.inputs[0], gs.Constant)}
+    names = sorted({node.inputs[i].name for node, i in pending} | data)
     batches: tuple[int, ...] = PROBE_BATCHES if _batch_is_symbolic(model) else ()
     runs = [_run_at(model, names, b, sample_shape) for b in batches] if batches else [
         _run_at(model, names, None, sample_shape)]
@@ -144,7 +158,8 @@ def resolve_runtime_inputs(graph: gs.Graph, model: onnx.ModelProto,
         name = node.inputs[i].name
         if node.op == "Resize" and i == 3 and _resize_by_scales(node, runs[0][name]):
             continue
-        value = _resolved(node, i, [r[name] for r in runs], batches)
+        size = int(runs[0][node.inputs[0].name].size) if node.inputs[0].name in data else None
+        value = _resolved(node, i, [r[name] for r in runs], batches, size)
         key = (name, value.tobytes() + str(value.shape).encode())
         if key not in made:
             made[key] = gs.Constant(f"{name}_resolved{'_' + str(len(made)) if made else ''}", value)

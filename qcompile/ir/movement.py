@@ -20,10 +20,13 @@ op for every target). Canonical forms (canonicalize produces them, every stage a
   W, 1], ``Pad`` with zp to [N, C, H, sh, W, sw], ``Reshape`` to [N, C, H sh, W sw], ``Slice`` off the
   last sh - 1 rows and sw - 1 columns, ``Pad`` (negative pads crop) with zp.
 * ``torch.reshape(x, (-1, ...))`` and ``torch.flatten(x, 1)`` (kept from before: the batch stays first and
-  the other entries are per sample).
+  the other entries are per sample). Axis 0 may hold the batch times a per-sample factor, the batch
+  outermost (MobileViT's [N P, L, C] tokens): a row-major reshape between two such layouts moves no
+  element across samples, so ``(-1, ...)`` is exact at every batch (``passes/rules/batch_fold.py``).
 
-Not handled: anything that moves the batch axis or mixes samples (a reshape whose first entry is not the
-batch, a permute with ``dims[0] != 0``), strided slices (``step != 1``), gathers with index tensors.
+Not handled: anything that moves the batch axis or mixes samples (a reshape that puts the batch anywhere
+but outermost in axis 0, as a seq-first [L, N, E] layout does, a permute with ``dims[0] != 0``), strided
+slices (``step != 1``), gathers with index tensors.
 """
 
 from __future__ import annotations

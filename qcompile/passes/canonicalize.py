@@ -5,7 +5,9 @@ Rewrites (each keeps the computed function identical):
   ReLU module, F.relu, torch.relu, x.relu()               -> torch.relu(x)
   ReLU6, Hardtanh, F.relu6, F.hardtanh, clamp/clip         -> torch.clamp(x, min=lo, max=hi)
   Flatten module, flatten/view/reshape (any spelling)      -> torch.flatten(x, 1) when the result is
-                                                              [N, -1], else torch.reshape(x, (-1, ...))
+                                                              [N, -1], else torch.reshape(x, (-1, ...));
+                                                              also when it folds the batch into axis 0
+                                                              (rules/batch_fold.py: MobileViT's patches)
   +, torch.add, x.add(y), +=                               -> operator.add(a, b)
   torch.cat / concat / concatenate on the channel axis     -> torch.cat([...], dim=1)
   F.max_pool2d / F.avg_pool2d / F.adaptive_avg_pool2d      -> the pooling modules
@@ -49,6 +51,7 @@ from qcompile.ir.movement import dilate_pad
 from qcompile.ir.shapes import annotate_shapes
 from qcompile.ir.verify import FLOAT_FUNCTIONS, FLOAT_MODULES
 from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, register_pass
+from qcompile.passes.rules import batch_fold
 from qcompile.passes.rules import canonical_attention as attention
 from qcompile.passes.rules import canonical_constants as constants
 from qcompile.passes.rules import canonical_movement as movement
@@ -111,9 +114,11 @@ def _reshape(gm: fx.GraphModule, node: fx.Node) -> bool:
     src = node.args[0]
     assert isinstance(src, fx.Node)
     in_shape, out_shape = get_info(src).shape, get_info(node).shape
-    if in_shape is None or out_shape is None or in_shape[0] != out_shape[0]:
+    if in_shape is None or out_shape is None:
         return False
-    if len(out_shape) == 2:
+    if in_shape[0] != out_shape[0] and not batch_fold.folds_batch(gm, src, node, in_shape, out_shape):
+        return False
+    if len(out_shape) == 2 and in_shape[0] == out_shape[0]:
         rewrite.replace_node(gm, node, "call_function", torch.flatten, (src, 1))
     else:
         rewrite.replace_node(gm, node, "call_function", torch.reshape, (src, (-1, *out_shape[1:])))
@@ -352,6 +357,7 @@ class Canonicalize(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         annotate_shapes(gm, ctx.example_inputs)
+        gm.meta[batch_fold.EXAMPLE_KEY] = tuple(ctx.example_inputs)  # a fold of the batch is measured
         modified, rejected = False, set()
         for node in list(gm.graph.nodes):
             if getattr(node, "_erased", False):  # removed with the chain an earlier rule rewrote
@@ -363,6 +369,8 @@ class Canonicalize(Pass):
                 modified = True
             else:
                 rejected.add(node.name)
+        for key in (batch_fold.EXAMPLE_KEY, batch_fold.SHAPES_KEY):
+            gm.meta.pop(key, None)
         modified = _unshare(gm) or modified
         rewrite.finish(gm)
         attention.refuse_attention(gm)  # a mask or dropout: its own line, naming the node and the fix

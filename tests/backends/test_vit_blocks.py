@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from conftest import compile_model, random_inputs
 from modern import assert_exact, pipeline
 from torch import nn
-from vit import TinyViT
+from vit import PatchTransformer, TinyViT
 
 import qcompile
 from qcompile.backends import fast, reference
@@ -203,6 +203,19 @@ def test_layer_scale_views_and_attention_biases_are_constants(target: str) -> No
     cm = compile_model(model, pipeline=pipeline(target), shape=SHAPE)
     assert _count(cm, ops.IntMatMul) == 2 and _count(cm, ops.IntMul) == 0  # no product with a parameter
     x = random_inputs(8, shape=SHAPE, seed=4)
+    assert_exact(cm, x)
+    cos = F.cosine_similarity(model(x).flatten(), cm(x).flatten(), dim=0).item()
+    assert cos > 0.9, f"integer vs float cosine {cos:.3f}"
+
+
+@pytest.mark.parametrize("frontend", ["pytorch", "pytorch-export", "onnx"])
+def test_batch_folded_into_patches_compiles_bit_exactly(frontend: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = PatchTransformer(ceil=frontend == "pytorch-export").eval()  # torch.export: aten sdpa raised
+    source: nn.Module | str = _export(model, tmp_path / "patches.onnx") if frontend == "onnx" else model
+    cm = compile_model(source, pipeline=pipeline("ort"), shape=SHAPE)
+    assert _count(cm, ops.IntMatMul) == 2 and _count(cm, ops.IntSoftmax) == 1
+    x = random_inputs(5, shape=SHAPE, seed=6)  # another batch than the compiled one: the folds follow it
     assert_exact(cm, x)
     cos = F.cosine_similarity(model(x).flatten(), cm(x).flatten(), dim=0).item()
     assert cos > 0.9, f"integer vs float cosine {cos:.3f}"
