@@ -27,7 +27,7 @@ Runs in the main venv (torch only):
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/vit_fashion_mnist.py [--epochs 3] [--train 20000]
         [--calib 32] [--verify 500] [--search-epochs 1] [--search-train 4000] [--quick]
 
-The first run trains (about 15 minutes on a shared, busy 2-core CPU); later runs load the cached weights.
+The first run trains (about 16 minutes at load 7-9 on a shared 2-core CPU); later runs load the cached weights.
 Never part of the test run or CI.
 """
 
