@@ -8,7 +8,7 @@ Needs the torchvision venv of ``zoo.py`` with timm added without its dependencie
 
     ../venv-tv/bin/pip install timm --no-deps
     OMP_NUM_THREADS=1 PYTHONPATH=. ../venv-tv/bin/python benchmarks/vit_zoo.py [--models deit_tiny_patch16_224]
-        [--frontends torch,onnx-dyn] [--samples 4] [--calib 2]
+        [--frontends torch,onnx-dyn] [--samples 4] [--calib 2] [--pipeline TEXT]
 
 Never part of the test run or CI.
 """
@@ -57,6 +57,7 @@ def main() -> None:
     p.add_argument("--frontends", default="torch,onnx-dyn", help="torch, onnx-dyn, onnx-static")
     p.add_argument("--samples", type=int, default=4, help="random inputs compared (default %(default)s)")
     p.add_argument("--calib", type=int, default=2, help="calibration batches of 8 (default %(default)s)")
+    p.add_argument("--pipeline", default=None, help="qcompile pipeline text (default: the default pipeline)")
     args = p.parse_args()
     args.size = 64
     torch.set_num_threads(1)

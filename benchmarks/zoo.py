@@ -7,8 +7,11 @@ the same at a static batch of 1), with the default pipeline (w8a8, target ort):
   mismatches     output elements where onnxruntime on the exported file differs in any bit from the
                  reference executor, over --samples random inputs (``cm.verify``);
   cos / top1     cosine similarity of the reference executor's logits with the float model's (per sample,
-                 averaged) and the share of samples whose top-1 class agrees with the float model;
-  ORT cos / top1 the same for onnxruntime's quantize_static QDQ model (int8, per tensor, MinMax) of the
+                 averaged), both centred by the float logits' mean over the inputs, and the share of samples
+                 whose top-1 class agrees with the float model;
+  plain cos      the same cosine without the centring (random-init logits share a large constant vector,
+                 which this one counts as agreement);
+  ORT ...        the same for onnxruntime's quantize_static QDQ model (int8, per tensor, MinMax) of the
                  fp32 export, calibrated on the same batches (onnx frontends only; "-" for torch);
   blocked by     the first line of the error when a compile fails.
 
@@ -86,17 +89,27 @@ def export(model: nn.Module, x: torch.Tensor, path: Path, dynamic: bool) -> str:
             return "dynamo"
 
 
-def closeness(y: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
-    """Mean per-sample cosine similarity of the centred logits (the float logits' mean over the inputs taken
-    off both: random-init logits are dominated by a constant vector) and top-1 agreement (percent)."""
+@dataclass(frozen=True)
+class Closeness:
+    """Logits ``y`` against the float model's ``ref``, both [samples, classes]."""
+
+    cos: float  # mean per-sample cosine of the centred logits (ref's mean over the samples taken off both)
+    plain: float  # mean per-sample cosine of the logits as they are
+    top1: float  # percent of samples whose arg max agrees
+
+
+def closeness(y: np.ndarray, ref: np.ndarray) -> Closeness:
+    """Centred and plain cosine similarity and top-1 agreement; the centring takes off the constant vector that
+    dominates random-init logits."""
     a, b = torch.from_numpy(np.asarray(y, np.float64)), torch.from_numpy(np.asarray(ref, np.float64))
     centre = b.mean(dim=0, keepdim=True)
     cos = float(F.cosine_similarity(a - centre, b - centre, dim=1).mean())
-    return cos, 100.0 * float((a.argmax(1) == b.argmax(1)).double().mean())
+    plain = float(F.cosine_similarity(a, b, dim=1).mean())
+    return Closeness(cos, plain, 100.0 * float((a.argmax(1) == b.argmax(1)).double().mean()))
 
 
 def ort_baseline(fp32: Path, batches: list[torch.Tensor], x: torch.Tensor, y_float: np.ndarray,
-                 static: bool) -> tuple[float, float]:
+                 static: bool) -> Closeness:
     out = fp32.with_name(fp32.stem + "_qdq.onnx")
     cal = [b[i:i + 1] for b in batches for i in range(len(b))] if static else batches
     quantize_static(str(fp32), str(out), common.Reader("x", cal), quant_format=QuantFormat.QDQ,
@@ -128,18 +141,19 @@ class Row:
     frontend: str
     compile_s: float | None = None
     mismatches: str = "-"
-    cos: float | None = None
-    top1: float | None = None
-    ort_cos: float | None = None
-    ort_top1: float | None = None
+    close: Closeness | None = None
+    ort_close: Closeness | None = None
     blocked: str = ""
 
     def cells(self) -> list[Any]:
         def num(v: float | None, fmt: str) -> str:
             return "-" if v is None else format(v, fmt)
 
-        return [self.model, self.frontend, num(self.compile_s, ".1f"), self.mismatches, num(self.cos, ".4f"),
-                num(self.top1, ".1f"), num(self.ort_cos, ".4f"), num(self.ort_top1, ".1f"), self.blocked[:150]]
+        def close(c: Closeness | None) -> list[str]:
+            return ["-"] * 3 if c is None else [f"{c.cos:.4f}", f"{c.plain:.4f}", f"{c.top1:.1f}"]
+
+        return [self.model, self.frontend, num(self.compile_s, ".1f"), self.mismatches, *close(self.close),
+                *close(self.ort_close), self.blocked[:150]]
 
 
 def run_one(name: str, frontend: str, args: argparse.Namespace, tmp: Path) -> Row:
@@ -162,23 +176,24 @@ def run_one(name: str, frontend: str, args: argparse.Namespace, tmp: Path) -> Ro
             return row
         source = str(path)
         try:
-            row.ort_cos, row.ort_top1 = ort_baseline(path, batches, x, y_float, static=frontend == "onnx-static")
+            row.ort_close = ort_baseline(path, batches, x, y_float, static=frontend == "onnx-static")
         except Exception as exc:  # noqa: BLE001 - the baseline failing is reported, not fatal
             row.blocked = f"(ORT baseline: {type(exc).__name__}) "
     start = time.perf_counter()
     try:
-        cm = qcompile.compile(source, batches[0][:2], data=lambda: iter(batches))
+        cm = qcompile.compile(source, batches[0][:2], data=lambda: iter(batches), pipeline=args.pipeline)
     except Exception as exc:  # noqa: BLE001 - a refusal is a result of this benchmark
         row.blocked += blocker(exc)
         return row
     row.compile_s = time.perf_counter() - start
     result = cm.verify(x)
     row.mismatches = f"{result.mismatches}/{result.compared}"
-    row.cos, row.top1 = closeness(cm.reference(x).numpy(), y_float)
+    row.close = closeness(cm.reference(x).numpy(), y_float)
     return row
 
 
-HEADERS = ["model", "frontend", "compile s", "mismatches", "cos", "top1 %", "ORT cos", "ORT top1 %", "blocked by"]
+HEADERS = ["model", "frontend", "compile s", "mismatches", "cos", "plain cos", "top1 %", "ORT cos", "ORT plain cos",
+           "ORT top1 %", "blocked by"]
 
 
 def main() -> None:
@@ -188,6 +203,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=8, help="random inputs compared (default %(default)s)")
     p.add_argument("--calib", type=int, default=4, help="calibration batches of 8 (default %(default)s)")
     p.add_argument("--size", type=int, default=64, help="input height and width (default %(default)s)")
+    p.add_argument("--pipeline", default=None, help="qcompile pipeline text (default: the default pipeline)")
     args = p.parse_args()
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)
