@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -111,15 +110,11 @@ def main() -> int:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--patch", type=int, default=4)
-    p.add_argument("--calib", type=int, default=32, help="calibration batches of 64 training images (both tools)")
-    p.add_argument("--verify", type=int, default=500, help="test images compared bit for bit (ORT vs reference)")
+    modern.add_compile_flags(p, verify=500)
     p.add_argument("--search-epochs", type=int, default=1, help="aqt training epochs (0: no search row)")
     p.add_argument("--search-train", type=int, default=4000, help="aqt training images (default %(default)s)")
     args = p.parse_args()
-    common.quiet_warnings()
-    logging.disable(logging.WARNING)
-    common.seed_everything(args.seed)
-    common.header("Tiny ViT, Fashion-MNIST 1x28x28: w8a8 post-training and a bit-width search", args)
+    modern.start("Tiny ViT, Fashion-MNIST 1x28x28: w8a8 post-training and a bit-width search", args)
     data = normalized()
     if args.quick:
         args.epochs, args.train, args.calib, args.verify, args.search_train = 1, 2000, 4, 32, 500
@@ -144,7 +139,7 @@ def main() -> int:
         print(bits)
     for r in rows[:2]:
         drop = r.float_acc - r.quantized()
-        print(f"{r.quantizer}: {drop:.2f} points below float (target <= {TARGET_POINTS}) -> "
+        print(f"{r.quantizer}: {modern.below(drop, 'float')} (target <= {TARGET_POINTS}) -> "
               + ("MET" if drop <= TARGET_POINTS else "NOT MET"))
     return 0
 

@@ -108,6 +108,7 @@ class _Emitter:
         self.names: set[str] = set()
         self.opset = BASE_OPSET
         self.target, self.ort_cpu = target, ort_cpu
+        self.fused: dict[fx.Node, gs.Variable] = {}  # nodes an earlier emitter already computed (conv + pool)
 
     def _unique(self, name: str) -> str:
         base, i = name, 1
@@ -238,7 +239,7 @@ def _export_conv(e: _Emitter, name: str, op: ops.IntConv2d, x: gs.Variable,
     acc = exact_float.float_conv(e, name, x, op.inp.zero_point, _xmax(op.inp), w, bias, **attrs) \
         if op.groups > 1 or pooled else None
     if acc is not None:  # the bias is inside the float32 accumulator
-        bounds, bias = [a + abs(int(v)) for a, v in zip(bounds, bias.tolist(), strict=True)], np.zeros_like(bias)
+        bounds, bias = _with_bias(bounds, bias), np.zeros_like(bias)
     else:
         acc = _conv_weights(e, name, x, op, w, **attrs)
     if pooled and pool is not None:
@@ -255,10 +256,29 @@ def _pooled_first(op: ops.IntConv2d, w: np.ndarray, bias: np.ndarray, bounds: li
     requantization applies (bias included in the bound) and every multiplier is >= 0."""
     if isinstance(op, ops.SHIFT_ADD_OPS) or _np(op.mult).size not in (1, w.shape[0]) or np.any(_np(op.mult) < 0):
         return False
-    full = [a + abs(int(v)) for a, v in zip(bounds, np.broadcast_to(bias, (w.shape[0],)).tolist(), strict=True)]
-    m = np.broadcast_to(_np(op.mult), (w.shape[0],)).tolist()
-    n = np.broadcast_to(_np(op.shift), (w.shape[0],)).tolist()
-    return exact_float.f64_fits([int(v) for v in m], [int(v) for v in n], [0] * len(m), full, op.out.zero_point)
+    def per_channel(v: np.ndarray) -> list[int]:
+        return [int(x) for x in np.broadcast_to(v, (w.shape[0],)).tolist()]
+
+    return exact_float.f64_fits(per_channel(_np(op.mult)), per_channel(_np(op.shift)), [0] * w.shape[0],
+                                _with_bias(bounds, bias), op.out.zero_point)
+
+
+def _with_bias(bounds: list[int], bias: np.ndarray) -> list[int]:
+    """Per-channel accumulator bounds with |bias| added (bias per channel or one value)."""
+    return [a + abs(int(v)) for a, v in zip(bounds, np.broadcast_to(bias, (len(bounds),)).tolist(), strict=True)]
+
+
+def _export_conv_and_pool(e: _Emitter, node: fx.Node, op: ops.IntConv2d, x: gs.Variable) -> gs.Variable:
+    """A conv (integer target), together with the max pool that is its only user, if any (``_export_conv``):
+    the pool's output is recorded in ``e.fused`` for ``build_graph``."""
+    gm, user = node.graph.owning_module, next(iter(node.users)) if len(node.users) == 1 else None
+    assert gm is not None
+    pool = gm.get_submodule(str(user.target)) if user is not None and user.op == "call_module" \
+        and input_node(user) is node else None
+    if user is None or not isinstance(pool, ops.IntMaxPool2d):
+        return _export_conv(e, node.name, op, x)
+    e.fused[user] = _export_conv(e, node.name, op, x, pool)
+    return e.fused[user]
 
 
 def _export_linear(e: _Emitter, name: str, op: ops.IntLinear, x: gs.Variable) -> gs.Variable:
@@ -352,8 +372,8 @@ SHARED_EMITTERS: dict[type, Emitter] = {
 # the ``integer`` target: ConvInteger and the exact uint64 requantization chain
 INTEGER_EMITTERS: dict[type, Emitter] = {
     **SHARED_EMITTERS,
-    ops.IntConv2d: lambda e, n, op, a: _export_conv(e, n.name, op, *a),
-    ops.IntShiftConv2d: lambda e, n, op, a: _export_conv(e, n.name, op, *a),
+    ops.IntConv2d: lambda e, n, op, a: _export_conv_and_pool(e, n, op, a[0]),
+    ops.IntShiftConv2d: lambda e, n, op, a: _export_conv_and_pool(e, n, op, a[0]),
     ops.IntLinear: lambda e, n, op, a: _export_linear(e, n.name, op, *a),
     ops.IntShiftLinear: lambda e, n, op, a: _export_linear(e, n.name, op, *a),
     ops.IntAdd: lambda e, n, op, a: _export_add(e, n.name, op, a[0], a[1], _out_channels(n)),
@@ -448,15 +468,6 @@ def _batch_shape(node: fx.Node) -> list[Any]:
     return ["batch", *shape[1:]]
 
 
-def _sole_max_pool(gm: fx.GraphModule, node: fx.Node) -> ops.IntMaxPool2d | None:
-    """The max pool that is a conv's only user (exported together: ``_export_conv``), else None."""
-    if type(gm.get_submodule(str(node.target))) not in (ops.IntConv2d, ops.IntShiftConv2d) or len(node.users) != 1:
-        return None
-    user = next(iter(node.users))
-    pool = gm.get_submodule(str(user.target)) if user.op == "call_module" else None
-    return pool if isinstance(pool, ops.IntMaxPool2d) and input_node(user) is node else None
-
-
 def build_graph(gm: fx.GraphModule, ort_cpu: str = "any") -> gs.Graph:
     e = _Emitter(get_target(gm), ort_cpu)
     values: dict[fx.Node, Any] = {}
@@ -467,17 +478,10 @@ def build_graph(gm: fx.GraphModule, ort_cpu: str = "any") -> gs.Graph:
             var = gs.Variable(e._unique(node.name), dtype=np.float32, shape=_batch_shape(node))
             values[node] = var
             inputs.append(var)
-        elif node in values:  # a max pool exported with its conv
-            continue
+        elif node in e.fused:  # a max pool exported with its conv
+            values[node] = e.fused[node]
         elif node.op == "call_module":
-            pool = _sole_max_pool(gm, node) if e.target is Target.INTEGER else None
-            if pool is not None:
-                conv = gm.get_submodule(str(node.target))
-                assert isinstance(conv, ops.IntConv2d)
-                _check_bits(conv)
-                values[node] = values[next(iter(node.users))] = _export_conv(e, node.name, conv, args[0], pool)
-            else:
-                values[node] = _export_module(e, node, gm.get_submodule(str(node.target)), args)
+            values[node] = _export_module(e, node, gm.get_submodule(str(node.target)), args)
         elif node.op == "call_function":
             values[node] = _export_function(e, node, args)
         elif node.op == "output":

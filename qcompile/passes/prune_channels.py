@@ -60,8 +60,8 @@ def _follow(gm: fx.GraphModule, node: fx.Node, spatial: int) -> tuple[list[Consu
             shape = get_info(node).shape
             assert shape is not None, f"'{node.name}' has no recorded shape"
             inner, why = _follow(gm, user, math.prod(shape[2:]))
-        elif isinstance(mod, _PASS_MODULES) or (user.op == "call_function" and user.target in graph.CLAMPS) or (
-                user.op == "call_function" and user.target in _PASS_FUNCTIONS and not spatial):
+        elif isinstance(mod, _PASS_MODULES) or (user.op == "call_function" and (
+                user.target in graph.CLAMPS or (user.target in _PASS_FUNCTIONS and not spatial))):
             inner, why = _follow(gm, user, spatial)
         else:
             return [], f"read by '{user.name}' ({user.op} {getattr(user.target, '__name__', user.target)})"
