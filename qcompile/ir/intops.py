@@ -179,6 +179,16 @@ class _ShiftAdd(nn.Module):
     term_exp: torch.Tensor
     bits: int
 
+    def __init__(self, signs: Any, exps: Any, bias: Any, mult: Any, shift: Any, *, bits: int,
+                 **kwargs: Any) -> None:
+        """The layer (next in the MRO: IntConv2d or IntLinear) on the combined codes, then the terms."""
+        super().__init__(codes_of_terms(torch.as_tensor(signs), torch.as_tensor(exps)), bias, mult, shift,  # type: ignore[call-arg]
+                         **kwargs)
+        self._set_terms(signs, exps, bits)
+
+    def extra_repr(self) -> str:
+        return f"apot{self.bits} {self.terms} terms, " + super().extra_repr()
+
     def _set_terms(self, signs: Any, exps: Any, bits: int) -> None:
         self.register_buffer("term_sign", _int_buffer(signs, torch.int8))
         self.register_buffer("term_exp", _int_buffer(exps, torch.int8))
@@ -204,27 +214,9 @@ class _ShiftAdd(nn.Module):
 class IntShiftConv2d(_ShiftAdd, IntConv2d):
     """IntConv2d whose weights are APoT power-of-two terms (``bits``: the APoT weight bit-width)."""
 
-    def __init__(self, signs: Any, exps: Any, bias: Any, mult: Any, shift: Any, *, bits: int,
-                 **kwargs: Any) -> None:
-        IntConv2d.__init__(self, codes_of_terms(torch.as_tensor(signs), torch.as_tensor(exps)), bias, mult, shift,
-                           **kwargs)
-        self._set_terms(signs, exps, bits)
-
-    def extra_repr(self) -> str:
-        return f"apot{self.bits} {self.terms} terms, " + super().extra_repr()
-
 
 class IntShiftLinear(_ShiftAdd, IntLinear):
     """IntLinear whose weights are APoT power-of-two terms."""
-
-    def __init__(self, signs: Any, exps: Any, bias: Any, mult: Any, shift: Any, *, bits: int,
-                 **kwargs: Any) -> None:
-        IntLinear.__init__(self, codes_of_terms(torch.as_tensor(signs), torch.as_tensor(exps)), bias, mult, shift,
-                           **kwargs)
-        self._set_terms(signs, exps, bits)
-
-    def extra_repr(self) -> str:
-        return f"apot{self.bits} {self.terms} terms, " + super().extra_repr()
 
 
 class IntAdd(_Requantizing):

@@ -173,3 +173,22 @@ def test_max_pool_runs_on_the_accumulator_before_requantization(form: str, signe
     (got,) = run_onnx(model, x.numpy())
     ref = cm.reference(x).numpy()
     assert np.array_equal(ref.view(np.uint32), got.view(np.uint32))
+
+
+@pytest.mark.parametrize("to", [onnx.TensorProto.UINT8, onnx.TensorProto.INT32])
+def test_float64_cast_to_an_integer_truncates_in_onnxruntime(to: int) -> None:
+    """The float64 chain has no Floor: it relies on Cast truncating non-negative values (not rounding), for
+    every fraction class (just above an integer, a half, just below the next) and at every vector tail."""
+    from onnx import helper
+
+    graph = helper.make_graph([helper.make_node("Cast", ["x"], ["y"], to=to)], "cast",
+                              [helper.make_tensor_value_info("x", onnx.TensorProto.DOUBLE, [None])],
+                              [helper.make_tensor_value_info("y", to, [None])])
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+                                .SerializeToString(), providers=["CPUExecutionProvider"])
+    k = np.arange(256, dtype=np.float64)
+    fractions = [0.0, 2.0**-40, 0.25, 0.5, 0.75, 1.0 - 2.0**-40]
+    x = np.concatenate([k + f for f in fractions] + [np.random.default_rng(0).uniform(0, 255.99, 4099)])
+    for n in (1, 3, 8, 17, len(x)):
+        (y,) = sess.run(None, {"x": x[:n]})
+        np.testing.assert_array_equal(y.astype(np.int64), np.floor(x[:n]).astype(np.int64))

@@ -115,7 +115,7 @@ def test_ort_target_uses_the_fused_kernel_and_fewer_nodes() -> None:
     ort_types = [n.op_type for n in ort_cm.to_onnx().graph.node]
     int_types = [n.op_type for n in int_cm.to_onnx().graph.node]
     assert "QLinearConv" in ort_types and "ConvInteger" not in ort_types and "BitShift" not in ort_types
-    assert len(ort_types) * 2 < len(int_types)
+    assert 3 * len(ort_types) < 2 * len(int_types)  # one QLinearConv for ConvInteger + a four-op chain
 
 
 def test_the_targets_agree_except_at_rounding_ties() -> None:
