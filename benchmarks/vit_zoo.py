@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=4, help="random inputs compared (default %(default)s)")
     p.add_argument("--calib", type=int, default=2, help="calibration batches of 8 (default %(default)s)")
     p.add_argument("--pipeline", default=None, help="qcompile pipeline text (default: the default pipeline)")
+    p.add_argument("--pt2e", action="store_true", help="add PyTorch PT2E (torchao) on the torch frontend's rows")
     args = p.parse_args()
     args.size = 64
     torch.set_num_threads(1)

@@ -13,6 +13,8 @@ the same at a static batch of 1), with the default pipeline (w8a8, target ort):
                  which this one counts as agreement);
   ORT ...        the same for onnxruntime's quantize_static QDQ model (int8, per tensor, MinMax) of the
                  fp32 export, calibrated on the same batches (onnx frontends only; "-" for torch);
+  PT2E ...       with --pt2e, the same for PyTorch's PT2E flow (torchao, X86 inductor quantizer's default
+                 static config) on the nn.Module (torch frontend only; ``pt2e_baseline``);
   blocked by     the first line of the error when a compile fails.
 
 torchvision cannot be installed beside the torch 2.13.0 CPU build of the main venv. Make a separate venv
@@ -21,6 +23,7 @@ once (a large install from this machine's disk, ~5.5 GB):
     python3 -m venv ../venv-tv && ../venv-tv/bin/pip install torch==2.14.1 torchvision==0.29.1
     ../venv-tv/bin/pip install numpy onnx onnxruntime onnx-graphsurgeon ml_dtypes networkx scikit-learn \\
         tqdm matplotlib pydot onnxscript
+    ../venv-tv/bin/pip install torchao==0.18.0 --no-deps    # only for --pt2e
 
 and run (one thread; this takes long: pick models and frontends with the flags)
 
@@ -122,6 +125,30 @@ def ort_baseline(fp32: Path, batches: list[torch.Tensor], x: torch.Tensor, y_flo
     return closeness(np.concatenate(ys), y_float)
 
 
+def pt2e_baseline(model: nn.Module, batches: list[torch.Tensor], x: torch.Tensor, y_float: np.ndarray) -> Closeness:
+    """PyTorch's PT2E flow (torchao's ``prepare_pt2e``/``convert_pt2e`` with the X86 inductor quantizer's default
+    static config: uint8 activations per tensor, int8 weights per channel, MinMax observers), calibrated on the
+    same batches; the converted module (quantize/dequantize pairs around float ops) runs the samples. Needs
+    ``pip install torchao --no-deps`` in the benchmark venv; raises ImportError without it."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    with quiet_torch(), warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        batch = torch.export.Dim("batch", min=1)
+        graph = torch.export.export(model, (batches[0],), dynamic_shapes=({0: batch},)).module()
+        prepared = prepare_pt2e(graph, quantizer)  # type: ignore[arg-type]
+        for b in batches:
+            prepared(b)
+        converted = convert_pt2e(prepared)
+        y = converted(x)
+    return closeness(y.numpy(), y_float)
+
+
 def blocker(exc: BaseException) -> str:
     """The unsupported op kinds with counts (from an UnsupportedOpsError), else the error's first line."""
     items = getattr(exc.__cause__, "items", None) or getattr(exc, "items", None)
@@ -143,6 +170,7 @@ class Row:
     mismatches: str = "-"
     close: Closeness | None = None
     ort_close: Closeness | None = None
+    pt2e_close: Closeness | None = None
     blocked: str = ""
 
     def cells(self) -> list[Any]:
@@ -153,7 +181,7 @@ class Row:
             return ["-"] * 3 if c is None else [f"{c.cos:.4f}", f"{c.plain:.4f}", f"{c.top1:.1f}"]
 
         return [self.model, self.frontend, num(self.compile_s, ".1f"), self.mismatches, *close(self.close),
-                *close(self.ort_close), self.blocked[:150]]
+                *close(self.ort_close), *close(self.pt2e_close), self.blocked[:150]]
 
 
 def run_one(name: str, frontend: str, args: argparse.Namespace, tmp: Path) -> Row:
@@ -166,6 +194,11 @@ def run_one(name: str, frontend: str, args: argparse.Namespace, tmp: Path) -> Ro
         y_float = model(x).numpy()
     row = Row(name, frontend)
     source: nn.Module | str = model
+    if frontend == "torch" and args.pt2e:
+        try:
+            row.pt2e_close = pt2e_baseline(model, batches, x, y_float)
+        except Exception as exc:  # noqa: BLE001 - the baseline failing is reported, not fatal
+            row.blocked = f"(PT2E: {type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:60]}) "
     if frontend != "torch":
         path = tmp / f"{name.replace('@', '_')}_{frontend}.onnx"
         try:
@@ -193,7 +226,7 @@ def run_one(name: str, frontend: str, args: argparse.Namespace, tmp: Path) -> Ro
 
 
 HEADERS = ["model", "frontend", "compile s", "mismatches", "cos", "plain cos", "top1 %", "ORT cos", "ORT plain cos",
-           "ORT top1 %", "blocked by"]
+           "ORT top1 %", "PT2E cos", "PT2E plain cos", "PT2E top1 %", "blocked by"]
 
 
 def main() -> None:
@@ -204,6 +237,7 @@ def main() -> None:
     p.add_argument("--calib", type=int, default=4, help="calibration batches of 8 (default %(default)s)")
     p.add_argument("--size", type=int, default=64, help="input height and width (default %(default)s)")
     p.add_argument("--pipeline", default=None, help="qcompile pipeline text (default: the default pipeline)")
+    p.add_argument("--pt2e", action="store_true", help="add PyTorch PT2E (torchao) on the torch frontend's rows")
     args = p.parse_args()
     torch.set_num_threads(1)
     logging.disable(logging.WARNING)

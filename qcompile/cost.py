@@ -5,7 +5,8 @@ Per layer l (conv or linear), with MACs_l multiply-accumulates per input sample:
   linear bits   = MACs_l * max(b_w, b_a)
   weight memory = ceil(params_l * b_w / 8) bytes   (biases excluded, they are int32 everywhere)
 and activation memory = bytes of the layer's input for one sample (in_elems * b_a / 8); the graph-wide
-``activation_bytes`` counts every integer tensor once.
+``activation_bytes`` counts every integer tensor once. Per sample counts a folded batch axis whole: where a
+reshape put N k rows on axis 0 (``passes/rules/batch_fold.py``), each sample owns k of them.
 Relative BOPs = sum BOPs / sum (MACs * 32 * 32), in percent, where the denominator's MACs are those of the
 model as given (``dense_totals`` of the float graph): a pruned channel lowers BOPs, not the reference.
 Compression against float32 likewise counts the given model's parameters. b_a is the bit-width of the
@@ -95,10 +96,26 @@ def cost_model(name: str) -> CostModel:
     return COST_MODELS[name]
 
 
+def _rows_per_sample(node: fx.Node, shape: tuple[int, ...]) -> int:
+    """How many per-sample rows axis 0 of ``shape`` holds: 1, or k where the graph folded a factor k into the
+    batch (``passes/rules/batch_fold.py``: [N, ...] -> [N k, ...]); shapes are recorded at the example input's
+    batch, the first placeholder's axis 0."""
+    for p in node.graph.nodes:
+        if p.op == "placeholder":
+            first = get_info(p).shape
+            return max(shape[0] // first[0], 1) if first and first[0] > 0 and shape else 1
+    return 1
+
+
+def _per_sample(node: fx.Node, shape: tuple[int, ...], start: int = 1, stop: int | None = None) -> int:
+    """prod(shape[start:stop]) for one input sample, the rows of a folded axis 0 included."""
+    return _rows_per_sample(node, shape) * math.prod(shape[start:stop])
+
+
 def _input_elems(node: fx.Node) -> int:
     src = node.args[0]
     shape = get_info(src).shape if isinstance(src, fx.Node) else None
-    return math.prod(shape[1:]) if shape else 0
+    return _per_sample(node, shape) if shape else 0
 
 
 def _dilated_input(node: fx.Node) -> fx.Node | None:
@@ -130,7 +147,7 @@ def _macs(node: fx.Node, mod: torch.nn.Module, is_conv: bool) -> int:
         rows = _real_taps(shape[2], weight.shape[2], dh, sh, top, in_shape[2])
         cols = _real_taps(shape[3], weight.shape[3], dw, sw, left, in_shape[3])
         return int(weight.shape[0] * weight.shape[1]) * rows * cols
-    per_position = math.prod(shape[2:]) if is_conv else math.prod(shape[1:-1])
+    per_position = _per_sample(node, shape, 2) if is_conv else _per_sample(node, shape, 1, -1)
     return int(weight.numel()) * per_position
 
 
@@ -191,7 +208,7 @@ def activation_bytes(gm: fx.GraphModule) -> int:
     for node in gm.graph.nodes:
         info = get_info(node)
         if node.op == "call_module" and info.itype is not None and info.shape is not None:
-            total += math.prod(info.shape[1:]) * info.itype.bits / 8
+            total += _per_sample(node, info.shape) * info.itype.bits / 8
     return math.ceil(total)
 
 
@@ -263,7 +280,7 @@ def pointwise_costs(gm: fx.GraphModule) -> list[PointwiseCost]:
         mod = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
         shape = get_info(node).shape
         if isinstance(mod, ops.IntOp) and shape is not None:
-            c = _pointwise_cost(get_info(node).layer or node.name, mod, math.prod(shape[1:]))
+            c = _pointwise_cost(get_info(node).layer or node.name, mod, _per_sample(node, shape))
             if c is not None:
                 found.append(c)
     return found

@@ -52,3 +52,28 @@ def test_shift_add_layers_count_additions_not_multiplications() -> None:
     quant = [(c.w_bits, c.terms, c.macs) for c in cost.quant_layer_costs(cm.quant_graph)]
     assert quant == [(c.w_bits, c.terms, c.macs) for c in layers]
     assert cost.totals([])["multiplier_free_percent"] == 0.0
+
+
+class _FoldedRows(torch.nn.Module):
+    """A conv, its 4x4 positions folded into the batch ([N, 8, 4, 4] -> [4 N, 4, 8]), a Linear per position,
+    unfolded again: the Linear's per-sample MACs are 16 positions x 8 x 8 whatever axis 0 holds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 8, 3, padding=1)
+        self.fc = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(128, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(x)).permute(0, 2, 3, 1).reshape(-1, 4, 8)
+        return self.head(torch.relu(self.fc(y)).reshape(-1, 128))
+
+
+def test_a_batch_folded_axis_counts_every_row_of_a_sample() -> None:
+    torch.manual_seed(0)
+    cm = compile_model(_FoldedRows().eval(), shape=(1, 4, 4))
+    layers = {c.name: c for c in cm.layer_costs()}
+    assert layers["fc"].macs == 16 * 8 * 8 and layers["fc"].in_elems == 128
+    assert layers["head"].macs == 128 * 3 and layers["conv"].macs == 16 * 8 * 9
+    x = torch.randn(3, 1, 4, 4)
+    assert torch.equal(cm(x), cm.reference(x))  # the fold is exact at another batch
