@@ -63,6 +63,7 @@ import torch
 import torch.fx as fx
 
 from qcompile.backends import onnx_exact_float as exact_float
+from qcompile.backends.reference import pool_extra
 from qcompile.errors import QCompileError
 from qcompile.ir import intops as ops
 from qcompile.ir.contract import Target
@@ -224,7 +225,7 @@ def _xmax(t: IntType) -> int:
 
 
 def _export_conv(e: _Emitter, name: str, op: ops.IntConv2d, x: gs.Variable,
-                 pool: ops.IntMaxPool2d | None = None) -> gs.Variable:
+                 pool: ops.IntMaxPool2d | None = None, out_hw: tuple[int, int] = (0, 0)) -> gs.Variable:
     """Grouped convs as an exact float32 Conv where proved (``onnx_exact_float``), else ConvInteger.
 
     With ``pool`` (the conv's only user, a max pool): a dense conv too is a float32 Conv when proved exact,
@@ -245,10 +246,10 @@ def _export_conv(e: _Emitter, name: str, op: ops.IntConv2d, x: gs.Variable,
     if pooled and pool is not None:
         if acc.dtype != np.float32:  # int32: exact in float64, the chain's own type (MaxPool has no int32)
             acc = e.op("Cast", name, [acc], np.float64, to=onnx.TensorProto.DOUBLE)
-        acc = _maxpool(e, f"{name}_pool", pool, acc, acc.dtype)
+        acc = _maxpool(e, f"{name}_pool", pool, acc, acc.dtype, out_hw)
     y = requant_chain(e, name, acc, _np(op.mult), _np(op.shift), bias, op.out, op.lo, op.hi, 4, acc_bound=bounds,
                       channels=w.shape[0])
-    return y if pooled or pool is None else _maxpool(e, f"{name}_pool", pool, y, np.uint8)
+    return y if pooled or pool is None else _maxpool(e, f"{name}_pool", pool, y, np.uint8, out_hw)
 
 
 def _pooled_first(op: ops.IntConv2d, w: np.ndarray, bias: np.ndarray, bounds: list[int]) -> bool:
@@ -277,7 +278,7 @@ def _export_conv_and_pool(e: _Emitter, node: fx.Node, op: ops.IntConv2d, x: gs.V
         and input_node(user) is node else None
     if user is None or not isinstance(pool, ops.IntMaxPool2d):
         return _export_conv(e, node.name, op, x)
-    e.fused[user] = _export_conv(e, node.name, op, x, pool)
+    e.fused[user] = _export_conv(e, node.name, op, x, pool, _spatial(node))
     return e.fused[user]
 
 
@@ -325,14 +326,25 @@ def _clip(e: _Emitter, name: str, q: gs.Variable, t: IntType, lo: int, hi: int) 
     return e.op("Clip", name, [q, *bounds], np.uint8)
 
 
-def _maxpool(e: _Emitter, name: str, op: ops.IntMaxPool2d, x: gs.Variable, dtype: Any) -> gs.Variable:
+def _maxpool(e: _Emitter, name: str, op: ops.IntMaxPool2d, x: gs.Variable, dtype: Any,
+             in_hw: tuple[int, int]) -> gs.Variable:
+    """ONNX MaxPool with PyTorch's output size: ceil_mode becomes explicit end padding (``pool_extra``), since
+    PyTorch drops a last window that would start in the end padding and ONNX's shape inference does not."""
     (ph, pw) = op.padding
+    extra = [pool_extra(in_hw[i], op.kernel[i], op.stride[i], op.padding[i], op.dilation[i], op.ceil_mode)
+             for i in range(2)]
     return e.op("MaxPool", name, [x], dtype, kernel_shape=list(op.kernel), strides=list(op.stride),
-                pads=[ph, pw, ph, pw], dilations=list(op.dilation), ceil_mode=int(op.ceil_mode))
+                pads=[ph, pw, ph + extra[0], pw + extra[1]], dilations=list(op.dilation))
 
 
-def _export_maxpool(e: _Emitter, name: str, op: ops.IntMaxPool2d, x: gs.Variable) -> gs.Variable:
-    return _maxpool(e, name, op, x, np.uint8)
+def _spatial(node: fx.Node) -> tuple[int, int]:
+    shape = get_info(node).shape
+    assert shape is not None and len(shape) == 4, f"'{node.name}' has no recorded NCHW shape"
+    return int(shape[2]), int(shape[3])
+
+
+def _export_maxpool(e: _Emitter, node: fx.Node, op: ops.IntMaxPool2d, x: gs.Variable) -> gs.Variable:
+    return _maxpool(e, node.name, op, x, np.uint8, _spatial(input_node(node)))
 
 
 def _export_dequantize(e: _Emitter, name: str, op: ops.Dequantize, q: gs.Variable) -> gs.Variable:
@@ -366,7 +378,7 @@ def _out_channels(node: fx.Node) -> int | None:
 SHARED_EMITTERS: dict[type, Emitter] = {
     ops.Quantize: lambda e, n, op, a: _export_quantize(e, n.name, op, *a),
     ops.Dequantize: lambda e, n, op, a: _export_dequantize(e, n.name, op, *a),
-    ops.IntMaxPool2d: lambda e, n, op, a: _export_maxpool(e, n.name, op, *a),
+    ops.IntMaxPool2d: lambda e, n, op, a: _export_maxpool(e, n, op, *a),
     ops.IntClamp: lambda e, n, op, a: _clip(e, n.name, a[0], op.inp, op.lo, op.hi),
 }
 # the ``integer`` target: ConvInteger and the exact uint64 requantization chain

@@ -190,3 +190,32 @@ def test_save_onnx_round_trip(tmp_path: Path) -> None:
     assert np.array_equal(got, cm.reference(x).numpy())
     with pytest.raises(qcompile.QCompileError, match="already exists"):
         cm.save_onnx(path)
+
+
+class _CeilPoolNet(torch.nn.Module):
+    """3x3 maps max-pooled k2 s2 p1 with ceil_mode: PyTorch keeps 2x2 windows (a third would start in the end
+    padding), ONNX's ceil_mode formula says 3x3. One pool is a conv's only user (fused), one pools a sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Conv2d(1, 2, 1, stride=2)
+        self.b = torch.nn.Conv2d(2, 2, 1)
+        self.c = torch.nn.Conv2d(2, 2, 1)
+        self.fc = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.a(x))
+        fused = torch.nn.functional.max_pool2d(torch.relu(self.b(x)), 2, 2, padding=1, ceil_mode=True)
+        alone = torch.nn.functional.max_pool2d(x + torch.relu(self.c(x)), 2, 2, padding=1, ceil_mode=True)
+        return self.fc(torch.cat([fused, alone], 1).flatten(1))
+
+
+@pytest.mark.parametrize("target", ["ort", "integer"])
+def test_ceil_mode_max_pool_keeps_pytorch_output_size(target: str) -> None:
+    torch.manual_seed(0)
+    cm = compile_model(_CeilPoolNet().eval(), shape=(1, 5, 5), target=target)
+    model = cm.to_onnx()
+    onnx.checker.check_model(model, full_check=True)
+    x = random_inputs(8, shape=(1, 5, 5))
+    (got,) = run_onnx(model, x.numpy())
+    np.testing.assert_array_equal(got, cm.reference(x).numpy())
