@@ -7,6 +7,7 @@ deliberately broken graph to a pass opt out with ``@pytest.mark.no_verify_around
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -29,8 +30,11 @@ from qcompile.passes.base import Pass, PassResult
 # OpenMP threads, a 4-channel 8x8 convolution spends ~25 ms waking threads instead of ~50 us computing).
 torch.set_num_threads(1)
 
-settings.register_profile("qcompile", deadline=None, database=None, print_blob=True)
-settings.load_profile("qcompile")
+# The suite's property tests draw the same examples on every run (a CI result does not depend on luck);
+# QCOMPILE_HYPOTHESIS=explore draws new ones each run, to hunt for failures (print_blob: how to replay one).
+settings.register_profile("qcompile", deadline=None, database=None, print_blob=True, derandomize=True)
+settings.register_profile("explore", deadline=None, database=None, print_blob=True)
+settings.load_profile(os.environ.get("QCOMPILE_HYPOTHESIS", "qcompile"))
 
 INPUT_SHAPE = (1, 8, 8)
 SEED = 0
