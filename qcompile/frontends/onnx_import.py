@@ -33,6 +33,7 @@ import torch.fx as fx
 from qcompile.frontends import (  # noqa: F401 - register their converters
     onnx_arith,
     onnx_attention,  # noqa: I001 - after the converters it wraps
+    onnx_layout,
     onnx_movement,
     onnx_transposed,
 )
@@ -199,12 +200,13 @@ def load_onnx(path: str | Path, example: torch.Tensor | None = None) -> fx.Graph
 
 def _import(model: onnx.ModelProto, path: Path, sample_shape: Sequence[int] | None) -> fx.GraphModule:
     graph = _folded(model)
-    resolve_runtime_inputs(graph, model, sample_shape)
+    seq_first = resolve_runtime_inputs(graph, model, sample_shape)
     graph = _refolded(graph)  # shapes again, after folding: a Slice with folded ends gets its output shape
+    layouts = onnx_layout.analyse(graph, onnx_layout.probe_shapes(graph, sample_shape)) if seq_first else None
     fuse_patterns(graph)  # erf-form GELU -> Gelu (frontends/onnx_pointwise.py, which adds its converters)
     fuse_adaptive_pools(graph)  # dynamo's index-arithmetic adaptive pools -> one node (frontends/onnx_regions.py)
     onnx_attention.detach_class_token_shapes(graph)
-    builder = Builder(graph)
+    builder = Builder(graph, route=None if layouts is None else onnx_layout.router(layouts))
     _placeholders(builder)
     for node in graph.nodes:
         builder.convert(node)

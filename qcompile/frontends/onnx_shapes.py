@@ -119,20 +119,38 @@ def _resolved(node: gs.Node, index: int, found: list[np.ndarray], batches: tuple
     firsts = [int(f[0]) for f in flat] if differ == [0] else []
     folds = bool(firsts) and firsts[0] % batches[0] == 0 and firsts[0] * batches[1] == firsts[1] * batches[0]
     if node.op == "Reshape" and folds:
-        target = flat[0].astype(np.int64).copy()
-        if -1 in target[1:] and size is not None and int(np.prod(target)) < 0:  # the -1 from the data's size
-            rest = np.delete(target, np.flatnonzero(target == -1)[0])
-            target[target == -1] = size // int(np.prod(rest))
+        target = _sized(flat[0], size)
         if -1 not in target[1:]:
             target[0] = -1  # the batch (times a per-sample factor: rules/batch_fold.py) is what is left
             return target
         if tuple(firsts) == batches:
             target[0] = 0  # copy the input's batch
             return target
+    entry = differ[0] if differ is not None and len(differ) == 1 else 0
+    scales = entry > 0 and _scales(int(flat[0][entry]), int(flat[1][entry]), batches)
+    if node.op == "Reshape" and scales and len(flat[0]) > 1:
+        target = _sized(flat[0], size)
+        if -1 not in target:
+            target[entry] = -1  # the batch off axis 0: frontends/onnx_layout.py moves it first
+            return target
     raise DynamicShapeError(
         f"{node.name} ({node.op}): input {index} is {flat[0].tolist()} at batch {batches[0]} and "
         f"{flat[1].tolist()} at batch {batches[1]}, so it depends on the batch in a way qcompile cannot keep; "
         "reshape and slice per sample (keep the batch first, as x.reshape(x.size(0), ...) does)")
+
+
+def _scales(at_first: int, at_second: int, batches: tuple[int, ...]) -> bool:
+    """Whether a size is the batch times a constant at both probe batches."""
+    return at_first > 0 and at_first % batches[0] == 0 and at_first * batches[1] == at_second * batches[0]
+
+
+def _sized(found: np.ndarray, size: int | None) -> np.ndarray:
+    """The target with a -1 among its other entries resolved from the data's ``size`` (when it is known)."""
+    target = found.astype(np.int64).copy()
+    if -1 in target and size is not None and int(np.prod(target)) < 0:
+        rest = np.delete(target, np.flatnonzero(target == -1)[0])
+        target[target == -1] = size // int(np.prod(rest))
+    return target
 
 
 def _batch_is_symbolic(model: onnx.ModelProto) -> bool:
@@ -142,10 +160,12 @@ def _batch_is_symbolic(model: onnx.ModelProto) -> bool:
 
 def resolve_runtime_inputs(graph: gs.Graph, model: onnx.ModelProto,
                            sample_shape: Sequence[int] | None = None) -> bool:
-    """Replace every pending shape-like input of ``graph`` by its computed constant; True if any was."""
+    """Replace every pending shape-like input of ``graph`` by its computed constant; True if a Reshape target
+    holds the batch off its first entry (the graph then needs ``frontends/onnx_layout.py``)."""
+    moved = False
     pending = pending_inputs(graph)
     if not pending:
-        return False
+        return moved
     _refuse_data_dependent(pending)
     data = {node.inputs[0].name for node, i in pending
             if node.op == "Reshape" and i == 1 and not isinstance(node.inputs[0], gs.Constant)}
@@ -159,12 +179,15 @@ def resolve_runtime_inputs(graph: gs.Graph, model: onnx.ModelProto,
         if node.op == "Resize" and i == 3 and _resize_by_scales(node, runs[0][name]):
             continue
         size = int(runs[0][node.inputs[0].name].size) if node.inputs[0].name in data else None
-        value = _resolved(node, i, [r[name] for r in runs], batches, size)
+        found = [r[name] for r in runs]
+        value = _resolved(node, i, found, batches, size)
+        varies = not all(np.array_equal(found[0], f) for f in found[1:])
+        moved = moved or (node.op == "Reshape" and varies and int(value.reshape(-1)[0]) not in (-1, 0))
         key = (name, value.tobytes() + str(value.shape).encode())
         if key not in made:
             made[key] = gs.Constant(f"{name}_resolved{'_' + str(len(made)) if made else ''}", value)
         node.inputs[i] = made[key]
-    return True
+    return moved
 
 
 def _resize_by_scales(node: gs.Node, sizes: np.ndarray) -> bool:
