@@ -6,7 +6,8 @@ constants with onnx-graphsurgeon, so weights computed by constant subgraphs and 
 become constants; compute every shape input that is still computed at run time (Reshape targets of
 ``x.view(x.size(0), -1)`` with a symbolic batch, Slice ends of ``x.chunk``; ``frontends/onnx_shapes.py``:
 at batches 2 and 3 only a Reshape's first entry may differ, and it must equal the batch, which makes it 0,
-"copy the input's batch"; a static batch stays as it is); then convert node by node
+"copy the input's batch"; a static batch stays as it is; a target with the batch in another entry marks a
+sequence-first graph, whose tensors' batch axes ``frontends/onnx_layout.py`` measures); then convert node by node
 (``frontends/onnx_ops.py`` holds the converters and the math of each). Every node's ``NodeInfo.source``
 is ``"<onnx node name> (<op_type>)"`` (unnamed nodes are called ``OpType_index``; a layer that absorbed
 the bias Add after it lists both, joined by " + ").

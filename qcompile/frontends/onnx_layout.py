@@ -163,8 +163,8 @@ def analyse(graph: gs.Graph, shapes: list[dict[str, tuple[int, ...]]]) -> Layout
 def _layout(lays: Layouts, t: gs.Tensor) -> Layout:
     lay = lays.get(t.name)
     if lay is None:
-        raise Unsupported(f"'{t.name}' holds the batch in more than one axis (or in none); keep the batch in one "
-                          "axis (reshape per sample)")
+        raise Unsupported(f"the batch spans several axes (or none) of '{t.name}'; keep it in one axis (reshape "
+                          "per sample)")
     return lay
 
 
@@ -309,10 +309,10 @@ RULES: dict[str, LayoutConverter] = {
 
 
 def _refuse(imp: Builder, node: gs.Node, lays: Layouts) -> None:
-    held = [(t.name, lays[t.name]) for t in node.inputs if t.name in lays and not lays[t.name].plain]
-    where = f"the batch is on axis {held[0][1].axis} of '{held[0][0]}'" if held else "the batch leaves axis 0"
-    raise Unsupported(f"{where} (a sequence-first layout): {node.op} is not moved to the batch-first form; "
-                      "keep the batch first around it (batch_first=True, no transposes of the batch)")
+    held = [lays[t.name] for t in (*node.inputs, *node.outputs) if t.name in lays and not lays[t.name].plain]
+    where = f"axis {held[0].axis}" + (f" inside a factor {held[0].outer}" if held[0].outer > 1 else "")
+    raise Unsupported(f"batch on {where} (seq-first); move it to axis 0 before this op "
+                      "(batch_first=True, no transpose of the batch)")
 
 
 def router(lays: Layouts) -> Callable[[gs.Node], Converter | None]:

@@ -6,11 +6,13 @@ shape unknown, and everything after it). Here every such input (a Reshape target
 starts/ends/axes/steps, Split sizes, Squeeze/Unsqueeze/ReduceMean axes) is *computed* instead: the model
 runs once in onnxruntime on zeros at the compiled input shape with these tensors as extra outputs.
 
-* A model whose input has a symbolic batch runs at batches 2 and 3. A Reshape target may differ in its
-  first entry only, and that entry must be the batch times a constant k: it becomes -1 (what is left per
-  sample; k > 1 folds the batch into axis 0, MobileViT's patches, ``passes/rules/batch_fold.py``), or 0
-  ("copy the input's batch") where k = 1 and another entry is already -1. Every
-  other computed input must be the same at both batches (it is a per-sample constant then).
+* A model whose input has a symbolic batch runs at batches 2 and 3. A Reshape target may differ in one
+  entry only, and that entry must be the batch times a constant k. The first entry becomes -1 (what is
+  left per sample; k > 1 folds the batch into axis 0, MobileViT's patches, ``passes/rules/batch_fold.py``),
+  or 0 ("copy the input's batch") where k = 1 and another entry is already -1. Another entry (the batch
+  off axis 0, a sequence-first layout: [L, N, 3, E], [L, N h, d]) becomes -1, its other entries static, and ``resolve_runtime_inputs`` says so: the importer then holds
+  every tensor batch-first (``frontends/onnx_layout.py``). Every other computed input must be the same at
+  both batches (it is a per-sample constant then).
 * A model with a static batch runs at that batch, once: its batch stays what it is (a target such as
   [1, 2, 58, 8, 8] of a batch-1 export keeps the batch first and is generalized by the Reshape converter).
 * A Resize to computed sizes ([N, C, 2H, 2W] from Shape) becomes the same Resize by scales (1, 1, 2, 2)
