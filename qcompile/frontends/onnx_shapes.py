@@ -10,8 +10,9 @@ runs once in onnxruntime on zeros at the compiled input shape with these tensors
   entry only, and that entry must be the batch times a constant k. The first entry becomes -1 (what is
   left per sample; k > 1 folds the batch into axis 0, MobileViT's patches, ``passes/rules/batch_fold.py``),
   or 0 ("copy the input's batch") where k = 1 and another entry is already -1. Another entry (the batch
-  off axis 0, a sequence-first layout: [L, N, 3, E], [L, N h, d]) becomes -1, its other entries static, and ``resolve_runtime_inputs`` says so: the importer then holds
-  every tensor batch-first (``frontends/onnx_layout.py``). Every other computed input must be the same at
+  off axis 0, a sequence-first layout: [L, N, 3, E], [L, N h, d]) becomes -1, its other entries static,
+  and ``resolve_runtime_inputs`` says so: the importer then holds every tensor batch-first
+  (``frontends/onnx_layout.py``). Every other computed input must be the same at
   both batches (it is a per-sample constant then).
 * A model with a static batch runs at that batch, once: its batch stays what it is (a target such as
   [1, 2, 58, 8, 8] of a batch-1 export keeps the batch first and is generalized by the Reshape converter).
