@@ -203,7 +203,9 @@ def _import(model: onnx.ModelProto, path: Path, sample_shape: Sequence[int] | No
     graph = _folded(model)
     seq_first = resolve_runtime_inputs(graph, model, sample_shape)
     graph = _refolded(graph)  # shapes again, after folding: a Slice with folded ends gets its output shape
-    layouts = onnx_layout.analyse(graph, onnx_layout.probe_shapes(graph, sample_shape)) if seq_first else None
+    layouts = None
+    if seq_first:  # the batch leaves axis 0: where it is, measured at two batches
+        layouts = onnx_layout.analyse(graph, onnx_layout.probe_shapes(graph, sample_shape), sample_shape)
     fuse_patterns(graph)  # erf-form GELU -> Gelu (frontends/onnx_pointwise.py, which adds its converters)
     fuse_adaptive_pools(graph)  # dynamo's index-arithmetic adaptive pools -> one node (frontends/onnx_regions.py)
     onnx_attention.detach_class_token_shapes(graph)

@@ -136,15 +136,16 @@ def _outer(node: gs.Node, found: Layouts, axis: int, factor: int, dims: tuple[in
     return before // ahead
 
 
-def analyse(graph: gs.Graph, shapes: list[dict[str, tuple[int, ...]]]) -> Layouts:
+def analyse(graph: gs.Graph, shapes: list[dict[str, tuple[int, ...]]],
+            sample_shape: Sequence[int] | None = None) -> Layouts:
     """The layout of every tensor whose one axis grows with the batch (graph inputs: the batch first)."""
     found: Layouts = {}
     for t in graph.inputs:
-        if t.name in shapes[0]:
-            continue
-        dims = tuple(int(d) if isinstance(d, int) else 1 for d in (t.shape or ()))
-        if dims:
-            found[t.name] = Layout(0, 1, 1, dims)
+        given = tuple(t.shape or ())[1:]
+        if sample_shape is not None and len(sample_shape) == len(given):
+            given = tuple(sample_shape)
+        if t.shape and all(isinstance(d, int) for d in given):
+            found[t.name] = Layout(0, 1, 1, (1, *(int(d) for d in given)))
     for node in graph.nodes:
         for t in node.outputs:
             measured = _measured(tuple(s[t.name] for s in shapes)) if t.name in shapes[0] else None
@@ -287,8 +288,10 @@ def _elementwise(imp: Builder, node: gs.Node, lays: Layouts) -> None:
 
 def _softmax(imp: Builder, node: gs.Node, lays: Layouts) -> None:
     src = _layout(lays, node.inputs[0])
-    axis = src.first_axis(_axis_of(node, src, -1))
-    value = _call(imp, node, F.softmax, _first(imp, node, node.inputs[0], src), axis)
+    axis = _axis_of(node, src, -1)
+    if imp.graph.opset < 13 and axis != len(src.dims) - 1:
+        raise Unsupported(f"opset {imp.graph.opset} softmax over the flattened axes from {axis} (only the last)")
+    value = _call(imp, node, F.softmax, _first(imp, node, node.inputs[0], src), src.first_axis(axis))
     _held(imp, node, node.outputs[0], value, src)
 
 
