@@ -89,6 +89,37 @@ def test_seq_first_attention_from_onnx_compiles_bit_exactly_at_any_batch(target:
         assert cos > 0.9, f"integer vs float cosine {cos:.3f}"
 
 
+class SeqFirstTokens(nn.Module):
+    """Tokens [N, L, 16] through nn.MultiheadAttention on [L, N, E] (batch_first=False) or through
+    nn.TransformerEncoderLayer(batch_first=True), then a class-token head."""
+
+    def __init__(self, block: str) -> None:
+        super().__init__()
+        self.embed, self.head, self.block = nn.Linear(8, 16), nn.Linear(16, 3), block
+        self.attn = nn.MultiheadAttention(16, 2)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x.flatten(1, 2))
+        if self.block == "encoder":
+            return self.head(self.encoder(t)[:, 0])
+        s = t.transpose(0, 1)
+        out, _ = self.attn(s, s, s, need_weights=False)
+        return self.head((out + s)[0])
+
+
+@pytest.mark.parametrize("block", ["seq-first-mha", "encoder"])
+def test_other_seq_first_exports_compile_bit_exactly(block: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = SeqFirstTokens(block).eval()
+    cm = compile_model(_export(model, tmp_path / "tokens.onnx"), pipeline=pipeline("integer"), shape=SHAPE)
+    assert _count(cm, ops.IntMatMul) == 2 and _count(cm, ops.IntSoftmax) == 1
+    x = random_inputs(5, shape=SHAPE, seed=4)
+    assert_exact(cm, x)
+    cos = F.cosine_similarity(model(x).flatten(), cm(x).flatten(), dim=0).item()
+    assert cos > 0.9, f"integer vs float cosine {cos:.3f}"
+
+
 class SeqFirstMean(nn.Module):
     """A mean over the tokens of a seq-first [L, N 2, 8] tensor: the batch is not on axis 0 there."""
 
