@@ -189,12 +189,18 @@ def _held(imp: Builder, node: gs.Node, out: gs.Tensor, value: fx.Node, lay: Layo
     imp.env[out.name] = value
 
 
+def _kept(src: Layout, out: Layout, axis: int | None = None) -> None:
+    """Refuse unless ``out`` holds the batch as this op moves it: on ``axis`` (default: where it was)."""
+    if (src.axis if axis is None else axis, src.outer, src.factor) != (out.axis, out.outer, out.factor):
+        raise Unsupported(f"onnxruntime finds the batch on axis {out.axis} of the output, not where this op puts "
+                          f"axis {src.axis}")
+
+
 def _transpose(imp: Builder, node: gs.Node, lays: Layouts) -> None:
     src, out = _layout(lays, node.inputs[0]), _layout(lays, node.outputs[0])
     rank = len(src.dims)
     perm = [int(p) % rank for p in node.attrs.get("perm", list(range(rank))[::-1])]
-    if (perm.index(src.axis), src.outer, src.factor) != (out.axis, out.outer, out.factor):
-        raise Unsupported(f"perm {perm} does not carry the batch's axis {src.axis} where onnxruntime finds it")
+    _kept(src, out, perm.index(src.axis))
     moved = [0, *(a for a in (src.first_axis(p) for p in perm) if a is not None)]
     value = _first(imp, node, node.inputs[0], src)
     if moved != sorted(moved):
@@ -224,10 +230,12 @@ def _gather(imp: Builder, node: gs.Node, lays: Layouts) -> None:
     flat = [] if index is None or index.ndim > 1 else [int(i) % src.dims[axis] for i in index.reshape(-1)]
     if not flat or flat != list(range(flat[0], flat[0] + len(flat))):
         raise Unsupported("indices that are not a constant scalar or contiguous run")
+    scalar = index is not None and index.ndim == 0
+    _kept(src, out, src.axis - int(scalar and axis < src.axis))
     axis_first = src.first_axis(axis)
     assert axis_first is not None, "not the batch's axis"
     value = _call(imp, node, torch.narrow, _first(imp, node, node.inputs[0], src), axis_first, flat[0], len(flat))
-    if index is not None and index.ndim == 0:
+    if scalar:
         value = _call(imp, node, torch.reshape, value, (-1, *out.first))
     _held(imp, node, node.outputs[0], value, out)
 
@@ -242,6 +250,7 @@ def _slice(imp: Builder, node: gs.Node, lays: Layouts) -> None:
     steps = ints[3].reshape(-1).tolist() if ints[3] is not None else [1] * len(starts)
     if any(s != 1 for s in steps):
         raise Unsupported(f"steps {steps} (only 1 is supported)")
+    _kept(src, out)
     value = _first(imp, node, node.inputs[0], src)
     for axis, start, end in zip(axes, starts, ends, strict=True):
         axis = int(axis) % len(src.dims)
@@ -259,6 +268,7 @@ def _matmul(imp: Builder, node: gs.Node, lays: Layouts) -> None:
     src, out = _layout(lays, node.inputs[0]), _layout(lays, node.outputs[0])
     rank = len(src.dims)
     b = node.inputs[1]
+    _kept(src, out)
     if _constant(b) is not None:
         if src.axis == rank - 1 or node.attrs.get("transA", 0):
             raise Unsupported("the product contracts the axis that holds the batch")
@@ -281,9 +291,9 @@ def _elementwise(imp: Builder, node: gs.Node, lays: Layouts) -> None:
         shape = (1,) * (len(lay.dims) - np.ndim(c.values)) + tuple(np.shape(c.values))
         if any(d != 1 for d in shape[:lay.axis + 1]):
             raise Unsupported(f"constant '{c.name}' varies along the axes up to the batch's axis {lay.axis}")
-    onnx_ops.CONVERTERS[node.op](imp, node)  # elementwise: the same on either form
     for out in node.outputs:
-        lays.setdefault(out.name, lay)
+        _kept(lay, lays.setdefault(out.name, lay))
+    onnx_ops.CONVERTERS[node.op](imp, node)  # elementwise: the same on either form
 
 
 def _softmax(imp: Builder, node: gs.Node, lays: Layouts) -> None:
@@ -291,6 +301,7 @@ def _softmax(imp: Builder, node: gs.Node, lays: Layouts) -> None:
     axis = _axis_of(node, src, -1)
     if imp.graph.opset < 13 and axis != len(src.dims) - 1:
         raise Unsupported(f"opset {imp.graph.opset} softmax over the flattened axes from {axis} (only the last)")
+    _kept(src, lays.setdefault(node.outputs[0].name, src))
     value = _call(imp, node, F.softmax, _first(imp, node, node.inputs[0], src), src.first_axis(axis))
     _held(imp, node, node.outputs[0], value, src)
 
@@ -299,8 +310,8 @@ def _layer_norm(imp: Builder, node: gs.Node, lays: Layouts) -> None:
     src = _layout(lays, node.inputs[0])
     if _axis_of(node, src, -1) != len(src.dims) - 1:
         raise Unsupported("LayerNormalization over axes other than the last")
+    _kept(src, lays.setdefault(node.outputs[0].name, src))
     onnx_ops.CONVERTERS[node.op](imp, node)
-    lays.setdefault(node.outputs[0].name, src)
 
 
 LayoutConverter = Callable[[Builder, gs.Node, Layouts], None]
