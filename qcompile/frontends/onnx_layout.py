@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from qcompile.frontends import onnx_ops
 from qcompile.frontends.onnx_ops import Builder, Converter, Unsupported, _constant, _label
-from qcompile.frontends.onnx_shapes import PROBE_BATCHES, _run_at
+from qcompile.frontends.onnx_shapes import PROBE_BATCHES, run_at
 from qcompile.ir.meta import set_info
 
 RESHAPES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -104,7 +104,7 @@ def probe_shapes(graph: gs.Graph, sample_shape: Sequence[int] | None) -> list[di
     """The shape of every computed tensor of ``graph`` at each probe batch (onnxruntime, zero inputs)."""
     names = sorted({t.name for node in graph.nodes for t in node.outputs if isinstance(t, gs.Variable) and t.name})
     model, outs = _with_shapes(gs.export_onnx(graph), names)
-    runs = [_run_at(model, outs, b, sample_shape) for b in PROBE_BATCHES]
+    runs = run_at(model, outs, PROBE_BATCHES, sample_shape)
     return [{n: tuple(int(d) for d in run[o]) for n, o in zip(names, outs, strict=True)} for run in runs]
 
 

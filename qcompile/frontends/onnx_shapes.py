@@ -90,26 +90,26 @@ def _fixed_dims(value: onnx.ValueInfoProto, batch: int | None, sample_shape: Seq
     return dims
 
 
-def _run_at(model: onnx.ModelProto, names: list[str], batch: int | None,
-            sample_shape: Sequence[int] | None) -> dict[str, np.ndarray]:
+def run_at(model: onnx.ModelProto, names: list[str], batches: Sequence[int | None],
+           sample_shape: Sequence[int] | None) -> list[dict[str, np.ndarray]]:
+    """The tensors ``names`` of ``model`` on zero inputs at each batch (None: the declared one), one session."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.value_info[:]
     del probe.graph.output[:]
     for name in names:
         probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    feeds = {}
-    for value in probe.graph.input:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        feeds[value.name] = np.zeros(_fixed_dims(value, batch, sample_shape), dtype=dtype)
+    feeds = [{value.name: np.zeros(_fixed_dims(value, batch, sample_shape),
+                                   dtype=onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+              for value in probe.graph.input} for batch in batches]
     try:
         session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-        values = session.run(names, feeds)
+        runs = [dict(zip(names, (np.asarray(v) for v in session.run(names, f)), strict=True)) for f in feeds]
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise DynamicShapeError(f"cannot compute the model's run-time shapes in onnxruntime ({first}); export "
                                 "with constant shapes or a fixed input size") from exc
-    return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}
+    return runs
 
 
 def _resolved(node: gs.Node, index: int, found: list[np.ndarray], batches: tuple[int, ...],
@@ -174,8 +174,7 @@ def resolve_runtime_inputs(graph: gs.Graph, model: onnx.ModelProto,
             if node.op == "Reshape" and i == 1 and not isinstance(node.inputs[0], gs.Constant)}
     names = sorted({node.inputs[i].name for node, i in pending} | data)
     batches: tuple[int, ...] = PROBE_BATCHES if _batch_is_symbolic(model) else ()
-    runs = [_run_at(model, names, b, sample_shape) for b in batches] if batches else [
-        _run_at(model, names, None, sample_shape)]
+    runs = run_at(model, names, batches or (None,), sample_shape)
     made: dict[tuple[str, bytes], gs.Constant] = {}  # one constant per tensor and value (names stay unique)
     for node, i in pending:
         name = node.inputs[i].name
