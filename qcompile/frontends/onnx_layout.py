@@ -16,7 +16,7 @@ k = 1); sample n's flat order in E(T) is o R + r, the order of T's [O, N, R] vie
 * Reshape (and Flatten/Squeeze/Unsqueeze) keeps O and R (it keeps the flat order), so it is the
   per-sample reshape E(out) = reshape(E(in), (-1, ...)) and the output's k1 = O / prod(S_out[:b']);
 * Transpose(perm) carries the axis with its k1: E(out) = permute(E(in), (0, ...)) on the other axes;
-* Gather/Slice/Split along another axis, a MatMul whose contraction misses axis b, Softmax over another
+* Gather/Slice along another axis, a MatMul whose contraction misses axis b, Softmax over another
   axis, and elementwise ops (constants broadcasting from the axes after b only) act on E(in) as on T.
 
 A tensor with layout (0, 1, k) is kept as it is, [N k, ...] (``passes/rules/batch_fold.py``); every other
