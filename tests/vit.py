@@ -1,7 +1,9 @@
 """A small vision transformer written the way timm writes it (no timm dependency): patch embedding conv +
 flatten + transpose, class token, position embedding, pre-norm blocks with timm's Attention (qkv Linear,
 reshape/permute/unbind, q @ k^T * scale or scaled_dot_product_attention, softmax, @ v) and Mlp (GELU),
-final LayerNorm, class-token or mean pooling, linear head."""
+final LayerNorm, class-token or mean pooling, linear head; and one written the way torchvision writes it
+(``TorchvisionViT``: nn.MultiheadAttention(batch_first=True), which the TorchScript exporter writes in a
+sequence-first layout)."""
 
 from __future__ import annotations
 
@@ -121,3 +123,51 @@ class PatchTransformer(nn.Module):
         x = x.transpose(1, 3).reshape(B * C * nh, nw, ph, pw)
         x = x.transpose(1, 2).reshape(B, C, nh * ph, nw * pw)
         return self.head(self.proj(x).mean((2, 3)))
+
+
+class MLPBlock(nn.Sequential):
+    """torchvision.models.vision_transformer.MLPBlock (dropout 0)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(0.0), nn.Linear(hidden, dim), nn.Dropout(0.0))
+
+
+class EncoderBlock(nn.Module):
+    """torchvision.models.vision_transformer.EncoderBlock: pre-norm nn.MultiheadAttention and MLPBlock."""
+
+    def __init__(self, num_heads: int, dim: int, mlp_dim: int) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(dim, eps=1e-6)
+        self.self_attention = nn.MultiheadAttention(dim, num_heads, dropout=0.0, batch_first=True)
+        self.dropout = nn.Dropout(0.0)
+        self.ln_2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MLPBlock(dim, mlp_dim)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = self.ln_1(input)
+        x, _ = self.self_attention(x, x, x, need_weights=False)
+        x = self.dropout(x) + input
+        return x + self.mlp(self.ln_2(x))
+
+
+class TorchvisionViT(nn.Module):
+    """torchvision.models.VisionTransformer in small: conv_proj, reshape/permute to tokens, class token,
+    position embedding, encoder blocks, final LayerNorm, class-token head."""
+
+    def __init__(self, img: int = 8, patch: int = 4, chans: int = 1, dim: int = 16, num_heads: int = 2,
+                 depth: int = 1, classes: int = 3) -> None:
+        super().__init__()
+        self.patch, self.dim = patch, dim
+        self.conv_proj = nn.Conv2d(chans, dim, patch, patch)
+        self.class_token = nn.Parameter(torch.randn(1, 1, dim) * 0.5)
+        self.pos_embedding = nn.Parameter(torch.randn(1, (img // patch) ** 2 + 1, dim) * 0.2)
+        self.layers = nn.Sequential(*[EncoderBlock(num_heads, dim, 2 * dim) for _ in range(depth)])
+        self.ln = nn.LayerNorm(dim, eps=1e-6)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        x = self.conv_proj(x).reshape(n, self.dim, (h // self.patch) * (w // self.patch)).permute(0, 2, 1)
+        x = torch.cat([self.class_token.expand(n, -1, -1), x], dim=1)
+        x = self.ln(self.layers(x + self.pos_embedding))
+        return self.head(x[:, 0])

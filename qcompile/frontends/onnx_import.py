@@ -6,7 +6,8 @@ constants with onnx-graphsurgeon, so weights computed by constant subgraphs and 
 become constants; compute every shape input that is still computed at run time (Reshape targets of
 ``x.view(x.size(0), -1)`` with a symbolic batch, Slice ends of ``x.chunk``; ``frontends/onnx_shapes.py``:
 at batches 2 and 3 only a Reshape's first entry may differ, and it must equal the batch, which makes it 0,
-"copy the input's batch"; a static batch stays as it is); then convert node by node
+"copy the input's batch"; a static batch stays as it is; a target with the batch in another entry marks a
+sequence-first graph, whose tensors' batch axes ``frontends/onnx_layout.py`` measures); then convert node by node
 (``frontends/onnx_ops.py`` holds the converters and the math of each). Every node's ``NodeInfo.source``
 is ``"<onnx node name> (<op_type>)"`` (unnamed nodes are called ``OpType_index``; a layer that absorbed
 the bias Add after it lists both, joined by " + ").
@@ -33,6 +34,7 @@ import torch.fx as fx
 from qcompile.frontends import (  # noqa: F401 - register their converters
     onnx_arith,
     onnx_attention,  # noqa: I001 - after the converters it wraps
+    onnx_layout,
     onnx_movement,
     onnx_transposed,
 )
@@ -199,12 +201,15 @@ def load_onnx(path: str | Path, example: torch.Tensor | None = None) -> fx.Graph
 
 def _import(model: onnx.ModelProto, path: Path, sample_shape: Sequence[int] | None) -> fx.GraphModule:
     graph = _folded(model)
-    resolve_runtime_inputs(graph, model, sample_shape)
+    seq_first = resolve_runtime_inputs(graph, model, sample_shape)
     graph = _refolded(graph)  # shapes again, after folding: a Slice with folded ends gets its output shape
+    layouts = None
+    if seq_first:  # the batch leaves axis 0: where it is, measured at two batches
+        layouts = onnx_layout.analyse(graph, onnx_layout.probe_shapes(graph, sample_shape), sample_shape)
     fuse_patterns(graph)  # erf-form GELU -> Gelu (frontends/onnx_pointwise.py, which adds its converters)
     fuse_adaptive_pools(graph)  # dynamo's index-arithmetic adaptive pools -> one node (frontends/onnx_regions.py)
     onnx_attention.detach_class_token_shapes(graph)
-    builder = Builder(graph)
+    builder = Builder(graph, route=None if layouts is None else onnx_layout.router(layouts))
     _placeholders(builder)
     for node in graph.nodes:
         builder.convert(node)

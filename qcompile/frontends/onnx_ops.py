@@ -109,6 +109,7 @@ class Builder:
     fx_graph: fx.Graph = field(default_factory=fx.Graph)
     env: dict[str, fx.Node] = field(default_factory=dict)
     problems: list[tuple[str, str, str]] = field(default_factory=list)  # (name, op type, why) of refused nodes
+    route: Callable[[gs.Node], Converter | None] | None = None  # a converter before CONVERTERS' (onnx_layout)
 
     def value(self, t: gs.Tensor) -> fx.Node:
         if isinstance(t, gs.Constant):
@@ -139,6 +140,7 @@ class Builder:
     def convert(self, node: gs.Node) -> None:
         """Convert ``node``; if it has no torch-level form, record why and alias its outputs to an input."""
         rule = CONVERTERS.get(node.op) if node.domain in (None, "", "ai.onnx") else None
+        rule = (self.route(node) if self.route is not None and rule is not None else None) or rule
         try:
             if rule is None:
                 raise Unsupported(f"domain {node.domain}" if node.domain not in (None, "", "ai.onnx") else "")

@@ -6,11 +6,14 @@ shape unknown, and everything after it). Here every such input (a Reshape target
 starts/ends/axes/steps, Split sizes, Squeeze/Unsqueeze/ReduceMean axes) is *computed* instead: the model
 runs once in onnxruntime on zeros at the compiled input shape with these tensors as extra outputs.
 
-* A model whose input has a symbolic batch runs at batches 2 and 3. A Reshape target may differ in its
-  first entry only, and that entry must be the batch times a constant k: it becomes -1 (what is left per
-  sample; k > 1 folds the batch into axis 0, MobileViT's patches, ``passes/rules/batch_fold.py``), or 0
-  ("copy the input's batch") where k = 1 and another entry is already -1. Every
-  other computed input must be the same at both batches (it is a per-sample constant then).
+* A model whose input has a symbolic batch runs at batches 2 and 3. A Reshape target may differ in one
+  entry only, and that entry must be the batch times a constant k. The first entry becomes -1 (what is
+  left per sample; k > 1 folds the batch into axis 0, MobileViT's patches, ``passes/rules/batch_fold.py``),
+  or 0 ("copy the input's batch") where k = 1 and another entry is already -1. Another entry (the batch
+  off axis 0, a sequence-first layout: [L, N, 3, E], [L, N h, d]) becomes -1, its other entries static,
+  and ``resolve_runtime_inputs`` says so: the importer then holds every tensor batch-first
+  (``frontends/onnx_layout.py``). Every other computed input must be the same at
+  both batches (it is a per-sample constant then).
 * A model with a static batch runs at that batch, once: its batch stays what it is (a target such as
   [1, 2, 58, 8, 8] of a batch-1 export keeps the batch first and is generalized by the Reshape converter).
 * A Resize to computed sizes ([N, C, 2H, 2W] from Shape) becomes the same Resize by scales (1, 1, 2, 2)
@@ -87,26 +90,26 @@ def _fixed_dims(value: onnx.ValueInfoProto, batch: int | None, sample_shape: Seq
     return dims
 
 
-def _run_at(model: onnx.ModelProto, names: list[str], batch: int | None,
-            sample_shape: Sequence[int] | None) -> dict[str, np.ndarray]:
+def run_at(model: onnx.ModelProto, names: list[str], batches: Sequence[int | None],
+           sample_shape: Sequence[int] | None) -> list[dict[str, np.ndarray]]:
+    """The tensors ``names`` of ``model`` on zero inputs at each batch (None: the declared one), one session."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     del probe.graph.value_info[:]
     del probe.graph.output[:]
     for name in names:
         probe.graph.output.append(onnx.ValueInfoProto(name=name))
-    feeds = {}
-    for value in probe.graph.input:
-        dtype = onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
-        feeds[value.name] = np.zeros(_fixed_dims(value, batch, sample_shape), dtype=dtype)
+    feeds = [{value.name: np.zeros(_fixed_dims(value, batch, sample_shape),
+                                   dtype=onnx.helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type))
+              for value in probe.graph.input} for batch in batches]
     try:
         session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
-        values = session.run(names, feeds)
+        runs = [dict(zip(names, (np.asarray(v) for v in session.run(names, f)), strict=True)) for f in feeds]
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise DynamicShapeError(f"cannot compute the model's run-time shapes in onnxruntime ({first}); export "
                                 "with constant shapes or a fixed input size") from exc
-    return {n: np.asarray(v) for n, v in zip(names, values, strict=True)}
+    return runs
 
 
 def _resolved(node: gs.Node, index: int, found: list[np.ndarray], batches: tuple[int, ...],
@@ -119,20 +122,38 @@ def _resolved(node: gs.Node, index: int, found: list[np.ndarray], batches: tuple
     firsts = [int(f[0]) for f in flat] if differ == [0] else []
     folds = bool(firsts) and firsts[0] % batches[0] == 0 and firsts[0] * batches[1] == firsts[1] * batches[0]
     if node.op == "Reshape" and folds:
-        target = flat[0].astype(np.int64).copy()
-        if -1 in target[1:] and size is not None and int(np.prod(target)) < 0:  # the -1 from the data's size
-            rest = np.delete(target, np.flatnonzero(target == -1)[0])
-            target[target == -1] = size // int(np.prod(rest))
+        target = _sized(flat[0], size)
         if -1 not in target[1:]:
             target[0] = -1  # the batch (times a per-sample factor: rules/batch_fold.py) is what is left
             return target
         if tuple(firsts) == batches:
             target[0] = 0  # copy the input's batch
             return target
+    entry = differ[0] if differ is not None and len(differ) == 1 else 0
+    scales = entry > 0 and _scales(int(flat[0][entry]), int(flat[1][entry]), batches)
+    if node.op == "Reshape" and scales and len(flat[0]) > 1:
+        target = _sized(flat[0], size)
+        if -1 not in target:
+            target[entry] = -1  # the batch off axis 0: frontends/onnx_layout.py moves it first
+            return target
     raise DynamicShapeError(
         f"{node.name} ({node.op}): input {index} is {flat[0].tolist()} at batch {batches[0]} and "
         f"{flat[1].tolist()} at batch {batches[1]}, so it depends on the batch in a way qcompile cannot keep; "
         "reshape and slice per sample (keep the batch first, as x.reshape(x.size(0), ...) does)")
+
+
+def _scales(at_first: int, at_second: int, batches: tuple[int, ...]) -> bool:
+    """Whether a size is the batch times a constant at both probe batches."""
+    return at_first > 0 and at_first % batches[0] == 0 and at_first * batches[1] == at_second * batches[0]
+
+
+def _sized(found: np.ndarray, size: int | None) -> np.ndarray:
+    """The target with a -1 among its other entries resolved from the data's ``size`` (when it is known)."""
+    target = found.astype(np.int64).copy()
+    if -1 in target and size is not None and int(np.prod(target)) < 0:
+        rest = np.delete(target, np.flatnonzero(target == -1)[0])
+        target[target == -1] = size // int(np.prod(rest))
+    return target
 
 
 def _batch_is_symbolic(model: onnx.ModelProto) -> bool:
@@ -142,29 +163,33 @@ def _batch_is_symbolic(model: onnx.ModelProto) -> bool:
 
 def resolve_runtime_inputs(graph: gs.Graph, model: onnx.ModelProto,
                            sample_shape: Sequence[int] | None = None) -> bool:
-    """Replace every pending shape-like input of ``graph`` by its computed constant; True if any was."""
+    """Replace every pending shape-like input of ``graph`` by its computed constant; True if a Reshape target
+    holds the batch off its first entry (the graph then needs ``frontends/onnx_layout.py``)."""
+    moved = False
     pending = pending_inputs(graph)
     if not pending:
-        return False
+        return moved
     _refuse_data_dependent(pending)
     data = {node.inputs[0].name for node, i in pending
             if node.op == "Reshape" and i == 1 and not isinstance(node.inputs[0], gs.Constant)}
     names = sorted({node.inputs[i].name for node, i in pending} | data)
     batches: tuple[int, ...] = PROBE_BATCHES if _batch_is_symbolic(model) else ()
-    runs = [_run_at(model, names, b, sample_shape) for b in batches] if batches else [
-        _run_at(model, names, None, sample_shape)]
+    runs = run_at(model, names, batches or (None,), sample_shape)
     made: dict[tuple[str, bytes], gs.Constant] = {}  # one constant per tensor and value (names stay unique)
     for node, i in pending:
         name = node.inputs[i].name
         if node.op == "Resize" and i == 3 and _resize_by_scales(node, runs[0][name]):
             continue
         size = int(runs[0][node.inputs[0].name].size) if node.inputs[0].name in data else None
-        value = _resolved(node, i, [r[name] for r in runs], batches, size)
+        found = [r[name] for r in runs]
+        value = _resolved(node, i, found, batches, size)
+        varies = not all(np.array_equal(found[0], f) for f in found[1:])
+        moved = moved or (node.op == "Reshape" and varies and int(value.reshape(-1)[0]) not in (-1, 0))
         key = (name, value.tobytes() + str(value.shape).encode())
         if key not in made:
             made[key] = gs.Constant(f"{name}_resolved{'_' + str(len(made)) if made else ''}", value)
         node.inputs[i] = made[key]
-    return True
+    return moved
 
 
 def _resize_by_scales(node: gs.Node, sizes: np.ndarray) -> bool:

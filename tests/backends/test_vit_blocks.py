@@ -1,7 +1,8 @@
 """A small ViT written the way timm writes it (tests/vit.py), compiled from PyTorch and from its ONNX export,
 both targets: bit-exact between the reference executor, the fast executor and onnxruntime; the attention
 is two IntMatMuls around an IntSoftmax over the last axis; the simulation predicts what the integer graph
-does. Also nn.MultiheadAttention, the matmul op on its own, and the refusals (masks)."""
+does. Also nn.MultiheadAttention (and torchvision's ViT, whose ONNX export is sequence-first), the matmul
+op on its own, and the refusals (masks, an op reading a seq-first tensor)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from conftest import compile_model, random_inputs
 from modern import assert_exact, pipeline
 from torch import nn
-from vit import PatchTransformer, TinyViT
+from vit import PatchTransformer, TinyViT, TorchvisionViT
 
 import qcompile
 from qcompile.backends import fast, reference
@@ -68,6 +69,76 @@ def test_the_two_frontends_give_the_same_integers(tmp_path: Path) -> None:
     from_torch = compile_model(model, pipeline=pipeline("integer"), shape=SHAPE)
     from_onnx = compile_model(_export(model, tmp_path / "vit.onnx"), pipeline=pipeline("integer"), shape=SHAPE)
     assert torch.equal(from_torch(x), from_onnx(x))
+
+
+@pytest.mark.parametrize("target", ["ort", "integer"])
+def test_seq_first_attention_from_onnx_compiles_bit_exactly_at_any_batch(target: str, tmp_path: Path) -> None:
+    """torchvision's ViT: the exporter writes nn.MultiheadAttention with the batch on axis 1 ([L, N, E],
+    [L, N h, d]) and folded inside the tokens ([L N, E]); frontends/onnx_layout.py moves it first."""
+    torch.manual_seed(0)
+    model = TorchvisionViT().eval()
+    from_onnx = compile_model(_export(model, tmp_path / "tv.onnx"), pipeline=pipeline(target), shape=SHAPE)
+    counts = [_count(from_onnx, k) for k in (ops.IntMatMul, ops.IntSoftmax, ops.IntLayerNorm, ops.IntConstCat)]
+    assert counts == [2, 1, 3, 1]
+    from_torch = compile_model(model, pipeline=pipeline(target), shape=SHAPE)
+    for batch in (3, 16):  # compiled at batch 2: the dynamic batch is kept
+        x = random_inputs(batch, shape=SHAPE, seed=batch)
+        assert_exact(from_onnx, x)
+        assert torch.equal(from_onnx(x), from_torch(x))  # the same integers as nn.MultiheadAttention's rule
+        cos = F.cosine_similarity(model(x).flatten(), from_onnx(x).flatten(), dim=0).item()
+        assert cos > 0.9, f"integer vs float cosine {cos:.3f}"
+
+
+class SeqFirstTokens(nn.Module):
+    """Tokens [N, L, 16] through nn.MultiheadAttention on [L, N, E] (batch_first=False) or through
+    nn.TransformerEncoderLayer(batch_first=True), then a class-token head."""
+
+    def __init__(self, block: str) -> None:
+        super().__init__()
+        self.embed, self.head, self.block = nn.Linear(8, 16), nn.Linear(16, 3), block
+        self.attn = nn.MultiheadAttention(16, 2)
+        self.encoder = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x.flatten(1, 2))
+        if self.block == "encoder":
+            return self.head(self.encoder(t)[:, 0])
+        s = t.transpose(0, 1)
+        out, _ = self.attn(s, s, s, need_weights=False)
+        return self.head((out + s)[0])
+
+
+@pytest.mark.parametrize("block", ["seq-first-mha", "encoder"])
+def test_other_seq_first_exports_compile_bit_exactly(block: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = SeqFirstTokens(block).eval()
+    cm = compile_model(_export(model, tmp_path / "tokens.onnx"), pipeline=pipeline("integer"), shape=SHAPE)
+    assert _count(cm, ops.IntMatMul) == 2 and _count(cm, ops.IntSoftmax) == 1
+    x = random_inputs(5, shape=SHAPE, seed=4)
+    assert_exact(cm, x)
+    cos = F.cosine_similarity(model(x).flatten(), cm(x).flatten(), dim=0).item()
+    assert cos > 0.9, f"integer vs float cosine {cos:.3f}"
+
+
+class SeqFirstMean(nn.Module):
+    """A mean over the tokens of a seq-first [L, N 2, 8] tensor: the batch is not on axis 0 there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Linear(8, 16), nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x.flatten(1, 2)).transpose(0, 1)
+        t = t.reshape(t.shape[0], t.shape[1] * 2, 8).mean(0)
+        return self.head(t.reshape(x.shape[0], 16))
+
+
+def test_an_op_reading_a_seq_first_tensor_is_refused_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(qcompile.QCompileError) as info:
+        compile_model(_export(SeqFirstMean().eval(), tmp_path / "mean.onnx"), shape=SHAPE)
+    message = str(info.value)
+    assert message.startswith("1 unsupported ONNX node(s): ReduceMean (/ReduceMean: batch on axis 1 (seq-first)")
+    assert "\n" not in message and len(message) < 400
 
 
 class TokenMixer(nn.Module):
