@@ -1,13 +1,24 @@
 """calibrate: set every activation range from data.
 
-With all quantizers observing (activations stay float, as in AQT's first phase), each ActQuant keeps
-amax <- (1 - momentum) * amax + momentum * stat over ``steps`` batches, where stat is the batch max|x|
-or, with ``percentile``, that percentile of |x|. It refuses a range that is zero or not finite (an
-activation that is always zero cannot be given a scale) and names the quantizer.
+With all quantizers observing (activations stay float, as in AQT's first phase), each ActQuant sets its
+range amax by ``method`` over ``steps`` batches:
+
+* ``max``: amax <- (1 - momentum) * amax + momentum * stat, stat the batch max|x| (the first batch
+  initialises it; the AQT rule);
+* ``percentile``: the same EMA of the ``percentile``-th percentile of |x| (``percentile=P`` alone selects it,
+  as before the method option existed);
+* ``mse``: the batches fill a histogram of x (``quant/histogram.py``); amax is the clip c that minimises the
+  expected squared error of the tensor on its grid, E(c) = sum over values of (x - s clamp(round(x/s), lo,
+  hi))^2 with s = c / hi, rounding inside [0, c] plus clipping beyond it, at the quantizer's bits and
+  signedness; momentum does not apply. The pass runs before assign-bitwidths in the default pipeline, so
+  the quantizer keeps the histogram and a later change of its bits re-derives c for the new width.
+
+It refuses a range that is zero or not finite (an activation that is always zero cannot be given a scale)
+and names the quantizer.
 
 The forward passes run at one torch thread whatever the pool size, so the ranges (and the ONNX bytes of a
-post-training compile) do not depend on the thread count; max, the k-th value and the EMA are
-order-independent or sequential, so nothing else does either.
+post-training compile) do not depend on the thread count; max, the k-th value, the EMA and the histogram's
+integer counts are order-independent or sequential, so nothing else does either.
 """
 
 from __future__ import annotations
@@ -21,13 +32,26 @@ import torch.fx as fx
 from tqdm import tqdm
 
 from qcompile.ir.meta import Stage
-from qcompile.passes.base import Pass, PassContext, PassResult, QCompileError, option, register_pass
+from qcompile.passes.base import (
+    Pass,
+    PassContext,
+    PassResult,
+    PreconditionError,
+    QCompileError,
+    option,
+    register_pass,
+)
 from qcompile.quant import graph, integer_sim
 from qcompile.threads import fixed_threads
 
 
 class CalibrationError(QCompileError):
     pass
+
+
+METHODS = ("max", "percentile", "mse")
+DEFAULT_METHOD = "max"
+DEFAULT_PERCENTILE = 99.99
 
 
 def _check_range(node: fx.Node, q: Any) -> None:
@@ -53,19 +77,39 @@ def _check_range(node: fx.Node, q: Any) -> None:
 @dataclass(frozen=True)
 class Calibrate(Pass):
     name = "calibrate"
-    summary = "calibrate activation ranges (EMA of batch max|x|, or of a percentile)"
+    summary = "calibrate activation ranges (EMA of batch max|x| or of a percentile, or least-error clip)"
     requires = (Stage.QUANT,)
 
     steps: int = option(32, "number of calibration batches")
-    momentum: float = option(0.1, "EMA coefficient c in amax <- (1-c)*amax + c*stat")
-    percentile: float | None = option(None, "use this percentile of |x| instead of the max (e.g. 99.99)")
+    momentum: float = option(0.1, "EMA coefficient c in amax <- (1-c)*amax + c*stat (max, percentile)")
+    percentile: float | None = option(None, "method=percentile: this percentile of |x| (default 99.99); given "
+                                            "alone it selects method=percentile")
+    method: str | None = option(None, f"max | percentile | mse (least expected squared error clip at the "
+                                      f"quantizer's bits); none: percentile if percentile= is given, else "
+                                      f"{DEFAULT_METHOD}")
+
+    def __post_init__(self) -> None:
+        method = self.chosen_method
+        if method not in METHODS:
+            raise PreconditionError(f"calibrate method must be one of {', '.join(METHODS)}, got '{method}'")
+        if self.percentile is not None and method != "percentile":
+            raise PreconditionError(f"calibrate percentile={self.percentile} applies to method=percentile only, "
+                                    f"not method={method}; drop one of them")
+        if self.percentile is not None and not 0.0 < self.percentile <= 100.0:
+            raise PreconditionError(f"calibrate percentile must lie in (0, 100], got {self.percentile}")
+
+    @property
+    def chosen_method(self) -> str:
+        if self.method is not None:
+            return self.method
+        return "percentile" if self.percentile is not None else DEFAULT_METHOD
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         quants = list(graph.act_quants(gm))
+        method = self.chosen_method
+        percentile = (self.percentile or DEFAULT_PERCENTILE) if method == "percentile" else None
         for _node, q in quants:
-            q.momentum, q.percentile, q.observing = self.momentum, self.percentile, True
-            q.amax.zero_()
-            q.batches.zero_()
+            q.start_observing(method, self.momentum, percentile)
         gm.eval()
         try:
             with torch.no_grad(), fixed_threads(1):  # the ranges, hence the ONNX bytes, at any thread count
@@ -77,6 +121,9 @@ class Calibrate(Pass):
         finally:
             for _node, q in quants:
                 q.observing = False
+        with fixed_threads(1):
+            for _node, q in quants:
+                q.stop_observing()
         for node, q in quants:
             _check_range(node, q)
         graph.bind_input_scales(gm)  # from here on the layers' biases sit on the int32 accumulator grid

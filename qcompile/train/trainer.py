@@ -261,9 +261,7 @@ class QuantTrainer:
 
     def _start_calibration(self) -> None:
         for q in self.quantizers:
-            q.amax.zero_()
-            q.batches.zero_()
-            q.momentum, q.percentile, q.observing = self.config.momentum, None, True
+            q.start_observing("max", self.config.momentum)  # the AQT rule, whatever calibrate used
 
     def _freeze(self) -> None:
         from qcompile.passes.share_scales import unify
