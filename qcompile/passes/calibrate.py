@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from torch import nn
 from tqdm import tqdm
 
 from qcompile.ir.meta import Stage
@@ -42,6 +43,8 @@ from qcompile.passes.base import (
     register_pass,
 )
 from qcompile.quant import graph, integer_sim
+from qcompile.quant.histogram import Weigh
+from qcompile.quant.layernorm import ChannelLayerNorm
 from qcompile.threads import fixed_threads
 
 
@@ -71,6 +74,21 @@ def _check_range(node: fx.Node, q: Any) -> None:
     if amax <= 0.0:
         raise CalibrationError(f"{what} is always zero on the calibration data; check the data and weights, "
                                "or remove the dead layer")
+
+
+def normalized_error(gm: fx.GraphModule, node: fx.Node) -> Weigh | None:
+    """For a quantizer a LayerNorm reads: weigh each value by 1 / (var + eps) of its normalized group.
+
+    LayerNorm divides every group (a token's features) by its standard deviation sigma, so an error e in
+    the input reaches the output as about gamma e / sigma: the error to minimise is sum e^2 / sigma^2, which
+    favours the groups of small spread (in a transformer, the class token the head reads)."""
+    for user in node.users:
+        ln = graph.module(gm, user)
+        if isinstance(ln, nn.LayerNorm) and user.args and user.args[0] is node:
+            dims = (1,) if isinstance(ln, ChannelLayerNorm) else tuple(range(-len(ln.normalized_shape), 0))
+            eps = float(ln.eps)
+            return lambda x: 1.0 / (x.double().var(dim=dims, unbiased=False, keepdim=True) + eps)
+    return None
 
 
 @register_pass
@@ -108,8 +126,9 @@ class Calibrate(Pass):
         quants = list(graph.act_quants(gm))
         method = self.chosen_method
         percentile = (self.percentile or DEFAULT_PERCENTILE) if method == "percentile" else None
-        for _node, q in quants:
-            q.start_observing(method, self.momentum, percentile)
+        for node, q in quants:
+            weigh = normalized_error(gm, node) if method == "mse" else None
+            q.start_observing(method, self.momentum, percentile, weigh)
         gm.eval()
         try:
             with torch.no_grad(), fixed_threads(1):  # the ranges, hence the ONNX bytes, at any thread count

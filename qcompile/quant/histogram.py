@@ -5,7 +5,9 @@ w = R / BINS over [0, R], separately for x > 0 and x < 0; exact zeros are counte
 so they cost nothing). R starts as the first batch's max|x| and doubles whenever a batch goes beyond it, the
 old bins merging pairwise (``2^k`` into one for a k-fold doubling), so the counts stay exact and no value is
 ever clipped by the histogram itself. A sequence of batches gives one histogram (deterministic: bincount
-of integer bin indices).
+of integer bin indices, summed in order). A value may count with a weight instead of 1 (``weigh``: the
+calibrate pass weighs a LayerNorm's input by 1 / var of its normalized group, so that E is the error after
+the normalization).
 
 Expected error of the range c on a grid of step s = c / hi (``x_q = s * clamp(round(x / s), lo, hi)``),
 with the density uniform inside each bin [a_i, b_i] holding n_i values::
@@ -32,6 +34,8 @@ sits on a few points).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from qcompile import distributed
@@ -41,34 +45,42 @@ BINS = 4096
 _RUNGS, _PER_OCTAVE, _FINE = 97, 8, 32
 
 
-class Histogram:
-    """Counts of x > 0 and x < 0 by magnitude over [0, ``top``], plus the exact zeros and the max |x|."""
+Weigh = Callable[[torch.Tensor], torch.Tensor]  # x -> a weight per element of x (broadcastable to x)
 
-    def __init__(self) -> None:
+
+class Histogram:
+    """Counts of x > 0 and x < 0 by magnitude over [0, ``top``], plus the exact zeros and the max |x|.
+
+    With ``weigh``, each value counts with its weight instead of 1 (E(c) becomes a weighted error)."""
+
+    def __init__(self, weigh: Weigh | None = None) -> None:
+        self.weigh = weigh
         self.top = 0.0  # R, the histogram's upper edge
         self.peak = 0.0  # m, the largest |x| seen
-        self.zeros = 0
-        self.counts = torch.zeros(2, BINS, dtype=torch.int64)  # row 0: x > 0, row 1: x < 0
+        self.zeros = 0.0
+        self.counts = torch.zeros(2, BINS, dtype=torch.float64)  # row 0: x > 0, row 1: x < 0
 
     def add(self, x: torch.Tensor) -> None:
         """Count one batch (under torchrun: all ranks' batches, the same histogram on every rank)."""
-        x = x.detach().flatten().float()
+        x = x.detach().float()
+        weights = None if self.weigh is None else torch.broadcast_to(self.weigh(x), x.shape).flatten().double()
+        x = x.flatten()
         if x.numel() == 0:
             return
         peak = float(distributed.reduce_max(x.abs().max()))
+        is_zero = x == 0
+        zeros = torch.tensor(float(is_zero.sum()) if weights is None else float(weights[is_zero].sum()))
+        self.zeros += float(distributed.reduce_sum(zeros))
         if peak == 0.0:
-            self.zeros += int(distributed.reduce_sum(torch.tensor(x.numel())))
             return
         self._cover(peak)
         # one pass over x: bin floor(x / w) + BINS of [0, 2 BINS) (truncation is floor once shifted >= 0),
-        # the lower half holding x < 0 by decreasing magnitude
+        # the lower half holding x < 0 by decreasing magnitude; exact zeros fall in bin BINS and are taken out
         idx = (x * (BINS / self.top)).add_(BINS).clamp_(0.0, 2 * BINS - 1).long()
-        both = torch.bincount(idx, minlength=2 * BINS)
+        both = torch.bincount(idx, weights, minlength=2 * BINS).double()
+        both[BINS] -= float(zeros)
         counts = torch.stack([both[BINS:], both[:BINS].flip(0)])
-        zeros = x.numel() - int(torch.count_nonzero(x))
-        counts[0, 0] -= zeros  # exact zeros fell in the first bin of x >= 0
         self.counts += distributed.reduce_sum(counts.cpu())
-        self.zeros += int(distributed.reduce_sum(torch.tensor(zeros)))
         self.peak = max(self.peak, peak)
 
     def _cover(self, peak: float) -> None:
@@ -90,8 +102,7 @@ class Histogram:
 
     def expected_error(self, clips: torch.Tensor, itype: IntType) -> torch.Tensor:
         """E(c) for every c in ``clips`` (float64, shape [C]) on the grid of ``itype``."""
-        counts = self.counts.double()
-        n = counts[0] + counts[1] if itype.signed else counts[0]
+        n = self.counts[0] + self.counts[1] if itype.signed else self.counts[0]
         used = torch.nonzero(n).flatten()  # empty bins add nothing
         w = self.top / BINS
         a, b = (used.double() * w)[None, :], ((used + 1).double() * w)[None, :]

@@ -43,7 +43,7 @@ from torch import nn
 from qcompile import distributed
 from qcompile.ir.meta import IntType
 from qcompile.ir.shapes import pair
-from qcompile.quant.histogram import Histogram
+from qcompile.quant.histogram import Histogram, Weigh
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -104,10 +104,12 @@ class ActQuant(nn.Module):
         """The scale of the grid this quantizer rounds to now; None while it passes float values through."""
         return None if self.observing or not self.calibrated else self.scale.detach()
 
-    def start_observing(self, method: str = "max", momentum: float = 0.1, percentile: float | None = None) -> None:
-        """Forget the range and observe afresh: ``method`` is max, percentile (of |x|) or mse (a histogram)."""
+    def start_observing(self, method: str = "max", momentum: float = 0.1, percentile: float | None = None,
+                        weigh: Weigh | None = None) -> None:
+        """Forget the range and observe afresh: ``method`` is max, percentile (of |x|) or mse (a histogram whose
+        values count with the weights ``weigh`` gives, 1 without it)."""
         self.momentum, self.percentile = momentum, percentile if method == "percentile" else None
-        self.histogram = Histogram() if method == "mse" else None
+        self.histogram = Histogram(weigh) if method == "mse" else None
         self.amax.zero_()
         self.batches.zero_()
         self.observing = True
