@@ -106,6 +106,9 @@ class Calibrate(Pass):
                                       f"quantizer's bits); none: percentile if percentile= is given, else "
                                       f"{DEFAULT_METHOD}")
 
+    norm_percentile: float | None = option(None, "method=mse: a LayerNorm's input takes this percentile of |x| "
+                                                 "instead (none: its mse range, error weighed by 1/var)")
+
     def __post_init__(self) -> None:
         method = self.chosen_method
         if method not in METHODS:
@@ -113,8 +116,12 @@ class Calibrate(Pass):
         if self.percentile is not None and method != "percentile":
             raise PreconditionError(f"calibrate percentile={self.percentile} applies to method=percentile only, "
                                     f"not method={method}; drop one of them")
-        if self.percentile is not None and not 0.0 < self.percentile <= 100.0:
-            raise PreconditionError(f"calibrate percentile must lie in (0, 100], got {self.percentile}")
+        for key in ("percentile", "norm_percentile"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 < value <= 100.0:
+                raise PreconditionError(f"calibrate {key} must lie in (0, 100], got {value}")
+        if self.norm_percentile is not None and method != "mse":
+            raise PreconditionError(f"calibrate norm_percentile applies to method=mse only, not method={method}")
 
     @property
     def chosen_method(self) -> str:
@@ -128,7 +135,10 @@ class Calibrate(Pass):
         percentile = (self.percentile or DEFAULT_PERCENTILE) if method == "percentile" else None
         for node, q in quants:
             weigh = normalized_error(gm, node) if method == "mse" else None
-            q.start_observing(method, self.momentum, percentile, weigh)
+            if weigh is not None and self.norm_percentile is not None:
+                q.start_observing("percentile", self.momentum, self.norm_percentile)
+            else:
+                q.start_observing(method, self.momentum, percentile, weigh)
         gm.eval()
         try:
             with torch.no_grad(), fixed_threads(1):  # the ranges, hence the ONNX bytes, at any thread count

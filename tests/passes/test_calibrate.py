@@ -262,6 +262,8 @@ def test_method_percentile_alone_uses_99_99() -> None:
     ({"method": "entropy"}, "method must be one of max, percentile, mse, got 'entropy'"),
     ({"method": "mse", "percentile": 99.0}, "applies to method=percentile only"),
     ({"percentile": 0.0}, r"percentile must lie in \(0, 100\]"),
+    ({"method": "mse", "norm_percentile": 101.0}, r"norm_percentile must lie in \(0, 100\]"),
+    ({"method": "max", "norm_percentile": 99.0}, "norm_percentile applies to method=mse only"),
 ])
 def test_bad_method_options_are_refused(options: dict[str, object], message: str) -> None:
     with pytest.raises(PreconditionError, match=message):
@@ -273,3 +275,26 @@ def test_mse_compile_is_exact_in_onnxruntime(model_name: str) -> None:
     text = default_pipeline().replace("calibrate", "calibrate{method=mse}")
     cm = compile_model(make_model(model_name), pipeline=text)
     assert cm.verify(random_inputs(32, seed=4)).mismatches == 0
+
+
+def test_layernorm_inputs_weigh_their_error_by_the_normalized_spread() -> None:
+    from vit import TinyViT
+
+    from qcompile.passes.calibrate import normalized_error
+
+    torch.manual_seed(0)
+    model = TinyViT().eval()
+    text = QUANT + ",calibrate{method=mse}"
+    gm = run_pipeline(model, text, shape=(1, 8, 8))
+    weighed = [n for n, _ in graph.act_quants(gm) if normalized_error(gm, n) is not None]
+    ln_inputs = [u.args[0] for u in gm.graph.nodes if isinstance(graph.module(gm, u), nn.LayerNorm)]
+    assert weighed and set(weighed) == {n for n in ln_inputs if graph.is_act_quant(gm, n)}
+    for node, q in graph.act_quants(gm):
+        assert q.histogram is not None and (q.histogram.weigh is not None) == (node in weighed)
+    tokens = torch.tensor([[[1.0, -1.0, 1.0, -1.0], [10.0, -10.0, 10.0, -10.0]]])  # spreads 1 and 10
+    weigh = normalized_error(gm, weighed[0])
+    assert weigh is not None
+    torch.testing.assert_close(weigh(tokens).flatten().float(), torch.tensor([1.0, 0.01]), rtol=1e-4, atol=0)
+    clipped = run_pipeline(model, QUANT + ",calibrate{method=mse,norm_percentile=90}", shape=(1, 8, 8))
+    by_name = {n.name: q for n, q in graph.act_quants(clipped)}
+    assert all(by_name[n.name].histogram is None and by_name[n.name].percentile == 90.0 for n in weighed)

@@ -80,3 +80,21 @@ def test_same_batches_give_the_same_range() -> None:
 
 def test_all_zero_has_no_range() -> None:
     assert histogram(torch.zeros(100)).mse_range(IntType(8, True)) == 0.0
+
+
+def test_weights_scale_free_and_zero_weight_values_do_not_count() -> None:
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(64, 32, generator=g)
+    itype = IntType(6, True)
+    plain = Histogram()
+    plain.add(x)
+    doubled = Histogram(lambda v: torch.full_like(v, 2.0))
+    doubled.add(x)
+    assert doubled.mse_range(itype) == pytest.approx(plain.mse_range(itype), rel=1e-9)
+    y = x.clone()
+    y[0] *= 50.0  # one row of outliers, weighed 0: the range is that of the other rows
+    ignored = Histogram(lambda v: (torch.arange(v.shape[0]) > 0).double()[:, None])
+    ignored.add(y)
+    rest = Histogram()
+    rest.add(torch.cat([x[1:], torch.zeros(1, 32)]))
+    assert ignored.mse_range(itype) == pytest.approx(rest.mse_range(itype), rel=0.02)
