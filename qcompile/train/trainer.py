@@ -380,6 +380,7 @@ class QuantTrainer:
                              "and search that wrote it, or use another --checkpoint")
         self.gm.load_state_dict(state["model"])
         for q, saved in zip(self.quantizers, state["quantizers"], strict=True):
+            q.histogram = None  # the checkpoint's ranges stand: no mse range re-derived for its bits
             q.bits, q.signed_override, q.observing = saved["bits"], saved["signed"], saved["observing"]
         for k, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][k])
