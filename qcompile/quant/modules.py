@@ -117,8 +117,10 @@ class ActQuant(nn.Module):
     def stop_observing(self) -> None:
         """Fix the grid: with a histogram, amax becomes its least-error range at the current bits."""
         self.observing = False
-        if self.histogram is not None and self.calibrated:
-            self.fit_range()
+        if self.histogram is not None:
+            self.histogram.weigh = None  # the counts are final (and the module stays picklable)
+            if self.calibrated:
+                self.fit_range()
 
     def fit_range(self) -> None:
         """amax <- the histogram's mse range on this quantizer's grid (bits, signedness)."""
