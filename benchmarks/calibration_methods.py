@@ -5,13 +5,13 @@ compiled with each method at each policy and calibrated on the whole training sp
 columns: float, simulated, integer (reference executor) and onnxruntime top-1 on the test split, the
 mismatches between onnxruntime and the reference executor, and the seconds the calibrate pass took.
 
-``--lenet5`` adds LeNet-5 on Fashion-MNIST (``lenet5_fashion_mnist.py``'s cached float model: 8 epochs on
-60k images, trained on first use), calibrated on 32 batches of 64 training images. ``--resnet18`` (needs
+``--models lenet5`` adds LeNet-5 on Fashion-MNIST (``lenet5_fashion_mnist.py``'s cached float model: 8 epochs on
+60k images, trained on first use), calibrated on 32 batches of 64 training images. ``resnet18`` (needs
 torchvision) adds the calibrate pass's seconds on a randomly initialised ResNet-18 (8 batches of 8 normal
 224x224 images).
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/calibration_methods.py [--methods max,mse]
-        [--policies w8a8,w4a8,w4a4,aqt] [--lenet5] [--resnet18]
+        [--policies w8a8,w4a8,w4a4,aqt] [--models demo,lenet5,resnet18]
 
 Never part of the test run or CI.
 """
@@ -114,16 +114,16 @@ def main() -> None:
     p.add_argument("--methods", default="max,mse", help="comma-separated: max, mse, percentile or pNN.NN "
                                                         "(that percentile)")
     p.add_argument("--policies", default="w8a8,w4a8,w4a4,aqt", help="comma-separated policies")
-    p.add_argument("--lenet5", action="store_true", help="add LeNet-5 on Fashion-MNIST (trains on first use)")
-    p.add_argument("--resnet18", action="store_true", help="add calibrate seconds on ResNet-18 (torchvision)")
+    p.add_argument("--models", default="demo", help="comma-separated: demo, lenet5 (trains on first use), "
+                                                   "resnet18 (calibrate seconds only; needs torchvision)")
     args = p.parse_args()
     logging.disable(logging.WARNING)
     torch.set_num_threads(1)
-    rows = demo_rows(args)
-    if args.lenet5:
-        rows += lenet5_rows(args)
-    print(format_table(HEADERS, rows))
-    if args.resnet18:
+    models = args.models.split(",")
+    rows = (demo_rows(args) if "demo" in models else []) + (lenet5_rows(args) if "lenet5" in models else [])
+    if rows:
+        print(format_table(HEADERS, rows))
+    if "resnet18" in models:
         print(format_table(["model", "method", "calibrate s"], resnet18_seconds(args.methods.split(","))))
 
 

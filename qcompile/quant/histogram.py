@@ -4,7 +4,9 @@ Histogram: the calibration batches' values, counted by magnitude in ``BINS`` equ
 w = R / BINS over [0, R], separately for x > 0 and x < 0; exact zeros are counted apart (every grid holds 0,
 so they cost nothing). R starts as the first batch's max|x| and doubles whenever a batch goes beyond it, the
 old bins merging pairwise (``2^k`` into one for a k-fold doubling), so the counts stay exact and no value is
-ever clipped by the histogram itself. A sequence of batches gives one histogram (deterministic: bincount
+ever clipped by the histogram itself. Of a batch with n > 2^20 values, every k-th (k = ceil(n / 2^20), in
+the flattened order) is counted, so that large feature maps cost about what the forward pass does; the max
+is over all values. A sequence of batches gives one histogram (deterministic: bincount
 of integer bin indices, summed in order). A value may count with a weight instead of 1 (``weigh``: the
 calibrate pass weighs a LayerNorm's input by 1 / var of its normalized group, so that E is the error after
 the normalization).
@@ -24,8 +26,8 @@ with the density uniform inside each bin [a_i, b_i] holding n_i values::
 ``mse_range`` minimises E over c in (0, m], m the largest |x| seen: first over the geometric ladder
 c = m 2^(-j / 8), j = 0..96 (down to m / 4096), then linearly between the best rung's neighbours
 (32 more points); argmin takes the first minimum, so the result is a function of the histogram alone.
-c = m (the max calibration) is a candidate, so E(mse) <= E(max) under this model. Cost: O(n) per batch
-(one bincount), O(130 BINS) per quantizer once at the end.
+c = m (the max calibration) is a candidate, so E(mse) <= E(max) under this model. Cost: one min/max pass
+and O(min(n, 2^20)) (one bincount) per batch, O(130 BINS) per quantizer once at the end.
 
 Not handled: asymmetric ranges (the integer contract has no zero points); a density finer than a bin (the
 model's rounding error is then that of spread values, s^2 / 12 per value, not the exact error of data that
@@ -42,6 +44,7 @@ from qcompile import distributed
 from qcompile.ir.meta import IntType
 
 BINS = 4096
+SAMPLE = 2**20  # values of one batch counted, at most (the max is over all of them)
 _RUNGS, _PER_OCTAVE, _FINE = 97, 8, 32
 
 
@@ -67,9 +70,14 @@ class Histogram:
         x = x.flatten()
         if x.numel() == 0:
             return
-        peak = float(distributed.reduce_max(x.abs().max()))
-        is_zero = x == 0
-        zeros = torch.tensor(float(is_zero.sum()) if weights is None else float(weights[is_zero].sum()))
+        low, high = torch.aminmax(x)
+        peak = float(distributed.reduce_max(torch.maximum(-low, high)))
+        step = -(-x.numel() // SAMPLE)  # every step-th value, at most SAMPLE of them
+        if step > 1:
+            x = x[::step]
+            weights = None if weights is None else weights[::step]
+        zeros = torch.tensor(float(x.numel() - torch.count_nonzero(x)) if weights is None else
+                             float(weights[x == 0].sum()))
         self.zeros += float(distributed.reduce_sum(zeros))
         if peak == 0.0:
             return

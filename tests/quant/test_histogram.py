@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qcompile.ir.meta import IntType
-from qcompile.quant.histogram import BINS, Histogram
+from qcompile.quant.histogram import BINS, SAMPLE, Histogram
 
 
 def true_error(x: torch.Tensor, c: float, itype: IntType) -> float:
@@ -98,3 +98,12 @@ def test_weights_scale_free_and_zero_weight_values_do_not_count() -> None:
     rest = Histogram()
     rest.add(torch.cat([x[1:], torch.zeros(1, 32)]))
     assert ignored.mse_range(itype) == pytest.approx(rest.mse_range(itype), rel=0.02)
+
+
+def test_a_large_batch_is_sampled_but_its_max_is_exact() -> None:
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3 * SAMPLE + 5, generator=g)
+    x[1] = 40.0  # not on the sampled grid (every 4th value): still the histogram's max
+    h = histogram(x)
+    assert h.peak == 40.0 and h.top == 40.0
+    assert float(h.counts.sum()) + h.zeros == len(x[::4])
