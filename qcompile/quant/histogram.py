@@ -4,7 +4,7 @@ Histogram: the calibration batches' values, counted by magnitude in ``BINS`` equ
 w = R / BINS over [0, R], separately for x > 0 and x < 0; exact zeros are counted apart (every grid holds 0,
 so they cost nothing). R starts as the first batch's max|x| and doubles whenever a batch goes beyond it, the
 old bins merging pairwise (``2^k`` into one for a k-fold doubling), so the counts stay exact and no value is
-ever clipped by the histogram itself. Of a batch with n > 2^20 values, every k-th (k = ceil(n / 2^20), in
+ever clipped by the histogram itself. Of a batch with n > 2^18 values, every k-th (k = ceil(n / 2^18), in
 the flattened order) is counted, so that large feature maps cost about what the forward pass does; the max
 is over all values. A sequence of batches gives one histogram (deterministic: bincount
 of integer bin indices, summed in order). A value may count with a weight instead of 1 (``weigh``: the
@@ -27,7 +27,7 @@ with the density uniform inside each bin [a_i, b_i] holding n_i values::
 c = m 2^(-j / 8), j = 0..96 (down to m / 4096), then linearly between the best rung's neighbours
 (32 more points); argmin takes the first minimum, so the result is a function of the histogram alone.
 c = m (the max calibration) is a candidate, so E(mse) <= E(max) under this model. Cost: one min/max pass
-and O(min(n, 2^20)) (one bincount) per batch, O(130 BINS) per quantizer once at the end.
+and O(min(n, 2^18)) (one bincount) per batch, O(130 BINS) per quantizer once at the end.
 
 Not handled: asymmetric ranges (the integer contract has no zero points); a density finer than a bin (the
 model's rounding error is then that of spread values, s^2 / 12 per value, not the exact error of data that
@@ -44,7 +44,7 @@ from qcompile import distributed
 from qcompile.ir.meta import IntType
 
 BINS = 4096
-SAMPLE = 2**20  # values of one batch counted, at most (the max is over all of them)
+SAMPLE = 2**18  # values of one batch counted, at most (the max is over all of them)
 _RUNGS, _PER_OCTAVE, _FINE = 97, 8, 32
 
 
