@@ -56,7 +56,7 @@ def calibrate(gm: fx.GraphModule, data: Callable[[], Iterable[torch.Tensor]], **
 
 def test_ema_of_batch_maxima() -> None:
     c = 0.25
-    gm = calibrate(quant_graph(), batches_with_max([2.0, 4.0, 1.0]), momentum=c)
+    gm = calibrate(quant_graph(), batches_with_max([2.0, 4.0, 1.0]), momentum=c, method="max")
     # first batch initialises; then amax <- (1 - c) amax + c max|x|
     expected = 2.0
     for m in (4.0, 1.0):
@@ -68,7 +68,7 @@ def test_ema_of_batch_maxima() -> None:
 
 
 def test_steps_limits_the_batches() -> None:
-    gm = calibrate(quant_graph(), batches_with_max([2.0, 4.0, 100.0, 100.0]), momentum=0.5, steps=2)
+    gm = calibrate(quant_graph(), batches_with_max([2.0, 4.0, 100.0, 100.0]), momentum=0.5, steps=2, method="max")
     assert float(input_quantizer(gm).amax) == pytest.approx(0.5 * 2.0 + 0.5 * 4.0)
     assert int(input_quantizer(gm).batches) == 2
 
@@ -81,8 +81,8 @@ def test_percentile_statistic() -> None:
     assert float(input_quantizer(gm).amax) == 96.0  # 75 % of the 128 magnitudes are <= 96
     gm = calibrate(quant_graph(), lambda: iter([batch]), percentile=100.0)
     assert float(input_quantizer(gm).amax) == 128.0
-    gm = calibrate(quant_graph(), lambda: iter([batch]))
-    assert float(input_quantizer(gm).amax) == 128.0  # default: the max
+    gm = calibrate(quant_graph(), lambda: iter([batch]), method="max")
+    assert float(input_quantizer(gm).amax) == 128.0
 
 
 def test_signedness_comes_from_the_data() -> None:
@@ -122,7 +122,7 @@ def test_calibrated_simulation_is_close_to_float(any_model: nn.Module) -> None:
 
 def test_recalibration_starts_afresh() -> None:
     gm = calibrate(quant_graph(), batches_with_max([50.0, 60.0]))
-    gm = calibrate(gm, batches_with_max([1.0]))
+    gm = calibrate(gm, batches_with_max([1.0]), method="max")
     assert float(input_quantizer(gm).amax) == pytest.approx(1.0)
     assert int(input_quantizer(gm).batches) == 1
 
@@ -199,7 +199,7 @@ def test_mse_range_clips_the_tail_and_beats_the_max() -> None:
     x = torch.cat(list(data()))
     at4 = "canonicalize,fold-batchnorm,insert-quantizers{acts=4}"
     q_mse = input_quantizer(calibrate(run_pipeline(make_model("mlp"), at4), data, method="mse"))
-    q_max = input_quantizer(calibrate(run_pipeline(make_model("mlp"), at4), data, momentum=1.0))  # the last max
+    q_max = input_quantizer(calibrate(run_pipeline(make_model("mlp"), at4), data, momentum=1.0, method="max"))
     assert q_mse.histogram is not None
     assert float(q_mse.amax) == pytest.approx(q_mse.histogram.mse_range(q_mse.itype), rel=1e-7)  # float32
     assert float(q_mse.amax) < 0.9 * float(x.abs().max())  # a Laplace tail is worth clipping at 4 bits
@@ -241,7 +241,8 @@ def test_max_calibration_keeps_no_histogram_and_recalibration_drops_it() -> None
 
 
 @pytest.mark.parametrize(("text", "method", "percentile"), [
-    ("calibrate", "max", None),
+    ("calibrate", "mse", None),
+    ("calibrate{method=max}", "max", None),
     ("calibrate{method=mse}", "mse", None),
     ("calibrate{percentile=99.9}", "percentile", 99.9),
     ("calibrate{method=percentile}", "percentile", None),
@@ -264,7 +265,6 @@ def test_method_percentile_alone_uses_99_99() -> None:
     ({"method": "mse", "percentile": 99.0}, "applies to method=percentile only"),
     ({"percentile": 0.0}, r"percentile must lie in \(0, 100\]"),
     ({"method": "mse", "norm_percentile": 101.0}, r"norm_percentile must lie in \(0, 100\]"),
-    ({"method": "max", "norm_percentile": 99.0}, "norm_percentile applies to method=mse only"),
 ])
 def test_bad_method_options_are_refused(options: dict[str, object], message: str) -> None:
     with pytest.raises(PreconditionError, match=message):
@@ -273,8 +273,7 @@ def test_bad_method_options_are_refused(options: dict[str, object], message: str
 
 @pytest.mark.parametrize("model_name", ["residual", "concat"])
 def test_mse_compile_is_exact_in_onnxruntime(model_name: str) -> None:
-    text = default_pipeline().replace("calibrate", "calibrate{method=mse}")
-    cm = compile_model(make_model(model_name), pipeline=text)
+    cm = compile_model(make_model(model_name), pipeline=default_pipeline())  # method=mse, the default
     assert cm.verify(random_inputs(32, seed=4)).mismatches == 0
 
 
@@ -285,8 +284,7 @@ def test_layernorm_inputs_weigh_their_error_by_the_normalized_spread() -> None:
 
     torch.manual_seed(0)
     model = TinyViT().eval()
-    text = QUANT + ",calibrate{method=mse}"
-    gm = run_pipeline(model, text, shape=(1, 8, 8))
+    gm = run_pipeline(model, QUANT + ",calibrate{norm_percentile=none}", shape=(1, 8, 8))
     weighed = [n for n, _ in graph.act_quants(gm) if normalized_error(gm, n) is not None]
     ln_inputs = [u.args[0] for u in gm.graph.nodes if isinstance(graph.module(gm, u), nn.LayerNorm)]
     assert weighed and set(weighed) == {n for n in ln_inputs if graph.is_act_quant(gm, n)}
@@ -297,6 +295,6 @@ def test_layernorm_inputs_weigh_their_error_by_the_normalized_spread() -> None:
     torch.testing.assert_close(weigh(tokens).flatten().float(), torch.tensor([1.0, 0.01]), rtol=1e-4, atol=0)
     for _, q in graph.act_quants(gm):
         torch.save(q, io.BytesIO())  # nothing unpicklable stays behind
-    clipped = run_pipeline(model, QUANT + ",calibrate{method=mse,norm_percentile=90}", shape=(1, 8, 8))
+    clipped = run_pipeline(model, QUANT + ",calibrate{norm_percentile=90}", shape=(1, 8, 8))
     by_name = {n.name: q for n, q in graph.act_quants(clipped)}
     assert all(by_name[n.name].histogram is None and by_name[n.name].percentile == 90.0 for n in weighed)
