@@ -106,7 +106,7 @@ def normalized_error(gm: fx.GraphModule, node: fx.Node) -> Weigh | None:
 @dataclass(frozen=True)
 class Calibrate(Pass):
     name = "calibrate"
-    summary = "calibrate activation ranges (EMA of batch max|x| or of a percentile, or least-error clip)"
+    summary = "calibrate activation ranges (least expected-error clip, or EMA of batch max|x| or of a percentile)"
     requires = (Stage.QUANT,)
 
     steps: int = option(32, "number of calibration batches")
