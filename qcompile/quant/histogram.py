@@ -36,6 +36,7 @@ sits on a few points).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -72,6 +73,9 @@ class Histogram:
             return
         low, high = torch.aminmax(x)
         peak = float(distributed.reduce_max(torch.maximum(-low, high)))
+        if not math.isfinite(peak):  # NaN or Inf: kept as the peak (and the range), for the caller to refuse
+            self.peak = peak
+            return
         step = -(-x.numel() // SAMPLE)  # every step-th value, at most SAMPLE of them
         if step > 1:
             x = x[::step]
@@ -89,7 +93,7 @@ class Histogram:
         both[BINS] -= float(zeros)
         counts = torch.stack([both[BINS:], both[:BINS].flip(0)])
         self.counts += distributed.reduce_sum(counts.cpu())
-        self.peak = max(self.peak, peak)
+        self.peak = max(self.peak, peak) if math.isfinite(self.peak) else self.peak
 
     def _cover(self, peak: float) -> None:
         if self.top == 0.0:
@@ -130,8 +134,8 @@ class Histogram:
 
     def mse_range(self, itype: IntType) -> float:
         """The c in (0, m] with the least expected error (0 when every value was zero)."""
-        if self.peak == 0.0:
-            return 0.0
+        if self.peak == 0.0 or not math.isfinite(self.peak):
+            return self.peak
         rungs = self.peak * torch.pow(2.0, -torch.arange(_RUNGS, dtype=torch.float64) / _PER_OCTAVE)
         best = int(torch.argmin(self.expected_error(rungs, itype)))
         lo, hi = float(rungs[min(best + 1, _RUNGS - 1)]), float(rungs[max(best - 1, 0)])
