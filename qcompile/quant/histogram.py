@@ -6,8 +6,9 @@ so they cost nothing). R starts as the first batch's max|x| and doubles whenever
 old bins merging pairwise (``2^k`` into one for a k-fold doubling), so the counts stay exact and no value is
 ever clipped by the histogram itself. Of a batch with n > 2^18 values, every k-th (k = ceil(n / 2^18), in
 the flattened order) is counted, so that large feature maps cost about what the forward pass does; the max
-is over all values. A sequence of batches gives one histogram (deterministic: bincount
-of integer bin indices, summed in order). A value may count with a weight instead of 1 (``weigh``: the
+is over all values (a NaN or Inf max is kept as the range, for the calibrate pass to refuse). A sequence
+of batches gives one histogram (deterministic: bincount of integer bin indices, summed in order). A value
+may count with a weight instead of 1 (``weigh``: the
 calibrate pass weighs a LayerNorm's input by 1 / var of its normalized group, so that E is the error after
 the normalization).
 
