@@ -8,9 +8,8 @@ ever clipped by the histogram itself. Of a batch with n > 2^18 values, every k-t
 the flattened order) is counted, so that large feature maps cost about what the forward pass does; the max
 is over all values (a NaN or Inf max is kept as the range, for the calibrate pass to refuse). A sequence
 of batches gives one histogram (deterministic: bincount of integer bin indices, summed in order). A value
-may count with a weight instead of 1 (``weigh``: the
-calibrate pass weighs a LayerNorm's input by 1 / var of its normalized group, so that E is the error after
-the normalization).
+may count with a weight instead of 1 (``weigh``: the calibrate pass weighs a LayerNorm's input by 1 / var
+of its normalized group, so that E is the error after the normalization).
 
 Expected error of the range c on a grid of step s = c / hi (``x_q = s * clamp(round(x / s), lo, hi)``),
 with the density uniform inside each bin [a_i, b_i] holding n_i values::
