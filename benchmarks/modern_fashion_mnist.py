@@ -42,6 +42,7 @@ import argparse
 import dataclasses
 import itertools
 import logging
+import re
 import sys
 import tempfile
 import warnings
@@ -60,10 +61,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import qcompile  # noqa: E402
-from qcompile.api import accuracy  # noqa: E402
+from qcompile.api import accuracy, default_pipeline  # noqa: E402
 from qcompile.backends.ort import run_onnx, session  # noqa: E402
 from qcompile.data import Dataset  # noqa: E402
 from qcompile.frontends.torch_fx import quiet_torch  # noqa: E402
+from qcompile.passes.calibrate import METHODS  # noqa: E402
 
 MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel mean and standard deviation
 BN_IMAGES = 4096  # training images over which BatchNorm statistics are re-estimated after training
@@ -189,12 +191,18 @@ def qcompile_rows(name: str, model: nn.Module, data: Dataset, batches: list[torc
     with torch.no_grad():
         float_acc = accuracy(model.eval(), x, y)
     rows = []
+    method = getattr(args, "calibration", None)
+    options = (method if "=" in method else f"method={method}") if method else ""
     for target in ("ort", "integer"):
+        text = default_pipeline("w8a8", len(batches), target)
+        if options:
+            text = re.sub(r"calibrate(\{)?", lambda m: f"calibrate{{{options}" + ("," if m.group(1) else "}"),
+                          text, count=1)
         with common.Stopwatch() as sw:
-            cm = qcompile.compile(model, data.x_train[:1], data=lambda: iter(batches), policy="w8a8",
-                                  calibration_steps=len(batches), target=target)
+            cm = qcompile.compile(model, data.x_train[:1], data=lambda: iter(batches), pipeline=text)
         sess = session(cm.to_onnx())
-        row = Row(name, f"qcompile w8a8 target={target}", float_acc, accuracy(cm, x, y),
+        how = f" calibrate{{{options}}}" if options else ""
+        row = Row(name, f"qcompile w8a8 target={target}{how}", float_acc, accuracy(cm, x, y),
                   accuracy(lambda b, s=sess: run_onnx(s, b.numpy()), x, y))  # type: ignore[misc]
         ver = cm.verify(x[: args.verify])
         row.mismatches = f"{ver.mismatches}/{ver.compared}"
@@ -258,6 +266,8 @@ def add_compile_flags(p: argparse.ArgumentParser, verify: int) -> None:
     """--calib and --verify, as every trained-model table of this script's kind takes them."""
     p.add_argument("--calib", type=int, default=32, help="calibration batches of 64 training images (both tools)")
     p.add_argument("--verify", type=int, default=verify, help="test images compared bit for bit (ORT vs reference)")
+    p.add_argument("--calibration", help=f"calibrate options of the qcompile rows: a method ({', '.join(METHODS)}) "
+                                         "or option text such as method=mse,norm_percentile=99 (default: none)")
 
 
 def start(title: str, args: argparse.Namespace) -> None:

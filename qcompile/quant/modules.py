@@ -6,7 +6,11 @@
   statistic (``amax <- (1 - c) * amax + c * stat``, the first batch initialises it), where the statistic is
   max|x| (the AQT rule) or the p-th percentile of |x| (the ceil(n p / 100)-th smallest; the max when that
   is 0, as for a mostly-zero tensor after ReLU). Rounding uses a straight-through estimator. Under
-  torchrun the statistic is reduced over the ranks first (max, or the mean of the percentiles).
+  torchrun the statistic is reduced over the ranks first (max, or the mean of the percentiles). Or, with
+  ``start_observing("mse")``, the batches fill a histogram (``quant/histogram.py``) and ``stop_observing``
+  sets amax to the range of least expected squared error (clip + rounding) at the quantizer's bits and
+  signedness. The histogram is kept: setting ``bits`` later (a policy after calibrate, the table-input cap)
+  re-derives amax for the new width; share-scales then sets the group's common amax as for any range.
 * Weights, per output channel: ``s_c = max|W_c| / (2^(b-1) - 1)``, recomputed every forward (unless
   pinned: prune-channels pins max|W_c| before it removes input columns).
 * Biases, as the integer contract stores them: once ``quant.graph.bind_input_scales`` has told a layer
@@ -39,6 +43,7 @@ from torch import nn
 from qcompile import distributed
 from qcompile.ir.meta import IntType
 from qcompile.ir.shapes import pair
+from qcompile.quant.histogram import Histogram, Weigh
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -57,12 +62,25 @@ class ActQuant(nn.Module):
 
     def __init__(self, bits: int = 8, momentum: float = 0.1, percentile: float | None = None) -> None:
         super().__init__()
+        self.histogram: Histogram | None = None  # kept after an mse calibration (see ``bits``)
+        self.observing = False
         self.bits, self.momentum, self.percentile = bits, momentum, percentile
         self.register_buffer("amax", torch.zeros(()))
         self.register_buffer("amin", torch.zeros(()))
         self.register_buffer("batches", torch.zeros((), dtype=torch.int64))
-        self.observing = False
         self.signed_override: bool | None = None
+
+    @property
+    def bits(self) -> int:
+        return self._bits
+
+    @bits.setter
+    def bits(self, value: int) -> None:
+        """A new width re-derives an mse range from the kept histogram (policies assign bits after calibrate)."""
+        changed = getattr(self, "_bits", value) != value
+        self._bits = value
+        if changed and self.histogram is not None and not self.observing and self.calibrated:
+            self.fit_range()
 
     @property
     def calibrated(self) -> bool:
@@ -86,6 +104,29 @@ class ActQuant(nn.Module):
         """The scale of the grid this quantizer rounds to now; None while it passes float values through."""
         return None if self.observing or not self.calibrated else self.scale.detach()
 
+    def start_observing(self, method: str = "max", momentum: float = 0.1, percentile: float | None = None,
+                        weigh: Weigh | None = None) -> None:
+        """Forget the range and observe afresh: ``method`` is max, percentile (of |x|) or mse (a histogram whose
+        values count with the weights ``weigh`` gives, 1 without it)."""
+        self.momentum, self.percentile = momentum, percentile if method == "percentile" else None
+        self.histogram = Histogram(weigh) if method == "mse" else None
+        self.amax.zero_()
+        self.batches.zero_()
+        self.observing = True
+
+    def stop_observing(self) -> None:
+        """Fix the grid: with a histogram, amax becomes its least-error range at the current bits."""
+        self.observing = False
+        if self.histogram is not None:
+            self.histogram.weigh = None  # the counts are final (and the module stays picklable)
+            if self.calibrated:
+                self.fit_range()
+
+    def fit_range(self) -> None:
+        """amax <- the histogram's mse range on this quantizer's grid (bits, signedness)."""
+        assert self.histogram is not None
+        self.amax.fill_(self.histogram.mse_range(self.itype))
+
     def _statistic(self, x: torch.Tensor) -> torch.Tensor:
         a = x.detach().abs().flatten().float()
         if self.percentile is None or a.numel() == 0:
@@ -96,16 +137,20 @@ class ActQuant(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """One EMA step; under torchrun the batch statistic is that of all ranks' batches together."""
-        stat = self._statistic(x)
-        stat = distributed.reduce_max(stat) if self.percentile is None else distributed.reduce_mean(stat)
+        """One calibration step; under torchrun the batch statistic is that of all ranks' batches together."""
+        if self.histogram is not None:
+            self.histogram.add(x)
+            stat = torch.tensor(self.histogram.peak)  # amax is the max seen until stop_observing fits it
+        else:
+            stat = self._statistic(x)
+            stat = distributed.reduce_max(stat) if self.percentile is None else distributed.reduce_mean(stat)
         low = distributed.reduce_min(x.detach().min())
-        if self.batches == 0:
+        first = bool(self.batches == 0)
+        if first or self.histogram is not None:
             self.amax.copy_(stat)
-            self.amin.copy_(low)
         else:
             self.amax.mul_(1.0 - self.momentum).add_(self.momentum * stat)
-            self.amin.copy_(torch.minimum(self.amin, low))
+        self.amin.copy_(low if first else torch.minimum(self.amin, low))
         self.batches += 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -261,9 +261,7 @@ class QuantTrainer:
 
     def _start_calibration(self) -> None:
         for q in self.quantizers:
-            q.amax.zero_()
-            q.batches.zero_()
-            q.momentum, q.percentile, q.observing = self.config.momentum, None, True
+            q.start_observing("max", self.config.momentum)  # the AQT rule, whatever calibrate used
 
     def _freeze(self) -> None:
         from qcompile.passes.share_scales import unify
@@ -382,6 +380,7 @@ class QuantTrainer:
                              "and search that wrote it, or use another --checkpoint")
         self.gm.load_state_dict(state["model"])
         for q, saved in zip(self.quantizers, state["quantizers"], strict=True):
+            q.histogram = None  # the checkpoint's ranges stand: no mse range re-derived for its bits
             q.bits, q.signed_override, q.observing = saved["bits"], saved["signed"], saved["observing"]
         for k, opt in self.optimizers.items():
             opt.load_state_dict(state["optimizers"][k])

@@ -85,7 +85,8 @@ def _hooks(gm: torch.nn.Module) -> list[IntegerSimulation]:
 def test_simulation_is_the_integer_graph(name: str, target: str) -> None:
     make, hooked, float_misses = MODELS[name]
     torch.manual_seed(0)
-    cm = compile_model(make().eval(), pipeline=pipeline(target))
+    # max ranges: with the mse ones the float softmax happens to stay within 0.99999 of a step here
+    cm = compile_model(make().eval(), pipeline=pipeline(target).replace("calibrate", "calibrate{method=max}"))
     assert cm.quant_graph is not None
     hooks = _hooks(cm.quant_graph)
     assert len(hooks) == hooked and all(h.target.value == target for h in hooks)
