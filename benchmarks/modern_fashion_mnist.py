@@ -81,7 +81,7 @@ class Recipe:
 
 
 RECIPES = {"mobilenet_v3_small": Recipe("mobilenet_v3_small", epochs=1, train=None),
-           "efficientnet_b0": Recipe("efficientnet_b0", epochs=1, train=8000, batch=32)}
+           "efficientnet_b0": Recipe("efficientnet_b0", epochs=1, train=20000, batch=64)}
 
 
 def to_rgb32(x: torch.Tensor) -> torch.Tensor:

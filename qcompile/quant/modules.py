@@ -63,6 +63,7 @@ class ActQuant(nn.Module):
         self.register_buffer("batches", torch.zeros((), dtype=torch.int64))
         self.observing = False
         self.signed_override: bool | None = None
+        self.skewed = False  # a signed range may give its short negative side fewer codes (IntType.neg)
 
     @property
     def calibrated(self) -> bool:
@@ -76,7 +77,22 @@ class ActQuant(nn.Module):
 
     @property
     def itype(self) -> IntType:
-        return IntType(self.bits, self.signed)
+        return IntType(self.bits, self.signed, self.negative_codes())
+
+    def negative_codes(self) -> int | None:
+        """n for a skewed signed range [-n, 2^b - 1 - n] covering [amin, amax]; None for the symmetric one.
+
+        The least n with n * s >= -amin for s = amax / (2^b - 1 - n): n = ceil((2^b - 1) (-amin) / (amax - amin)),
+        at least 1; symmetric when that reaches 2^(b-1) - 1 (the negative side is not short), when the
+        quantizer is not ``skewed``, is unsigned or uncalibrated, or has more than 8 bits.
+        """
+        if not (self.skewed and self.signed and self.bits <= 8 and self.calibrated):
+            return None
+        low, high = -float(self.amin), float(self.amax)
+        if not (math.isfinite(low) and math.isfinite(high) and high > 0):
+            return None
+        n = max(1, math.ceil((2**self.bits - 1) * max(low, 0.0) / (high + max(low, 0.0))))
+        return n if n < 2 ** (self.bits - 1) - 1 else None
 
     @property
     def scale(self) -> torch.Tensor:
@@ -119,7 +135,8 @@ class ActQuant(nn.Module):
 
     def extra_repr(self) -> str:
         state = f"amax={float(self.amax):.4g}" if self.calibrated else "uncalibrated"
-        return f"bits={self.bits}, signed={self.signed}, {state}"
+        skew = f", range={self.itype}" if self.negative_codes() is not None else ""
+        return f"bits={self.bits}, signed={self.signed}, {state}{skew}"
 
 
 class WeightQuant(nn.Module):
