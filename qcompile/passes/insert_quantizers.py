@@ -6,8 +6,9 @@
   layer outputs, residual-add outputs and average-pool outputs, each *after* the ReLU/clamps that
   directly follow it (they fold into the requantization; the quantizer is unsigned when its calibrated
   minimum is >= 0, as after a ReLU). Max pooling, reshapes and concatenations keep their input's scale.
-* With ``skew=tables`` (the default) the quantizers after a pointwise table (SiLU, hardswish, GELU...) or
-  a product of two activations (the squeeze-excitation gate) are ``skewed``: once calibrated, a signed
+* With ``skew=tables`` (the default) the quantizers after a pointwise table bounded below (SiLU,
+  hardswish, GELU, ELU: ``tables.BOUNDED_BELOW``) or a product of two activations (the squeeze-excitation
+  gate) are ``skewed``: once calibrated, a signed
   one whose negative side is short (SiLU >= -0.28, hardswish >= -0.375) takes the range [-n, 2^b-1-n]
   (``ActQuant.negative_codes``) instead of the symmetric one, which would leave half of its codes
   almost unused. ``skew=all`` does it for every activation, ``skew=none`` for none.
@@ -40,7 +41,7 @@ from qcompile.quant import graph
 from qcompile.quant.apot import set_weight_quantizer
 from qcompile.quant.bayesian_bits import BayesianBitsActQuant, BayesianBitsWeightQuant
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
-from qcompile.quant.tables import TableFunction
+from qcompile.quant.tables import BOUNDED_BELOW, TableFunction
 
 SCHEMES = ("uniform", "bayesian-bits", "apot")
 SKEWS = ("tables", "all", "none")
@@ -52,7 +53,8 @@ def _skewed(gm: fx.GraphModule, point: fx.Node, skew: str) -> bool:
         return skew == "all"
     product = point.op == "call_function" and point.target is operator.mul and all(
         isinstance(a, fx.Node) for a in point.args[:2])
-    return product or isinstance(graph.module(gm, point), TableFunction)
+    table = graph.module(gm, point)
+    return product or (isinstance(table, TableFunction) and table.key in BOUNDED_BELOW)
 
 
 def _quantize_layers(gm: fx.GraphModule, bits: int) -> None:
