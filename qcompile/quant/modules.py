@@ -2,7 +2,10 @@
 
 * Activations, per tensor: ``x_q = s * clamp(round(x / s), lo, hi)`` with ``s = amax / hi`` where
   ``hi = 2^b - 1`` (unsigned, the observed minimum is >= 0, e.g. after ReLU) or ``2^(b-1) - 1``
-  (signed, narrow symmetric). ``amax`` is calibrated as an exponential moving average of the batch
+  (signed, narrow symmetric), or ``hi = 2^b - 1 - n`` for a ``skewed`` quantizer whose negative side is
+  short (the range [-n, 2^b - 1 - n], n the least that covers the calibrated minimum: ``negative_codes``;
+  zero stays at q = 0, so the integer ops are unchanged and only the export's zero point, n, differs).
+  ``amax`` is calibrated as an exponential moving average of the batch
   statistic (``amax <- (1 - c) * amax + c * stat``, the first batch initialises it), where the statistic is
   max|x| (the AQT rule) or the p-th percentile of |x| (the ceil(n p / 100)-th smallest; the max when that
   is 0, as for a mostly-zero tensor after ReLU). Rounding uses a straight-through estimator. Under
@@ -22,8 +25,9 @@
   GoogLeNet): the channel's weights then round to few codes or to 0, which is what their contribution to
   the output is worth. Simulation, lowering and the bias grid all take s_w from ``layer_weight_scale``.
 
-Not handled: asymmetric (zero-point) activation ranges and per-channel activation scales; the integer
-contract has neither.
+Not handled: a real zero off the integer grid (a general zero point, where x = s (q - z) would add
+z-terms to every integer op; the skewed range keeps z = 0 and gets most of the benefit for activations
+with a short negative side) and per-channel activation scales; the integer contract has neither.
 """
 
 from __future__ import annotations
