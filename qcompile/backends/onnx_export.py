@@ -448,7 +448,7 @@ def _export_dilate(e: _Emitter, node: fx.Node, x: gs.Variable) -> gs.Variable:
     assert shape is not None and itype is not None, f"'{src.name}' has no recorded shape or type"
     (sh, sw), pads = dilate_settings(node.args)
     _, c, h, w = shape
-    zp = e.const(f"{node.name}_zero", _u8(128 if itype.signed else 0))
+    zp = e.const(f"{node.name}_zero", _u8(itype.zero_point))
     if (sh, sw) != (1, 1):
         split = e.const(f"{node.name}_split", np.array([0, c, h, 1, w, 1], dtype=np.int64))
         x = e.op("Reshape", node.name, [x, split], np.uint8)

@@ -30,32 +30,48 @@ class Stage(enum.Enum):
 
 @dataclass(frozen=True)
 class IntType:
-    """An integer activation or weight type: ``bits`` wide, signed (narrow symmetric) or unsigned.
+    """An integer activation or weight type: ``bits`` wide, signed or unsigned.
 
-    Signed values use the narrow range [-(2^(b-1)-1), 2^(b-1)-1]; unsigned ones [0, 2^b-1].
+    Signed values use the narrow symmetric range [-(2^(b-1)-1), 2^(b-1)-1], or, with ``neg`` = n (an
+    activation whose negative side is short, as after SiLU or hardswish), the skewed range
+    [-n, 2^b - 1 - n] with 1 <= n < 2^(b-1) - 1: all 2^b codes, n of them negative. Unsigned values use
+    [0, 2^b-1]. The real value is always ``scale * q`` (zero at q = 0); the ONNX container (uint8) holds
+    ``q + zero_point``.
     """
 
     bits: int
     signed: bool
+    neg: int | None = None
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 16:
             raise ValueError(f"bit-width {self.bits} outside the supported range 2..16")
+        if self.neg is not None and not (self.signed and 1 <= self.neg < 2 ** (self.bits - 1) - 1):
+            raise ValueError(f"a skewed range needs a signed type and 1 <= neg < {2 ** (self.bits - 1) - 1}, "
+                             f"not neg={self.neg} on {'' if self.signed else 'un'}signed {self.bits} bits")
 
     @property
     def lo(self) -> int:
+        if self.neg is not None:
+            return -self.neg
         return -(2 ** (self.bits - 1) - 1) if self.signed else 0
 
     @property
     def hi(self) -> int:
+        if self.neg is not None:
+            return 2**self.bits - 1 - self.neg
         return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
 
     @property
     def zero_point(self) -> int:
-        """Offset that carries this type in a uint8 container (ONNX export)."""
+        """Offset that carries this type in a uint8 container (ONNX export): q + zero_point >= 0."""
+        if self.neg is not None:
+            return self.neg
         return 128 if self.signed else 0
 
     def __str__(self) -> str:
+        if self.neg is not None:
+            return f"i{self.bits}[{self.lo},{self.hi}]"
         return f"{'i' if self.signed else 'u'}{self.bits}"
 
 

@@ -6,6 +6,12 @@
   layer outputs, residual-add outputs and average-pool outputs, each *after* the ReLU/clamps that
   directly follow it (they fold into the requantization; the quantizer is unsigned when its calibrated
   minimum is >= 0, as after a ReLU). Max pooling, reshapes and concatenations keep their input's scale.
+* With ``skew=tables`` (the default) the quantizers after a pointwise table bounded below (SiLU,
+  hardswish, GELU, ELU: ``tables.BOUNDED_BELOW``) or a product of two activations (the squeeze-excitation
+  gate) are ``skewed``: once calibrated, a signed
+  one whose negative side is short (SiLU >= -0.28, hardswish >= -0.375) takes the range [-n, 2^b-1-n]
+  (``ActQuant.negative_codes``) instead of the symmetric one, which would leave half of its codes
+  almost unused. ``skew=all`` does it for every activation, ``skew=none`` for none.
 With ``scheme=bayesian-bits`` the same places get Bayesian Bits quantizers (``quant/bayesian_bits.py``):
 every weight a gated quantizer (x_max from max|W|, a pruning gate per output channel except on layers
 that produce a graph output), every activation except the graph's inputs and outputs (which stay plain
@@ -21,6 +27,7 @@ Not handled: BSQ here (its search swaps the weight quantizers itself), APoT acti
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -34,8 +41,20 @@ from qcompile.quant import graph
 from qcompile.quant.apot import set_weight_quantizer
 from qcompile.quant.bayesian_bits import BayesianBitsActQuant, BayesianBitsWeightQuant
 from qcompile.quant.modules import ActQuant, QConv2d, QLinear
+from qcompile.quant.tables import BOUNDED_BELOW, TableFunction
 
 SCHEMES = ("uniform", "bayesian-bits", "apot")
+SKEWS = ("tables", "all", "none")
+
+
+def _skewed(gm: fx.GraphModule, point: fx.Node, skew: str) -> bool:
+    """Whether the quantizer after quantization point ``point`` may take a skewed signed range."""
+    if skew != "tables":
+        return skew == "all"
+    product = point.op == "call_function" and point.target is operator.mul and all(
+        isinstance(a, fx.Node) for a in point.args[:2])
+    table = graph.module(gm, point)
+    return product or (isinstance(table, TableFunction) and table.key in BOUNDED_BELOW)
 
 
 def _quantize_layers(gm: fx.GraphModule, bits: int) -> None:
@@ -81,16 +100,22 @@ class InsertQuantizers(Pass):
     acts: int = option(8, "initial activation bit-width")
     apot_first_last: bool = option(False, "scheme=apot: APoT on the first conv and last linear too (else 8-bit "
                                           "uniform)")
+    skew: str = option("tables", "skewed signed ranges for a short negative side: tables (after pointwise tables "
+                                 "and products) | all | none")
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if self.scheme not in SCHEMES:
             raise PreconditionError(f"unknown scheme '{self.scheme}' (known: {', '.join(SCHEMES)})")
+        if self.skew not in SKEWS:
+            raise PreconditionError(f"unknown skew '{self.skew}' (known: {', '.join(SKEWS)})")
         ctx.teacher = rewrite.shallow_copy(gm).eval()  # the float function, for searches that distill from it
         _quantize_layers(gm, self.weights)
         for node in list(gm.graph.nodes):
             if graph.is_quant_point(gm, node):
                 end = graph.chain_end(node)
-                rewrite.insert_module_after(gm, end, f"{end.name}_act", ActQuant(self.acts))
+                q = ActQuant(self.acts)
+                q.skewed = _skewed(gm, node, self.skew)
+                rewrite.insert_module_after(gm, end, f"{end.name}_act", q)
         if self.scheme == "bayesian-bits":
             _use_bayesian_bits(gm)
         elif self.scheme == "apot":

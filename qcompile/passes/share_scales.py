@@ -2,7 +2,8 @@
 
 Integer addition q_a + q_b and concatenation are only meaningful on one scale, so each group of
 activation quantizers that meet at an add/cat (``quant.graph.scale_groups``) is unified: bits = the
-group's max, signed if any member is signed, amax = the group's max. Then s = amax / hi is the same for
+group's max, signed if any member is signed, amax = the group's max, amin = the group's min, skewed
+(``ActQuant.negative_codes``) only if every member is. Then the type and s = amax / hi are the same for
 all members. Not handled: per-input rescaling (the alternative design, one extra requantization per
 input), which would let members keep different ranges.
 """
@@ -24,9 +25,12 @@ def unify(members: list[ActQuant]) -> None:
     bits = max(q.bits for q in members)
     signed = any(q.signed for q in members)
     amax = torch.stack([q.amax for q in members]).max()
+    amin = torch.stack([q.amin for q in members]).min()
+    skewed = all(q.skewed for q in members)
     for q in members:
-        q.bits, q.signed_override = bits, signed
+        q.bits, q.signed_override, q.skewed = bits, signed, skewed
         q.amax.copy_(amax)
+        q.amin.copy_(amin)
 
 
 @register_pass

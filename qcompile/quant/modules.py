@@ -2,7 +2,10 @@
 
 * Activations, per tensor: ``x_q = s * clamp(round(x / s), lo, hi)`` with ``s = amax / hi`` where
   ``hi = 2^b - 1`` (unsigned, the observed minimum is >= 0, e.g. after ReLU) or ``2^(b-1) - 1``
-  (signed, narrow symmetric). ``amax`` is calibrated as an exponential moving average of the batch
+  (signed, narrow symmetric), or ``hi = 2^b - 1 - n`` for a ``skewed`` quantizer whose negative side is
+  short (the range [-n, 2^b - 1 - n], n the least that covers the calibrated minimum: ``negative_codes``;
+  zero stays at q = 0, so the integer ops are unchanged and only the export's zero point, n, differs).
+  ``amax`` is calibrated as an exponential moving average of the batch
   statistic (``amax <- (1 - c) * amax + c * stat``, the first batch initialises it), where the statistic is
   max|x| (the AQT rule) or the p-th percentile of |x| (the ceil(n p / 100)-th smallest; the max when that
   is 0, as for a mostly-zero tensor after ReLU). Rounding uses a straight-through estimator. Under
@@ -26,8 +29,9 @@
   GoogLeNet): the channel's weights then round to few codes or to 0, which is what their contribution to
   the output is worth. Simulation, lowering and the bias grid all take s_w from ``layer_weight_scale``.
 
-Not handled: asymmetric (zero-point) activation ranges and per-channel activation scales; the integer
-contract has neither.
+Not handled: a real zero off the integer grid (a general zero point, where x = s (q - z) would add
+z-terms to every integer op; the skewed range keeps z = 0 and gets most of the benefit for activations
+with a short negative side) and per-channel activation scales; the integer contract has neither.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ class ActQuant(nn.Module):
         self.register_buffer("amin", torch.zeros(()))
         self.register_buffer("batches", torch.zeros((), dtype=torch.int64))
         self.signed_override: bool | None = None
+        self.skewed = False  # a signed range may give its short negative side fewer codes (IntType.neg)
 
     @property
     def bits(self) -> int:
@@ -94,7 +99,22 @@ class ActQuant(nn.Module):
 
     @property
     def itype(self) -> IntType:
-        return IntType(self.bits, self.signed)
+        return IntType(self.bits, self.signed, self.negative_codes())
+
+    def negative_codes(self) -> int | None:
+        """n for a skewed signed range [-n, 2^b - 1 - n] covering [amin, amax]; None for the symmetric one.
+
+        The least n with n * s >= -amin for s = amax / (2^b - 1 - n): n = ceil((2^b - 1) (-amin) / (amax - amin)),
+        at least 1; symmetric when that reaches 2^(b-1) - 1 (the negative side is not short), when the
+        quantizer is not ``skewed``, is unsigned or uncalibrated, or has more than 8 bits.
+        """
+        if not (self.skewed and self.signed and self.bits <= 8 and self.calibrated):
+            return None
+        low, high = -float(self.amin), float(self.amax)
+        if not (math.isfinite(low) and math.isfinite(high) and high > 0):
+            return None
+        n = max(1, math.ceil((2**self.bits - 1) * max(low, 0.0) / (high + max(low, 0.0))))
+        return n if n < 2 ** (self.bits - 1) - 1 else None
 
     @property
     def scale(self) -> torch.Tensor:
@@ -164,7 +184,8 @@ class ActQuant(nn.Module):
 
     def extra_repr(self) -> str:
         state = f"amax={float(self.amax):.4g}" if self.calibrated else "uncalibrated"
-        return f"bits={self.bits}, signed={self.signed}, {state}"
+        skew = f", range={self.itype}" if self.negative_codes() is not None else ""
+        return f"bits={self.bits}, signed={self.signed}, {state}{skew}"
 
 
 class WeightQuant(nn.Module):

@@ -151,6 +151,10 @@ def table_function(target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -
 
 
 SIGMOIDS = (torch.sigmoid, F.sigmoid, torch.special.expit, nn.Sigmoid)
+# functions with a short negative side bounded below (SiLU >= -0.279, hardswish >= -0.375, GELU >= -0.17,
+# ELU >= -alpha): their output quantizer may take a skewed range (insert-quantizers). Not LeakyReLU/PReLU,
+# unbounded below, where the calibrated minimum says nothing about unseen inputs.
+BOUNDED_BELOW = (F.silu, nn.SiLU, F.hardswish, nn.Hardswish, F.gelu, nn.GELU, F.elu, nn.ELU)
 
 
 def silu() -> TableFunction:
