@@ -241,7 +241,7 @@ def test_max_calibration_keeps_no_histogram_and_recalibration_drops_it() -> None
 
 
 @pytest.mark.parametrize(("text", "method", "percentile"), [
-    ("calibrate", "mse", None),
+    ("calibrate", "max", None),
     ("calibrate{method=max}", "max", None),
     ("calibrate{method=mse}", "mse", None),
     ("calibrate{percentile=99.9}", "percentile", 99.9),
@@ -284,7 +284,7 @@ def test_layernorm_inputs_weigh_their_error_by_the_normalized_spread() -> None:
 
     torch.manual_seed(0)
     model = TinyViT().eval()
-    gm = run_pipeline(model, QUANT + ",calibrate{norm_percentile=none}", shape=(1, 8, 8))
+    gm = run_pipeline(model, QUANT + ",calibrate{method=mse,norm_percentile=none}", shape=(1, 8, 8))
     weighed = [n for n, _ in graph.act_quants(gm) if normalized_error(gm, n) is not None]
     ln_inputs = [u.args[0] for u in gm.graph.nodes if isinstance(graph.module(gm, u), nn.LayerNorm)]
     assert weighed and set(weighed) == {n for n in ln_inputs if graph.is_act_quant(gm, n)}
@@ -295,6 +295,6 @@ def test_layernorm_inputs_weigh_their_error_by_the_normalized_spread() -> None:
     torch.testing.assert_close(weigh(tokens).flatten().float(), torch.tensor([1.0, 0.01]), rtol=1e-4, atol=0)
     for _, q in graph.act_quants(gm):
         torch.save(q, io.BytesIO())  # nothing unpicklable stays behind
-    clipped = run_pipeline(model, QUANT + ",calibrate{norm_percentile=90}", shape=(1, 8, 8))
+    clipped = run_pipeline(model, QUANT + ",calibrate{norm_percentile=90}", shape=(1, 8, 8))  # under max too
     by_name = {n.name: q for n, q in graph.act_quants(clipped)}
     assert all(by_name[n.name].histogram is None and by_name[n.name].percentile == 90.0 for n in weighed)
