@@ -265,6 +265,7 @@ def test_method_percentile_alone_uses_99_99() -> None:
     ({"method": "mse", "percentile": 99.0}, "applies to method=percentile only"),
     ({"percentile": 0.0}, r"percentile must lie in \(0, 100\]"),
     ({"method": "mse", "norm_percentile": 101.0}, r"norm_percentile must lie in \(0, 100\]"),
+    ({"tables": "percentile"}, "tables must be max or mse, got 'percentile'"),
 ])
 def test_bad_method_options_are_refused(options: dict[str, object], message: str) -> None:
     with pytest.raises(PreconditionError, match=message):
@@ -273,7 +274,8 @@ def test_bad_method_options_are_refused(options: dict[str, object], message: str
 
 @pytest.mark.parametrize("model_name", ["residual", "concat"])
 def test_mse_compile_is_exact_in_onnxruntime(model_name: str) -> None:
-    cm = compile_model(make_model(model_name), pipeline=default_pipeline())  # method=mse, the default
+    pipeline = default_pipeline().replace("calibrate", "calibrate{method=mse}")
+    cm = compile_model(make_model(model_name), pipeline=pipeline)
     assert cm.verify(random_inputs(32, seed=4)).mismatches == 0
 
 
@@ -298,3 +300,17 @@ def test_layernorm_inputs_weigh_their_error_by_the_normalized_spread() -> None:
     clipped = run_pipeline(model, QUANT + ",calibrate{norm_percentile=90}", shape=(1, 8, 8))  # under max too
     by_name = {n.name: q for n, q in graph.act_quants(clipped)}
     assert all(by_name[n.name].histogram is None and by_name[n.name].percentile == 90.0 for n in weighed)
+
+
+def test_tables_option_gives_only_the_inputs_of_lookup_tables_the_mse_range() -> None:
+    from qcompile.quant.tables import TableFunction
+
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.SiLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(64, 3)).eval()
+    gm = run_pipeline(model, QUANT + ",calibrate{tables=mse}", shape=(1, 8, 8))
+    feeds = {n.args[0] for n in gm.graph.nodes if isinstance(graph.module(gm, n), TableFunction)}
+    with_histogram = {n for n, q in graph.act_quants(gm) if q.histogram is not None}
+    assert feeds and with_histogram == feeds  # the SiLU's input quantizer, nothing else
+    pipeline = default_pipeline().replace("calibrate", "calibrate{tables=mse}")
+    cm = compile_model(model, shape=(1, 8, 8), pipeline=pipeline)
+    assert cm.verify(random_inputs(16, seed=4, shape=(1, 8, 8))).mismatches == 0
