@@ -122,7 +122,7 @@ def _feeds_table(gm: fx.GraphModule, node: fx.Node) -> bool:
 @dataclass(frozen=True)
 class Calibrate(Pass):
     name = "calibrate"
-    summary = "calibrate activation ranges (least expected-error clip, or EMA of batch max|x| or of a percentile)"
+    summary = "calibrate activation ranges (EMA of batch max|x|, or of a percentile, or the least expected-error clip)"
     requires = (Stage.QUANT,)
 
     steps: int = option(32, "number of calibration batches")
